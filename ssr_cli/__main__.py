@@ -1,0 +1,3 @@
+from ssr_cli.cli import main
+
+main()

@@ -1,0 +1,92 @@
+"""Options and helpers every recipe-driven command shares."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.syntax import Syntax
+
+console = Console()
+err_console = Console(stderr=True)
+
+RecipeArg = Annotated[
+    Path,
+    typer.Argument(help="TOML recipe (see recipes/).", show_default=False),
+]
+OptionalRecipeArg = Annotated[
+    Optional[Path],
+    typer.Argument(help="TOML recipe (see recipes/); optional.", show_default=False),
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--set",
+        help="Override a recipe value, e.g. --set train.steps=100 (repeatable; values are TOML).",
+        show_default=False,
+    ),
+]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and exit.")]
+DeviceOpt = Annotated[
+    Optional[str],
+    typer.Option("--device", help="cpu, cuda or auto (overrides run.device).", show_default=False),
+]
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print a one-line (or short) error and exit with ``code``."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def load_recipe(recipe: Path | None, sets: list[str] | None, device: str | None = None):
+    """Load and validate the recipe, applying --set and --device; bad input exits with code 2."""
+    from ssr_cli.recipe import RecipeError, load
+
+    overrides = list(sets or [])
+    if device is not None:
+        overrides.append(f'run.device="{device}"')
+    try:
+        return load(recipe, overrides)
+    except RecipeError as exc:
+        fail(str(exc))
+
+
+def print_recipe(recipe) -> None:
+    from ssr_cli.recipe import dump
+
+    console.print(Syntax(dump(recipe), "toml", theme="ansi_dark", background_color="default"))
+
+
+def not_implemented(command: str) -> None:
+    fail(f"`ssr {command}` is not implemented yet", code=1)
+
+
+class start_run:
+    """Context manager: set up device/precision/DDP, write the resolved recipe (rank 0), turn known
+    user errors (missing files, bad values) into one clear line and exit code 2."""
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self.rt = None
+
+    def __enter__(self):
+        from ssr_cli.engine.runtime import setup_runtime
+        from ssr_cli.recipe import write_resolved
+
+        try:
+            self.rt = setup_runtime(self.cfg.run.device, self.cfg.run.precision)
+        except RuntimeError as exc:
+            fail(str(exc))
+        if self.rt.is_main:
+            write_resolved(self.cfg, self.cfg.run_dir())
+        return self.rt
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.rt is not None:
+            self.rt.shutdown()
+        if exc_type in (FileNotFoundError, ValueError, KeyError) and exc is not None:
+            fail(str(exc).strip("'\""))
+        return False

@@ -1,0 +1,48 @@
+"""`ssr finetune`: fine-tune a tokenizer with the SSR regularizer (or EQ-VAE / FT-SE / none)."""
+
+from __future__ import annotations
+
+from ssr_cli.commands.common import (
+    DeviceOpt,
+    DryRunOpt,
+    RecipeArg,
+    SetOpt,
+    console,
+    fail,
+    load_recipe,
+    print_recipe,
+    start_run,
+)
+
+
+def finetune(recipe: RecipeArg, set_: SetOpt = None, dry_run: DryRunOpt = False, device: DeviceOpt = None) -> None:
+    """Fine-tune the recipe's tokenizer with its [regularizer] on its [data]; resumable.
+
+    Writes <run.out_dir>/<run.name>/: recipe.resolved.toml, finetune/{checkpoints,images,metrics.jsonl}
+    and tokenizer.safetensors (the fine-tuned weights in the original key layout).
+    """
+    cfg = load_recipe(recipe, set_, device)
+    if dry_run:
+        from rich.table import Table
+
+        from ssr_cli.finetune import build_tokenizer
+        from ssr_cli.models.registry import parameter_counts
+
+        print_recipe(cfg)
+        try:
+            tok = build_tokenizer(cfg, weights=None)
+        except (ValueError, KeyError) as exc:
+            fail(str(exc))
+        tok.frozen_blocks(cfg.tokenizer.frozen_encoder_blocks, cfg.tokenizer.frozen_decoder_blocks)
+        counts = parameter_counts(tok)
+        table = Table(title=f"tokenizer {cfg.tokenizer.family}/{cfg.tokenizer.size}")
+        table.add_column("parameters")
+        table.add_column("count", justify="right")
+        for key, value in counts.items():
+            table.add_row(key, f"{value / 1e6:.2f}M ({value:,})")
+        console.print(table)
+        return
+    from ssr_cli.finetune import run_finetune
+
+    with start_run(cfg) as rt:
+        run_finetune(cfg, rt)

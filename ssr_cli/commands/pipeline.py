@@ -1,0 +1,38 @@
+"""`ssr pipeline`: every stage in one run folder."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ssr_cli.commands.common import DeviceOpt, DryRunOpt, RecipeArg, SetOpt, fail, load_recipe, print_recipe, start_run
+
+
+def pipeline(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    dry_run: DryRunOpt = False,
+    device: DeviceOpt = None,
+    only: Annotated[
+        Optional[list[str]],
+        typer.Option("--only", help="Run only these stages (repeatable), e.g. --only finetune --only evaluate."),
+    ] = None,
+) -> None:
+    """finetune → encode-latents → train-dit → sample → evaluate → probe-channels, skipping complete stages.
+
+    Re-running resumes: finished stages are skipped and training stages continue from their newest
+    checkpoint. Ends with a summary table (also <run>/summary.json).
+    """
+    from ssr_cli.pipeline import STAGES, run_pipeline
+
+    cfg = load_recipe(recipe, set_, device)
+    stages = tuple(only) if only else STAGES
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        fail(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+    if dry_run:
+        print_recipe(cfg)
+        return
+    with start_run(cfg) as rt:
+        run_pipeline(cfg, rt, stages)

@@ -1,0 +1,381 @@
+"""Image data sets and the deterministic, step-indexed batch source.
+
+Sources: an image folder (ImageNet layout, class = sub-folder), a tar of images read in place
+(members ``split/<class>/<file>``), and a built-in set of random crops of the photographs that ship
+inside scikit-image (works on any machine, no files needed).
+
+Every item is addressed by ``(index, aug_seed)``: the random crop and flip of an item are a function
+of its seed, and the seeds and the order are a function of the training step, so a resumed run sees
+exactly the batches an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ssr_cli.engine.runtime import step_seed
+
+log = logging.getLogger("ssr.data")
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+
+# Photographs bundled with scikit-image (no download needed); the built-in data set's classes.
+BUILTIN_PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "retina",
+    "immunohistochemistry",
+    "stereo_motorcycle",
+    "camera",
+    "moon",
+)
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB image -> float tensor (3, H, W) in [-1, 1]."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1).div_(127.5).sub_(1.0)
+
+
+def tensor_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (..., 3, H, W) -> uint8 with the same layout (round half up after clamping)."""
+    return ((x.float().clamp(-1, 1) + 1.0) * 127.5).add_(0.5).floor_().clamp_(0, 255).to(torch.uint8)
+
+
+def transform_image(
+    img: Image.Image,
+    size: int,
+    *,
+    resize: bool = True,
+    random_crop: bool = False,
+    random_flip: bool = False,
+    rng: np.random.Generator | None = None,
+) -> torch.Tensor:
+    """Resize the short side to ``size`` (bicubic, with box pre-filtering when shrinking a lot, as ADM
+    does), crop ``size``×``size`` (center or random), optionally flip; -> (3, size, size) in [-1, 1]."""
+    img = img.convert("RGB")
+    if resize:
+        while min(img.size) >= 2 * size:
+            img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+        scale = size / min(img.size)
+        img = img.resize(tuple(max(size, round(s * scale)) for s in img.size), resample=Image.BICUBIC)
+    w, h = img.size
+    if w < size or h < size:
+        raise ValueError(f"image of {w}x{h} is smaller than the crop size {size} (set data.resize = true)")
+    if random_crop and rng is not None:
+        left = int(rng.integers(0, w - size + 1))
+        top = int(rng.integers(0, h - size + 1))
+    else:
+        left, top = (w - size) // 2, (h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    x = pil_to_tensor(img)
+    if random_flip and rng is not None and rng.random() < 0.5:
+        x = x.flip(-1)
+    return x
+
+
+class ImageDataset(Dataset):
+    """Base: subclasses list ``items`` and implement ``_open(i) -> PIL image``; labels in ``labels``."""
+
+    def __init__(
+        self,
+        image_size: int,
+        *,
+        resize: bool = True,
+        random_crop: bool = False,
+        random_flip: bool = False,
+    ) -> None:
+        self.image_size = image_size
+        self.resize = resize
+        self.random_crop = random_crop
+        self.random_flip = random_flip
+        self.labels: list[int] = []
+        self.classes: list[str] = []
+        self.bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def describe(self, i: int) -> str:
+        return str(i)
+
+    def _open(self, i: int) -> Image.Image:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def load(self, i: int, aug_seed: int | None = None) -> tuple[torch.Tensor, int]:
+        rng = np.random.default_rng(aug_seed) if aug_seed is not None else None
+        img = self._open(i)
+        x = transform_image(
+            img,
+            self.image_size,
+            resize=self.resize,
+            random_crop=self.random_crop,
+            random_flip=self.random_flip,
+            rng=rng,
+        )
+        return x, self.labels[i]
+
+    def __getitem__(self, key: int | tuple[int, int | None]) -> tuple[torch.Tensor, int]:
+        index, aug_seed = key if isinstance(key, tuple) else (key, None)
+        # A corrupt or unreadable image is reported and replaced by the next readable one, so a long
+        # run keeps going and the batch keeps its shape (the replacement is deterministic).
+        for attempt in range(len(self)):
+            i = (index + attempt) % len(self)
+            if i in self.bad:
+                continue
+            try:
+                return self.load(i, aug_seed)
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+                self.bad.add(i)
+                warnings.warn(f"skipping unreadable image {self.describe(i)}: {exc}", stacklevel=2)
+        raise RuntimeError("no readable image in the data set")
+
+
+class ImageFolder(ImageDataset):
+    """``root/<class>/<image>`` (ImageNet layout); images directly under root get class 0."""
+
+    def __init__(self, root: str | Path, image_size: int, **kw) -> None:
+        super().__init__(image_size, **kw)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root} (set data.path)")
+        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not files:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
+        rel_classes = sorted({p.relative_to(self.root).parts[0] for p in files if len(p.relative_to(self.root).parts) > 1})
+        self.classes = rel_classes or ["all"]
+        index = {c: k for k, c in enumerate(self.classes)}
+        self.files = files
+        self.labels = [
+            index[p.relative_to(self.root).parts[0]] if len(p.relative_to(self.root).parts) > 1 else 0 for p in files
+        ]
+
+    def describe(self, i: int) -> str:
+        return str(self.files[i])
+
+    def _open(self, i: int) -> Image.Image:
+        with Image.open(self.files[i]) as img:
+            img.load()
+            return img.copy()
+
+
+class TarImages(ImageDataset):
+    """Images inside a tar file, read in place by offset (members ``split/<class>/<file>``)."""
+
+    def __init__(self, path: str | Path, image_size: int, split: str | None = None, **kw) -> None:
+        super().__init__(image_size, **kw)
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"tar file not found: {self.path} (set data.path)")
+        entries = []
+        with tarfile.open(self.path, "r:") as tf:
+            for member in tf:
+                if not member.isfile() or not member.name.lower().endswith(IMAGE_EXTENSIONS):
+                    continue
+                parts = Path(member.name).parts
+                if split is not None:
+                    if parts[0] != split:
+                        continue
+                    parts = parts[1:]
+                cls = parts[0] if len(parts) > 1 else "all"
+                entries.append((member.name, member.offset_data, member.size, cls))
+        if not entries:
+            raise FileNotFoundError(f"no images in {self.path}" + (f" under '{split}/'" if split else ""))
+        entries.sort()
+        self.classes = sorted({e[3] for e in entries})
+        index = {c: k for k, c in enumerate(self.classes)}
+        self.members = [(name, off, size) for name, off, size, _ in entries]
+        self.labels = [index[e[3]] for e in entries]
+        self._fh = None
+
+    def describe(self, i: int) -> str:
+        return f"{self.path}:{self.members[i][0]}"
+
+    def _open(self, i: int) -> Image.Image:
+        if self._fh is None:  # one handle per worker process
+            self._fh = open(self.path, "rb")
+        _, offset, size = self.members[i]
+        self._fh.seek(offset)
+        with Image.open(io.BytesIO(self._fh.read(size))) as img:
+            img.load()
+            return img.copy()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_fh"] = None
+        return state
+
+
+def _builtin_photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    img = getattr(skimage.data, name)()
+    if isinstance(img, tuple):  # stereo pairs: the left view
+        img = img[0]
+    img = np.asarray(img)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    return np.ascontiguousarray(img[..., :3].astype(np.uint8))
+
+
+class BuiltinPhotos(ImageDataset):
+    """Random crops of the photographs bundled with scikit-image; class = photograph.
+
+    Item ``i`` comes from photograph ``i mod P``; the crop's scale (an area fraction between 1/4 and
+    1 of the short side squared) and position follow the item's seed, so the set is a deterministic
+    function of its seeds. Always random-crops: that is what makes it a data set.
+    """
+
+    def __init__(self, image_size: int, length: int = 256, seed: int = 0, **kw) -> None:
+        kw["random_crop"] = True
+        super().__init__(image_size, **kw)
+        self.photos = [_builtin_photo(n) for n in BUILTIN_PHOTOS]
+        self.classes = list(BUILTIN_PHOTOS)
+        self.labels = [i % len(self.photos) for i in range(length)]
+        self.seed = seed
+
+    def describe(self, i: int) -> str:
+        return f"builtin:{BUILTIN_PHOTOS[self.labels[i]]}#{i}"
+
+    def load(self, i: int, aug_seed: int | None = None) -> tuple[torch.Tensor, int]:
+        rng = np.random.default_rng(aug_seed if aug_seed is not None else step_seed(self.seed, "builtin", i))
+        photo = self.photos[self.labels[i]]
+        h, w = photo.shape[:2]
+        side = int(min(h, w) * np.sqrt(rng.uniform(0.25, 1.0)))
+        side = max(side, min(h, w, self.image_size))
+        top = int(rng.integers(0, h - side + 1))
+        left = int(rng.integers(0, w - side + 1))
+        img = Image.fromarray(photo[top : top + side, left : left + side])
+        x = transform_image(img, self.image_size, resize=True, random_crop=False)
+        if self.random_flip and rng.random() < 0.5:
+            x = x.flip(-1)
+        return x, self.labels[i]
+
+
+def build_dataset(
+    source: str,
+    *,
+    path: str | None = None,
+    split: str | None = None,
+    image_size: int,
+    resize: bool = True,
+    random_crop: bool = False,
+    random_flip: bool = False,
+    max_images: int | None = None,
+    builtin_crops: int = 256,
+    seed: int = 0,
+) -> ImageDataset:
+    """Make the data set a recipe's ``[data]`` section describes."""
+    kw = dict(resize=resize, random_crop=random_crop, random_flip=random_flip)
+    if source == "builtin":
+        ds: ImageDataset = BuiltinPhotos(image_size, length=builtin_crops, seed=seed, **kw)
+    elif source == "folder":
+        ds = ImageFolder(path, image_size, **kw)
+    elif source == "tar":
+        ds = TarImages(path, image_size, split=split, **kw)
+    else:
+        raise ValueError(f"unknown data.source {source!r}; choose builtin, folder or tar")
+    if max_images is not None and max_images < len(ds):
+        # An even subsample keeps every class represented.
+        keep = np.linspace(0, len(ds) - 1, max_images).round().astype(int)
+        ds = Subset(ds, keep.tolist())
+    return ds
+
+
+class Subset(ImageDataset):
+    """A fixed subset of another image data set (keeps labels and class names)."""
+
+    def __init__(self, base: ImageDataset, indices: list[int]) -> None:
+        super().__init__(base.image_size)
+        self.base = base
+        self.indices = indices
+        self.labels = [base.labels[i] for i in indices]
+        self.classes = base.classes
+
+    def describe(self, i: int) -> str:
+        return self.base.describe(self.indices[i])
+
+    def load(self, i: int, aug_seed: int | None = None) -> tuple[torch.Tensor, int]:
+        return self.base.load(self.indices[i], aug_seed)
+
+
+class StepSampler(Sampler):
+    """Yields this rank's micro-batches of ``(index, aug_seed)`` from global micro-batch ``start`` on.
+
+    The global stream is the concatenation of per-epoch permutations seeded by (seed, epoch); global
+    micro-batch g covers stream positions [g·B·W, (g+1)·B·W), rank r taking its B-long slice.
+    """
+
+    def __init__(self, n: int, batch_per_rank: int, *, seed: int, rank: int = 0, world_size: int = 1, start: int = 0,
+                 shuffle: bool = True) -> None:
+        self.n, self.b, self.seed = n, batch_per_rank, seed
+        self.rank, self.world, self.start = rank, world_size, start
+        self.shuffle = shuffle
+        self._perm_epoch = -1
+        self._perm: np.ndarray | None = None
+
+    def _index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.n)
+        if not self.shuffle:
+            return offset
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng(step_seed(self.seed, "perm", epoch)).permutation(self.n)
+            self._perm_epoch = epoch
+        return int(self._perm[offset])
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        g = self.start
+        while True:
+            base = (g * self.world + self.rank) * self.b
+            yield [(self._index(p), step_seed(self.seed, "aug", p)) for p in range(base, base + self.b)]
+            g += 1
+
+    def __len__(self) -> int:  # an endless stream; DataLoader needs a number
+        return 2**62
+
+
+def batch_source(dataset: Dataset, *, batch_per_rank: int, grad_accum: int, seed: int, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0):
+    """``start_step -> iterator of micro-batches`` for :class:`ssr_cli.engine.TrainSpec`."""
+
+    def batches(start_step: int) -> Iterator:
+        sampler = StepSampler(len(dataset), batch_per_rank, seed=seed, rank=rank, world_size=world_size,
+                              start=start_step * grad_accum)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                            persistent_workers=False, pin_memory=torch.cuda.is_available())
+        return iter(loader)
+
+    return batches
+
+
+def ordered_batches(dataset: Dataset, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                    num_workers: int = 0, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Deterministic pass over (a prefix of) the data set, strided over ranks, no augmentation.
+
+    Yields (images, labels, indices)."""
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    mine = list(range(rank, n, world_size))
+
+    class _Indexed(Dataset):
+        def __len__(self):
+            return len(mine)
+
+        def __getitem__(self, k):
+            x, y = dataset[(mine[k], None)]
+            return x, y, mine[k]
+
+    loader = DataLoader(_Indexed(), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    yield from loader

@@ -1,0 +1,208 @@
+"""The one training loop, read top to bottom.
+
+A task hands over a module whose ``forward(batch, step_rng)`` returns a dict of named loss terms with
+``"loss"`` the one to minimise, plus its parameter groups and a deterministic batch source. The loop
+does the rest: DDP, precision, accumulation, clipping, EMA, schedule, logging, checkpoints, resume.
+
+Reproducibility: before step ``s`` every rank seeds torch with (seed, rank, s), and ``step_rng`` is a
+generator seeded with (seed, s) only (identical on all ranks, for choices all ranks must agree on,
+like which regularizer branch to take). Batches are a function of the step too, so a run resumed from
+a checkpoint repeats an uninterrupted one bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ssr_cli.engine.checkpoint import Checkpointer
+from ssr_cli.engine.ema import EMA
+from ssr_cli.engine.optim import ParamGroup, build_optimizer
+from ssr_cli.engine.progress import MetricsLog, RateMeter, console, make_progress
+from ssr_cli.engine.runtime import Runtime, generator_for, rng_state, set_rng_state, step_seed
+
+
+@dataclass
+class TrainSpec:
+    """Everything one training run needs; each field is a knob of the loop."""
+
+    name: str
+    model: nn.Module
+    """forward(batch, step_rng) -> dict[str, Tensor] with a scalar "loss"."""
+    param_groups: list[ParamGroup]
+    batches: Callable[[int], Iterator[Any]]
+    """start_step -> iterator of this rank's micro-batches from that step on (grad_accum per step)."""
+    steps: int
+    lr: float
+    run_dir: Path
+    schedule: Callable[[int], float] = lambda step: 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    grad_accum: int = 1
+    emas: dict[str, tuple[EMA, Callable[[], nn.Module]]] = field(default_factory=dict)
+    """name -> (EMA, function returning the live module it follows); updated after every step."""
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 10
+    seed: int = 0
+    recipe_text: str = ""
+    hooks: list[tuple[int, Callable[[int], None]]] = field(default_factory=list)
+    """(every_steps, fn(steps_done)) run on rank 0 after those steps and after the last one."""
+    find_unused_parameters: bool = False
+    compile: bool = False
+    images_per_step: int = 0
+    """For the img/s readout; 0 hides it."""
+    ckpt_subdir: str = "checkpoints"
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    resumed_from: int | None
+    last_metrics: dict[str, float]
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def train(spec: TrainSpec, rt: Runtime) -> TrainResult:
+    model = spec.model.to(rt.device)
+    optimizer = build_optimizer(
+        spec.param_groups, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, spec.schedule)
+    ckpt = Checkpointer(spec.run_dir / spec.ckpt_subdir, keep_last=spec.keep_last)
+    metrics = MetricsLog(spec.run_dir / "metrics.jsonl", enabled=rt.is_main)
+
+    start_step = 0
+    resumed_from = None
+    state = ckpt.load_latest(map_location="cpu")
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        for name, (ema, _) in spec.emas.items():
+            ema.load_state_dict(state["ema"][name])
+        set_rng_state(state["rng"])
+        start_step = resumed_from = int(state["step"])
+        metrics.truncate_after(start_step)
+        if rt.is_main:
+            console.print(f"[green]{spec.name}: resuming from step {start_step} ({ckpt.path_for(start_step)})")
+    del state
+
+    if start_step >= spec.steps:
+        if rt.is_main:
+            console.print(f"{spec.name}: already complete ({start_step}/{spec.steps} steps)")
+        return TrainResult(start_step, resumed_from, {})
+
+    runner: nn.Module = model
+    if rt.distributed:
+        runner = DistributedDataParallel(
+            model,
+            device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+            find_unused_parameters=spec.find_unused_parameters,
+        )
+    if spec.compile and rt.device.type == "cuda":
+        runner = torch.compile(runner)
+
+    def checkpoint_state(step: int) -> dict[str, Any]:
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "ema": {name: ema.state_dict() for name, (ema, _) in spec.emas.items()},
+            "rng": rng_state(),
+            "recipe": spec.recipe_text,
+        }
+
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    last: dict[str, float] = {}
+    meter = RateMeter()
+    batches = spec.batches(start_step)
+    model.train()
+    with make_progress(disable=not rt.is_main) as progress:
+        task = progress.add_task(spec.name, total=spec.steps, completed=start_step, status="", rate="")
+        for step in range(start_step, spec.steps):
+            torch.manual_seed(step_seed(spec.seed, "torch", rt.rank, step))
+            step_rng = generator_for(spec.seed, "step", step)
+            optimizer.zero_grad(set_to_none=True)
+            for micro in range(spec.grad_accum):
+                batch = _to_device(next(batches), rt.device)
+                sync = micro == spec.grad_accum - 1 or not rt.distributed
+                ctx = runner.no_sync() if (not sync and isinstance(runner, DistributedDataParallel)) else _null()
+                with ctx:
+                    with rt.autocast():
+                        out = runner(batch, step_rng)
+                    (out["loss"].float() / spec.grad_accum).backward()
+                for key, value in out.items():
+                    if isinstance(value, torch.Tensor) and value.numel() == 1:
+                        v = value.detach().float().reshape(())
+                        sums[key] = sums[key] + v if key in sums else v.clone()
+                count += 1
+            if spec.grad_clip is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    [p for g in optimizer.param_groups for p in g["params"]], spec.grad_clip
+                )
+                sums["grad_norm"] = sums.get("grad_norm", torch.zeros((), device=grad_norm.device)) + grad_norm.detach().float() * spec.grad_accum
+            optimizer.step()
+            scheduler.step()
+            for ema, source in spec.emas.values():
+                ema.update(source())
+            done = step + 1
+            meter.tick()
+
+            if done % spec.log_every == 0 or done == spec.steps:
+                record = {k: rt.all_reduce_mean(v / count).item() for k, v in sorted(sums.items())}
+                if not math.isfinite(record.get("loss", 0.0)):
+                    raise FloatingPointError(
+                        f"{spec.name}: loss became {record['loss']} around step {done}; lower the learning rate "
+                        f"or check the data (the last good checkpoint is kept in {ckpt.directory})"
+                    )
+                rate = meter.rate()
+                record.update(step=done, lr=optimizer.param_groups[0]["lr"], steps_per_s=rate)
+                if spec.images_per_step:
+                    record["img_per_s"] = rate * spec.images_per_step
+                metrics.write(record)
+                last = record
+                sums, count = {}, 0
+                meter.reset()
+                status = f"loss {record['loss']:.4g}"
+                speed = f"{rate:.2f} it/s" + (f" · {record['img_per_s']:.1f} img/s" if spec.images_per_step else "")
+                progress.update(task, status=status, rate=speed)
+            progress.update(task, completed=done)
+
+            if done % spec.ckpt_every == 0 or done == spec.steps:
+                if rt.is_main:
+                    ckpt.save(done, checkpoint_state(done))
+                rt.barrier()
+            if rt.is_main:
+                for every, fn in spec.hooks:
+                    if done % every == 0 or done == spec.steps:
+                        model.eval()
+                        fn(done)
+                        model.train()
+    return TrainResult(spec.steps, resumed_from, last)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,237 @@
+"""Tokenizer fine-tuning with a regularizer (``ssr finetune``), on the shared engine.
+
+Stages, each resumable in its own folder of the run:
+  pretrain/  plain reconstruction training from scratch (only when ``train.pretrain_steps`` > 0,
+             e.g. the quickstart, which has no pretrained tokenizer to start from);
+  finetune/  reconstruction + the chosen regularizer (ssr, eq_vae, scale or none).
+The fine-tuned tokenizer is exported to ``<run>/tokenizer.safetensors`` in its original key layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ssr_cli.data import batch_source, build_dataset
+from ssr_cli.engine import EMA, TrainSpec, lr_lambda, train
+from ssr_cli.engine.optim import ParamGroup
+from ssr_cli.engine.progress import console
+from ssr_cli.engine.runtime import Runtime
+from ssr_cli.recipe import Recipe, dump
+
+EXPORT_NAME = "tokenizer.safetensors"
+
+
+def build_tokenizer(cfg: Recipe, weights: str | Path | None = "recipe"):
+    """The recipe's tokenizer, with the recipe's weights (or ``weights`` when given; None: random)."""
+    from ssr_cli.models.registry import build_tokenizer as build
+
+    tok = cfg.tokenizer
+    path = tok.weights if weights == "recipe" else weights
+    model = build(tok.family, tok.size, weights=path, strict=tok.strict, **tok.overrides)
+    if tok.grad_checkpointing and hasattr(model, "grad_checkpointing"):
+        model.grad_checkpointing = True
+    return model
+
+
+def finetuned_weights(cfg: Recipe) -> Path:
+    return cfg.run_dir() / EXPORT_NAME
+
+
+def load_tokenizer_for_run(cfg: Recipe):
+    """The run's fine-tuned tokenizer when it exists, else the recipe's weights (with a note)."""
+    path = finetuned_weights(cfg)
+    if path.is_file():
+        return build_tokenizer(cfg, weights=path), path
+    console.print(
+        f"[yellow]no fine-tuned tokenizer at {path}; using "
+        f"{cfg.tokenizer.weights or 'randomly initialised weights'} (run `ssr finetune` first)"
+    )
+    return build_tokenizer(cfg), cfg.tokenizer.weights
+
+
+def make_lpips(cfg: Recipe, weight: float, device: torch.device):
+    """The LPIPS loss callable, or None when its weight is zero."""
+    if weight <= 0:
+        return None
+    if not cfg.loss.lpips_weights:
+        raise FileNotFoundError(
+            "an LPIPS loss weight is > 0 but loss.lpips_weights is not set: point it at the AlexNet features file "
+            "(e.g. ../shared/data/lpips/alexnet-owt-7be5be79.features-only.pth, torchvision's alexnet-owt-7be5be79.pth "
+            "works too) or set loss.lambda_lpips = 0 and regularizer.lambda_lpips = 0"
+        )
+    from ssr_cli.metrics import load_lpips
+
+    net = load_lpips(cfg.loss.lpips_net, cfg.loss.lpips_weights, device=device)
+
+    def lpips_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return net(x.float(), y.float()).flatten()
+
+    return lpips_fn
+
+
+def build_regularizer(cfg: Recipe, kind: str, latent_channels: int, lpips_fn):
+    from ssr_cli.regularizers import build_regularizer as build
+
+    r = cfg.regularizer
+    return build(
+        kind,
+        latent_channels=latent_channels,
+        basis=r.basis,
+        grid=r.grid,
+        orthonormal=r.orthonormal,
+        alpha=r.alpha,
+        lambda_latent=r.lambda_latent,
+        lambda_image=r.lambda_image,
+        lambda_mae_ssr=r.lambda_mae,
+        lambda_lpips_ssr=r.lambda_lpips,
+        discretization=r.discretization,
+        delta_init=r.delta_init,
+        learn_a=r.learn_a,
+        mean_centering=r.mean_centering,
+        tau_max=r.tau_max,
+        delta_tau=r.delta_tau,
+        eq_probability=r.eq_probability,
+        se_weight=r.se_weight,
+        se_factors=tuple(r.se_factors),
+        lambda_mae=cfg.loss.lambda_mae,
+        lambda_lpips=cfg.loss.lambda_lpips,
+        kl_weight=cfg.loss.kl_weight,
+        lpips_fn=lpips_fn,
+    )
+
+
+class FinetuneTask(nn.Module):
+    """What the engine trains: the tokenizer and the regularizer's own parameters (A, Δ)."""
+
+    def __init__(self, tokenizer: nn.Module, regularizer: nn.Module, target: EMA | None) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.regularizer = regularizer
+        self._target = target  # an EMA, deliberately not a sub-module: never trained, not in DDP
+
+    def target_encoder(self, images: torch.Tensor) -> torch.Tensor:
+        return self._target.shadow.encode_latent(images)
+
+    def forward(self, batch, step_rng: torch.Generator) -> dict[str, torch.Tensor]:
+        images = batch[0]
+        target = self.target_encoder if self._target is not None else None
+        return self.regularizer.loss(self.tokenizer, images, step_rng=step_rng, target_encoder=target)
+
+
+def _fixed_images(cfg: Recipe, n: int) -> torch.Tensor:
+    ds = build_dataset(cfg.data.source, path=cfg.data.path, split=cfg.data.split, image_size=cfg.data.image_size,
+                       resize=cfg.data.resize, max_images=cfg.data.max_images, builtin_crops=cfg.data.builtin_crops,
+                       seed=cfg.run.seed)
+    return torch.stack([ds[(i * max(1, len(ds) // n), None)][0] for i in range(min(n, len(ds)))])
+
+
+@torch.no_grad()
+def reconstruction_grid(task: FinetuneTask, images: torch.Tensor, path: Path, tau_max: float, delta_tau: float) -> Path:
+    """Rows: input, reconstruction, blurred pair I(τ1), I(τ2), and — for SSR — the decoded prediction D(ẑ2)."""
+    from ssr_cli.blur import gaussian_blur
+    from ssr_cli.images import save_grid
+
+    tok = task.tokenizer
+    device = next(tok.parameters()).device
+    x = images.to(device)
+    tau1 = 0.25 * (tau_max - delta_tau)
+    x1, x2 = gaussian_blur(x, tau1), gaussian_blur(x, tau1 + delta_tau)
+    rows = [x, tok.decode(tok.encode_latent(x)), x1, x2]
+    labels = ["input", "recon", f"blur t={tau1:.1f}", f"blur t={tau1 + delta_tau:.1f}"]
+    dynamics = getattr(task.regularizer, "dynamics", None)
+    if dynamics is not None:
+        z2_hat = dynamics.predict(tok.encode_latent(x1), mean_centering=task.regularizer.mean_centering)
+        rows.append(tok.decode(z2_hat))
+        labels.append("D(A z1)")
+    return save_grid([r.clamp(-1, 1).cpu() for r in rows], path, row_labels=labels)
+
+
+def _param_groups(task: FinetuneTask, a_lr_mult: float) -> list[ParamGroup]:
+    reg_params = [p for p in task.regularizer.parameters() if p.requires_grad]
+    groups = [ParamGroup("tokenizer", [p for p in task.tokenizer.parameters() if p.requires_grad])]
+    if reg_params:
+        groups.append(ParamGroup("ssr", reg_params, lr_mult=a_lr_mult, weight_decay=0.0))
+    return groups
+
+
+def _stage(cfg: Recipe, rt: Runtime, tokenizer, *, name: str, kind: str, steps: int, lr: float, constant_lr: bool,
+           run_dir: Path) -> None:
+    t = cfg.train
+    world_batch = rt.world_size * t.grad_accum
+    if t.batch_size % world_batch:
+        raise ValueError(
+            f"train.batch_size ({t.batch_size}) must be divisible by ranks × train.grad_accum ({world_batch})"
+        )
+    lpips_weight = max(cfg.loss.lambda_lpips, cfg.regularizer.lambda_lpips if kind == "ssr" else 0.0)
+    lpips_fn = make_lpips(cfg, lpips_weight, rt.device)
+    regularizer = build_regularizer(cfg, kind, tokenizer.latent_channels, lpips_fn)
+    target = EMA(tokenizer.to(rt.device), cfg.regularizer.ema_decay) if kind == "ssr" else None
+    task = FinetuneTask(tokenizer, regularizer, target)
+    emas = {"target": (target, lambda: task.tokenizer)} if target is not None else {}
+    dataset = build_dataset(cfg.data.source, path=cfg.data.path, split=cfg.data.split, image_size=cfg.data.image_size,
+                            resize=cfg.data.resize, random_crop=cfg.data.random_crop, random_flip=cfg.data.random_flip,
+                            max_images=cfg.data.max_images, builtin_crops=cfg.data.builtin_crops, seed=cfg.run.seed)
+    per_rank = t.batch_size // world_batch
+    fixed = _fixed_images(cfg, 4)
+    spec = TrainSpec(
+        name=name,
+        model=task,
+        param_groups=_param_groups(task, cfg.regularizer.a_lr_mult if cfg.regularizer.learn_a else 0.0),
+        batches=batch_source(dataset, batch_per_rank=per_rank, grad_accum=t.grad_accum, seed=cfg.run.seed,
+                             rank=rt.rank, world_size=rt.world_size, num_workers=cfg.data.num_workers),
+        steps=steps,
+        lr=lr,
+        run_dir=run_dir,
+        schedule=lr_lambda(schedule="constant" if constant_lr else t.schedule, total_steps=steps, lr=lr,
+                           lr_init=t.lr_init, lr_min=t.lr_min, warmup_frac=t.warmup_frac, cosine_frac=t.cosine_frac),
+        betas=t.betas,
+        weight_decay=t.weight_decay,
+        grad_clip=t.grad_clip,
+        grad_accum=t.grad_accum,
+        emas=emas,
+        ckpt_every=t.ckpt_every_steps,
+        keep_last=t.keep_last,
+        log_every=t.log_every_steps,
+        seed=cfg.run.seed + (0 if name == "finetune" else 1),
+        recipe_text=dump(cfg),
+        hooks=[(t.image_every_steps, lambda step: reconstruction_grid(
+            task, fixed, run_dir / "images" / f"step_{step:08d}.png", cfg.regularizer.tau_max, cfg.regularizer.delta_tau))],
+        find_unused_parameters=True,
+        compile=cfg.run.compile,
+        images_per_step=t.batch_size,
+    )
+    train(spec, rt)
+    if rt.is_main and hasattr(regularizer, "dynamics"):
+        from safetensors.torch import save_file
+
+        dyn = regularizer.dynamics
+        save_file({"A": dyn.a_continuous().detach().cpu().contiguous(), "A_bar": dyn.a_bar().detach().cpu().contiguous(),
+                   "delta": dyn.delta.detach().cpu().reshape(1)}, str(run_dir / "ssr_dynamics.safetensors"))
+
+
+def run_finetune(cfg: Recipe, rt: Runtime) -> Path:
+    """Pretrain (optional) then fine-tune; export the tokenizer. Returns the exported weights' path."""
+    from ssr_cli.models.weights import save_weights
+
+    run_dir = cfg.run_dir()
+    tokenizer = build_tokenizer(cfg)
+    if cfg.train.pretrain_steps:
+        _stage(cfg, rt, tokenizer, name="pretrain", kind="none", steps=cfg.train.pretrain_steps,
+               lr=cfg.train.pretrain_lr, constant_lr=True,
+               run_dir=run_dir / "pretrain")
+    frozen = tokenizer.frozen_blocks(cfg.tokenizer.frozen_encoder_blocks, cfg.tokenizer.frozen_decoder_blocks)
+    if rt.is_main:
+        console.print(f"finetune: froze {len(frozen)} parameter tensors "
+                      f"(first {cfg.tokenizer.frozen_encoder_blocks} encoder / last {cfg.tokenizer.frozen_decoder_blocks} decoder stages)")
+    _stage(cfg, rt, tokenizer, name="finetune", kind=cfg.regularizer.kind, steps=cfg.train.steps, lr=cfg.train.lr,
+           constant_lr=False,
+           run_dir=run_dir / "finetune")
+    out = finetuned_weights(cfg)
+    if rt.is_main:
+        save_weights(tokenizer, out)
+        console.print(f"[green]fine-tuned tokenizer written to {out}")
+    rt.barrier()
+    return out

@@ -1,0 +1,215 @@
+"""LightningDiT training on cached latents (``ssr train-dit``) and sampling (``ssr sample``).
+
+The DiT sees normalised latents x = (z − mean) / std with the per-channel statistics of the cache;
+samples are de-normalised before decoding. Outputs live in ``<run>/dit/`` (checkpoints, metrics,
+``dit_ema.safetensors``, ``dit_config.json``) and ``<run>/samples/`` (PNGs and ``samples.npz``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ssr_cli.data import batch_source
+from ssr_cli.engine import EMA, TrainSpec, train
+from ssr_cli.engine.optim import ParamGroup
+from ssr_cli.engine.progress import console, make_progress
+from ssr_cli.engine.runtime import Runtime, step_seed
+from ssr_cli.latents import LatentShards, latents_dir, load_stats, read_manifest
+from ssr_cli.recipe import Recipe, dump
+
+DIT_DIR = "dit"
+EMA_FILE = "dit_ema.safetensors"
+CONFIG_FILE = "dit_config.json"
+
+
+def _dit_kwargs(cfg: Recipe, manifest: dict) -> dict:
+    c, h, _ = manifest["latent_shape"]
+    overrides = {k: v for k, v in (("depth", cfg.dit.depth), ("hidden_size", cfg.dit.hidden_size),
+                                   ("num_heads", cfg.dit.num_heads)) if v is not None}
+    return {
+        "name": cfg.dit.model,
+        "input_size": h,
+        "in_channels": c,
+        "num_classes": cfg.dit.num_classes or manifest["num_classes"],
+        "qk_norm": cfg.dit.qk_norm,
+        "class_dropout": cfg.dit.class_dropout,
+        **overrides,
+    }
+
+
+def build_dit_from(kwargs: dict) -> nn.Module:
+    from ssr_cli.models.dit import build_dit
+
+    kw = dict(kwargs)
+    return build_dit(kw.pop("name"), **kw)
+
+
+class DiTTask(nn.Module):
+    """Rectified-flow training objective on normalised latents."""
+
+    def __init__(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor, *, cosine_weight: float,
+                 t_mean: float, t_std: float) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", mean.reshape(1, -1, 1, 1).float(), persistent=False)
+        self.register_buffer("std", std.reshape(1, -1, 1, 1).float(), persistent=False)
+        self.cosine_weight = cosine_weight
+        self.t_mean, self.t_std = t_mean, t_std
+
+    def forward(self, batch, step_rng: torch.Generator) -> dict[str, torch.Tensor]:
+        from ssr_cli.models.flow import flow_loss, sample_t_logit_normal
+
+        z, y = batch
+        x1 = (z.float() - self.mean) / self.std
+        t = sample_t_logit_normal(x1.shape[0], None, x1.device, mean=self.t_mean, std=self.t_std)
+        return flow_loss(self.model, x1, y, t=t, cosine_weight=self.cosine_weight)
+
+
+def run_train_dit(cfg: Recipe, rt: Runtime) -> Path:
+    from safetensors.torch import save_file
+
+    lat_dir = latents_dir(cfg)
+    manifest = read_manifest(lat_dir)
+    mean, std = load_stats(lat_dir)
+    kwargs = _dit_kwargs(cfg, manifest)
+    model = build_dit_from(kwargs)
+    task = DiTTask(model, mean, std, cosine_weight=1.0 if cfg.dit.cosine_loss else 0.0,
+                   t_mean=cfg.dit.t_mean, t_std=cfg.dit.t_std)
+    ema = EMA(model, cfg.dit.ema_decay)
+    dataset = LatentShards(lat_dir, random_flip=True)
+    d = cfg.dit
+    if d.batch_size % rt.world_size:
+        raise ValueError(f"dit.batch_size ({d.batch_size}) must be divisible by the number of ranks ({rt.world_size})")
+    out = cfg.run_dir() / DIT_DIR
+    n_params = sum(p.numel() for p in model.parameters())
+    if rt.is_main:
+        console.print(f"train-dit: {kwargs['name']} ({n_params / 1e6:.2f}M parameters) on {len(dataset)} latents "
+                      f"{tuple(manifest['latent_shape'])}, {kwargs['num_classes']} classes")
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
+    spec = TrainSpec(
+        name="train-dit",
+        model=task,
+        param_groups=[ParamGroup("weights", decay), ParamGroup("norms_biases_embeddings", no_decay, weight_decay=0.0)],
+        batches=batch_source(dataset, batch_per_rank=d.batch_size // rt.world_size, grad_accum=1, seed=cfg.run.seed,
+                             rank=rt.rank, world_size=rt.world_size),
+        steps=d.steps,
+        lr=d.lr,
+        run_dir=out,
+        betas=d.betas,
+        weight_decay=d.weight_decay,
+        grad_clip=d.grad_clip,
+        emas={"dit": (ema, lambda: model)},
+        ckpt_every=d.ckpt_every_steps,
+        keep_last=d.keep_last,
+        log_every=d.log_every_steps,
+        seed=step_seed(cfg.run.seed, "dit"),
+        recipe_text=dump(cfg),
+        compile=cfg.run.compile,
+        images_per_step=d.batch_size,
+    )
+    train(spec, rt)
+    if rt.is_main:
+        save_file({k: v.detach().cpu().contiguous() for k, v in ema.shadow.state_dict().items()}, str(out / EMA_FILE))
+        (out / CONFIG_FILE).write_text(json.dumps({**kwargs, "latents": str(lat_dir)}, indent=2))
+        console.print(f"[green]DiT EMA weights written to {out / EMA_FILE}")
+    rt.barrier()
+    return out / EMA_FILE
+
+
+def load_trained_dit(cfg: Recipe, use_ema: bool = True) -> tuple[nn.Module, dict]:
+    from safetensors.torch import load_file
+
+    from ssr_cli.engine.checkpoint import Checkpointer
+
+    out = cfg.run_dir() / DIT_DIR
+    if not (out / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"no trained DiT in {out} (missing {CONFIG_FILE}); run `ssr train-dit` first")
+    kwargs = json.loads((out / CONFIG_FILE).read_text())
+    kwargs.pop("latents", None)
+    model = build_dit_from(kwargs)
+    if use_ema:
+        model.load_state_dict(load_file(str(out / EMA_FILE)))
+    else:
+        state = Checkpointer(out / "checkpoints").load_latest()
+        if state is None:
+            raise FileNotFoundError(f"no readable checkpoint under {out / 'checkpoints'}")
+        model.load_state_dict({k[len("model."):]: v for k, v in state["model"].items() if k.startswith("model.")})
+    return model.eval(), kwargs
+
+
+def samples_dir(cfg: Recipe) -> Path:
+    return Path(cfg.sample.out_dir) if cfg.sample.out_dir else cfg.run_dir() / "samples"
+
+
+def image_labels(n: int, num_classes: int, mode: str, seed: int) -> list[int]:
+    """Class label of each image index: balanced (i mod K) or uniform (drawn from the image's own seed)."""
+    if mode == "balanced":
+        return [i % num_classes for i in range(n)]
+    return [int(np.random.default_rng(step_seed(seed, "label", i)).integers(num_classes)) for i in range(n)]
+
+
+@torch.no_grad()
+def run_sample(cfg: Recipe, rt: Runtime) -> Path:
+    """Generate ``sample.num_images`` images: PNGs (skipping ones already written) and an ADM ``.npz``."""
+    from ssr_cli.finetune import load_tokenizer_for_run
+    from ssr_cli.images import save_png
+    from ssr_cli.models.flow import cfg_velocity, initial_noise, sample_ode
+
+    s = cfg.sample
+    model, kwargs = load_trained_dit(cfg, use_ema=s.use_ema)
+    model = model.to(rt.device)
+    lat_dir = latents_dir(cfg)
+    mean, std = load_stats(lat_dir)
+    mean, std = mean.reshape(1, -1, 1, 1).to(rt.device), std.reshape(1, -1, 1, 1).to(rt.device)
+    tokenizer, _ = load_tokenizer_for_run(cfg)
+    tokenizer = tokenizer.to(rt.device).eval()
+    out = samples_dir(cfg)
+    (out / "png").mkdir(parents=True, exist_ok=True)
+    num_classes = kwargs["num_classes"]
+    labels = image_labels(s.num_images, num_classes, s.labels, s.seed)
+    shape = (kwargs["in_channels"], kwargs["input_size"], kwargs["input_size"])
+    mine = [i for i in range(rt.rank, s.num_images, rt.world_size) if not (out / "png" / f"{i:06d}.png").is_file()]
+
+    def velocity(x, t, y):
+        with rt.autocast():
+            v = cfg_velocity(model, x, t, y, s.cfg_scale, interval=s.cfg_interval, null_class=num_classes)
+        return v.float()
+
+    with make_progress(disable=not rt.is_main) as progress:
+        task = progress.add_task("sample", total=len(mine), status="", rate="")
+        for start in range(0, len(mine), s.batch_size):
+            idx = mine[start:start + s.batch_size]
+            noise = initial_noise([step_seed(s.seed, "noise", i) for i in idx], shape, rt.device)
+            y = torch.tensor([labels[i] for i in idx], device=rt.device)
+            x = sample_ode(lambda xx, tt: velocity(xx, tt, y), noise, steps=s.steps, method=s.sampler, shift=s.shift)
+            z = x * std + mean
+            with rt.autocast():
+                images = tokenizer.decode(z)
+            for i, img in zip(idx, images.float().clamp(-1, 1).cpu()):
+                save_png(img, out / "png" / f"{i:06d}.png")
+            progress.update(task, advance=len(idx))
+    rt.barrier()
+    if rt.is_main:
+        write_npz(out, s.num_images, labels)
+    rt.barrier()
+    return out / "samples.npz"
+
+
+def write_npz(out: Path, n: int, labels: list[int]) -> Path:
+    """ADM layout: ``arr_0`` uint8 NHWC images, ``arr_1`` int64 labels."""
+    from PIL import Image
+
+    arr = np.stack([np.asarray(Image.open(out / "png" / f"{i:06d}.png").convert("RGB")) for i in range(n)])
+    tmp = out / ".samples.tmp.npz"
+    np.savez(tmp, arr_0=arr, arr_1=np.asarray(labels[:n], dtype=np.int64))
+    os.replace(tmp, out / "samples.npz")
+    console.print(f"[green]{n} samples in {out / 'png'}, ADM batch {out / 'samples.npz'} {arr.shape}")
+    return out / "samples.npz"

@@ -1,0 +1,223 @@
+"""Latent caching (``ssr encode-latents``) and the cached-latent data set the DiT trains on.
+
+Layout of ``<latents dir>``:
+  shard_00000.safetensors ...  tensors ``latents`` (N, C, h, w) float32, ``latents_flip`` (the latent of
+                               the horizontally flipped image, when enabled), ``labels`` (N,) int64,
+                               ``indices`` (N,) int64 (data set indices)
+  stats.safetensors            ``mean``, ``std``: per-channel (C,) over the first ``stats_count`` latents
+  manifest.json                tokenizer, weights file and its SHA-256, recipe, shapes, classes, shards
+
+Shards are written atomically and a finished shard is skipped when the command runs again, so an
+interrupted encode resumes. Under torchrun shard k is written by rank k mod world_size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
+
+from ssr_cli.data import build_dataset
+from ssr_cli.engine.progress import console, make_progress
+from ssr_cli.engine.runtime import Runtime, generator_for
+from ssr_cli.recipe import Recipe, dump
+
+MANIFEST = "manifest.json"
+STATS = "stats.safetensors"
+
+
+def latents_dir(cfg: Recipe) -> Path:
+    return Path(cfg.latents.out_dir) if cfg.latents.out_dir else cfg.run_dir() / "latents"
+
+
+def file_sha256(path: str | Path | None) -> str | None:
+    if path is None or not Path(path).is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _shard_ok(path: Path, expected_rows: int) -> bool:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_slice("labels").get_shape()[0] == expected_rows
+    except Exception:  # noqa: BLE001 - unreadable means "redo it"
+        return False
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def encode_latents(cfg: Recipe, rt: Runtime) -> Path:
+    """Encode the recipe's data set with the run's (fine-tuned) tokenizer into shards + stats + manifest."""
+    from ssr_cli.finetune import load_tokenizer_for_run
+    from ssr_cli.models.tokenizer import DiagonalGaussian
+
+    out = latents_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer, weights = load_tokenizer_for_run(cfg)
+    tokenizer = tokenizer.to(rt.device).eval()
+    d = cfg.data
+    dataset = build_dataset(d.source, path=d.path, split=d.split, image_size=d.image_size, resize=d.resize,
+                            max_images=d.max_images, builtin_crops=d.builtin_crops, seed=cfg.run.seed)
+    lc = cfg.latents
+    n = len(dataset)
+    n_shards = -(-n // lc.shard_size)
+    mine = [k for k in range(n_shards) if k % rt.world_size == rt.rank]
+    todo = [k for k in mine
+            if not _shard_ok(out / f"shard_{k:05d}.safetensors", min(lc.shard_size, n - k * lc.shard_size))]
+    if rt.is_main and len(todo) < len(mine):
+        console.print(f"encode-latents: {len(mine) - len(todo)} finished shard(s) kept, {len(todo)} to write")
+
+    def encode(images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        with rt.autocast():
+            post = tokenizer.encode(images.to(rt.device))
+        if isinstance(post, DiagonalGaussian) and lc.sample_posterior:
+            # One generator per image: the sample depends on the image, not on batch size or rank.
+            noise = torch.stack([
+                torch.randn(post.mean.shape[1:], generator=generator_for(cfg.run.seed, "latent", int(i)))
+                for i in indices
+            ]).to(post.mean.device)
+            z = post.mean.float() + post.std.float() * noise
+        else:
+            z = post.mean if isinstance(post, DiagonalGaussian) else post
+        return z.float().cpu()
+
+    with make_progress(disable=not rt.is_main) as progress:
+        task = progress.add_task("encode-latents", total=sum(min(lc.shard_size, n - k * lc.shard_size) for k in todo),
+                                 status="", rate="")
+        for k in todo:
+            lo, hi = k * lc.shard_size, min(n, (k + 1) * lc.shard_size)
+            zs, zfs, labels = [], [], []
+            for start in range(lo, hi, lc.batch_size):
+                idx = list(range(start, min(hi, start + lc.batch_size)))
+                items = [dataset[(i, None)] for i in idx]
+                images = torch.stack([x for x, _ in items])
+                ids = torch.tensor(idx)
+                zs.append(encode(images, ids))
+                if lc.flip:
+                    zfs.append(encode(images.flip(-1), ids + n))
+                labels.extend(y for _, y in items)
+                progress.update(task, advance=len(idx))
+            tensors = {"latents": torch.cat(zs), "labels": torch.tensor(labels, dtype=torch.int64),
+                       "indices": torch.arange(lo, hi, dtype=torch.int64)}
+            if lc.flip:
+                tensors["latents_flip"] = torch.cat(zfs)
+            _save_atomic(tensors, out / f"shard_{k:05d}.safetensors")
+    rt.barrier()
+    if rt.is_main:
+        shards = [out / f"shard_{k:05d}.safetensors" for k in range(n_shards)]
+        stats = compute_stats(shards, lc.stats_count)
+        _save_atomic(stats, out / STATS)
+        first = load_file(str(shards[0]))
+        manifest = {
+            "tokenizer": {"family": cfg.tokenizer.family, "size": cfg.tokenizer.size,
+                          "weights": str(weights) if weights else None, "weights_sha256": file_sha256(weights)},
+            "num_images": n,
+            "latent_shape": list(first["latents"].shape[1:]),
+            "posterior": "sample" if lc.sample_posterior else "mean",
+            "flip_copies": lc.flip,
+            "classes": list(getattr(dataset, "classes", [])),
+            "num_classes": max(1, len(getattr(dataset, "classes", [])) or 1),
+            "shards": [s.name for s in shards],
+            "stats": {"file": STATS, "count": int(min(lc.stats_count, n))},
+            "recipe": dump(cfg),
+        }
+        tmp = out / f".{MANIFEST}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, out / MANIFEST)
+        console.print(f"[green]latents: {n} images, latent {tuple(manifest['latent_shape'])}, {n_shards} shard(s) in {out}")
+    rt.barrier()
+    return out
+
+
+def compute_stats(shards: list[Path], count: int) -> dict[str, torch.Tensor]:
+    """Per-channel mean and std (float64 accumulation) over the first ``count`` latents (and their flips)."""
+    total = 0
+    s1 = s2 = None
+    pixels = 0
+    for path in shards:
+        data = load_file(str(path))
+        for key in ("latents", "latents_flip"):
+            if key not in data:
+                continue
+            z = data[key][: max(0, count - total)].double()
+            if z.numel() == 0:
+                continue
+            s1 = z.sum(dim=(0, 2, 3)) if s1 is None else s1 + z.sum(dim=(0, 2, 3))
+            s2 = z.pow(2).sum(dim=(0, 2, 3)) if s2 is None else s2 + z.pow(2).sum(dim=(0, 2, 3))
+            pixels += z.shape[0] * z.shape[2] * z.shape[3]
+        total += min(data["latents"].shape[0], max(0, count - total))
+        if total >= count:
+            break
+    mean = s1 / pixels
+    var = (s2 / pixels - mean.pow(2)).clamp_min(0)
+    return {"mean": mean.float(), "std": var.sqrt().clamp_min(1e-6).float()}
+
+
+def read_manifest(directory: Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no latent cache at {directory} (missing {MANIFEST}); run `ssr encode-latents` first")
+    return json.loads(path.read_text())
+
+
+def load_stats(directory: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    stats = load_file(str(Path(directory) / STATS))
+    return stats["mean"], stats["std"]
+
+
+class LatentShards(Dataset):
+    """Cached latents; item ``(index, aug_seed)`` -> (latent (C, h, w), label). Random flip = picking
+    the flipped copy with probability ½ from the item's seed (no seed: the unflipped latent)."""
+
+    def __init__(self, directory: str | Path, random_flip: bool = True) -> None:
+        self.dir = Path(directory)
+        manifest = read_manifest(self.dir)
+        self.manifest = manifest
+        self.random_flip = random_flip and manifest["flip_copies"]
+        # Shards are memory-mapped and read row by row, so caches larger than RAM work too.
+        self.shards = [self.dir / s for s in manifest["shards"]]
+        self.offsets = [0]
+        labels = []
+        for path in self.shards:
+            with safe_open(str(path), framework="pt") as f:
+                labels.append(f.get_tensor("labels"))
+            self.offsets.append(self.offsets[-1] + labels[-1].shape[0])
+        self.labels = torch.cat(labels)
+        self._handles: dict[int, object] = {}
+
+    def _row(self, index: int, key: str) -> torch.Tensor:
+        k = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        if k not in self._handles:
+            self._handles[k] = safe_open(str(self.shards[k]), framework="pt")
+        return self._handles[k].get_slice(key)[index - self.offsets[k]]
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def __getitem__(self, key):
+        index, aug_seed = key if isinstance(key, tuple) else (key, None)
+        use_flip = (self.random_flip and aug_seed is not None
+                    and np.random.default_rng(aug_seed).random() < 0.5)
+        z = self._row(index, "latents_flip" if use_flip else "latents")
+        return z, self.labels[index]

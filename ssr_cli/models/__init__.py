@@ -1,0 +1,1 @@
+"""Tokenizers and generators. This package never imports ``ssr_cli.engine``."""

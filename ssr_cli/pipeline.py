@@ -1,0 +1,118 @@
+"""``ssr pipeline``: finetune → encode-latents → train-dit → sample → evaluate → probe-channels.
+
+All stages share one run folder. A stage whose output is already there and complete is skipped
+(training stages also resume from their newest checkpoint), so re-running after an interruption picks
+up where the run stopped. The run ends with a summary table (also in ``summary.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rich.table import Table
+
+from ssr_cli.engine.progress import console
+from ssr_cli.engine.runtime import Runtime
+from ssr_cli.recipe import Recipe
+
+STAGES = ("finetune", "encode-latents", "train-dit", "sample", "evaluate", "probe-channels")
+
+
+def _complete(cfg: Recipe, stage: str) -> bool:
+    from ssr_cli.engine.checkpoint import Checkpointer
+    from ssr_cli.finetune import finetuned_weights
+    from ssr_cli.generate import DIT_DIR, EMA_FILE, samples_dir
+    from ssr_cli.latents import MANIFEST, latents_dir
+
+    run = cfg.run_dir()
+    if stage == "finetune":
+        done = Checkpointer(run / "finetune" / "checkpoints").list()
+        return finetuned_weights(cfg).is_file() and bool(done) and done[-1][0] >= cfg.train.steps
+    if stage == "encode-latents":
+        return (latents_dir(cfg) / MANIFEST).is_file()
+    if stage == "train-dit":
+        done = Checkpointer(run / DIT_DIR / "checkpoints").list()
+        return (run / DIT_DIR / EMA_FILE).is_file() and bool(done) and done[-1][0] >= cfg.dit.steps
+    if stage == "sample":
+        npz = samples_dir(cfg) / "samples.npz"
+        if not npz.is_file():
+            return False
+        import numpy as np
+
+        with np.load(npz) as f:
+            return f["arr_0"].shape[0] == cfg.sample.num_images
+    if stage == "evaluate":
+        return (run / "eval.json").is_file()
+    if stage == "probe-channels":
+        return (run / "probe" / "probe.json").is_file()
+    raise ValueError(stage)
+
+
+def run_pipeline(cfg: Recipe, rt: Runtime, stages: tuple[str, ...] = STAGES) -> dict:
+    from ssr_cli.evaluation import run_evaluate
+    from ssr_cli.finetune import run_finetune
+    from ssr_cli.generate import run_sample, run_train_dit
+    from ssr_cli.latents import encode_latents
+    from ssr_cli.probe import run_probe
+
+    actions = {
+        "finetune": lambda: run_finetune(cfg, rt),
+        "encode-latents": lambda: encode_latents(cfg, rt),
+        "train-dit": lambda: run_train_dit(cfg, rt),
+        "sample": lambda: run_sample(cfg, rt),
+        "evaluate": lambda: run_evaluate(cfg, rt),
+        "probe-channels": lambda: run_probe(cfg, rt),
+    }
+    timings: dict[str, str] = {}
+    for stage in stages:
+        if _complete(cfg, stage):
+            if rt.is_main:
+                console.rule(f"[dim]{stage}: complete, skipped")
+            timings[stage] = "skipped (complete)"
+            continue
+        if rt.is_main:
+            console.rule(f"[bold]{stage}")
+        t0 = time.perf_counter()
+        actions[stage]()
+        rt.barrier()
+        timings[stage] = f"{time.perf_counter() - t0:.1f} s"
+    summary = summarize(cfg, timings)
+    if rt.is_main:
+        (cfg.run_dir() / "summary.json").write_text(json.dumps(summary, indent=2))
+        print_summary(summary)
+    return summary
+
+
+def summarize(cfg: Recipe, timings: dict[str, str]) -> dict:
+    run = cfg.run_dir()
+    out: dict = {"run": str(run), "stages": timings}
+    for name, path in (("eval", run / "eval.json"), ("probe", run / "probe" / "probe.json")):
+        if Path(path).is_file():
+            out[name] = json.loads(Path(path).read_text())
+    return out
+
+
+def _flat(prefix: str, value, rows: list[tuple[str, str]]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flat(f"{prefix}.{k}" if prefix else k, v, rows)
+    elif isinstance(value, float):
+        rows.append((prefix, f"{value:.4g}"))
+    elif isinstance(value, (int, str)) or value is None:
+        rows.append((prefix, str(value)))
+
+
+def print_summary(summary: dict) -> None:
+    table = Table(title=f"ssr pipeline: {summary['run']}")
+    table.add_column("stage / metric")
+    table.add_column("value", justify="right")
+    rows: list[tuple[str, str]] = []
+    _flat("stage", summary["stages"], rows)
+    for key in ("eval", "probe"):
+        if key in summary:
+            _flat(key, {k: v for k, v in summary[key].items() if not isinstance(v, list)}, rows)
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)

@@ -1,0 +1,111 @@
+"""Figures of the toolkit, one function per figure; each writes a PNG and returns its path.
+
+Matplotlib runs headless (Agg); functions never call ``plt.show``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path: str | Path, dpi: int) -> Path:
+    """Write atomically (temp file + rename) so a crashed run never leaves a truncated PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_a_matrix(A: np.ndarray, basis: str, W: int, H: int, path: str | Path, *, log_scale: bool | None = None,
+                  title: str | None = None, dpi: int = 150) -> Path:
+    """Heatmap of a (C, C) A matrix, C = W·H, in the style of the paper's Fig. 7.
+
+    Rows k and columns n are channels, ticks labelled (w, h) with n = w + W·h. Structural zeros are blank
+    (white). ``log_scale`` (default: on for Hermite, whose entries span many orders of magnitude) shows
+    log10|A|; otherwise a diverging colormap symmetric about 0. Returns ``path``."""
+    A = np.asarray(A, dtype=np.float64)
+    C = W * H
+    if A.shape != (C, C):
+        raise ValueError(f"A has shape {A.shape}, expected ({C}, {C}) for a {W}x{H} grid")
+    if log_scale is None:
+        log_scale = basis == "hermite"
+    zero = A == 0
+    size_in = min(14.0, max(4.5, 0.22 * C + 2.5))
+    fig, ax = plt.subplots(figsize=(size_in + 1.2, size_in))
+    if log_scale:
+        shown = np.ma.masked_where(zero, np.log10(np.where(zero, 1.0, np.abs(A))))
+        cmap = plt.get_cmap("viridis").with_extremes(bad="white")
+        label = "log10 |A|"
+        kwargs = {}
+    else:
+        shown = np.ma.masked_where(zero, A)
+        cmap = plt.get_cmap("RdBu_r").with_extremes(bad="white")
+        peak = float(np.max(np.abs(A))) or 1.0
+        label = "A"
+        kwargs = {"vmin": -peak, "vmax": peak}
+    im = ax.imshow(shown, cmap=cmap, interpolation="nearest", **kwargs)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=label)
+    step = 1 if C <= 64 else int(np.ceil(C / 64))
+    ticks = np.arange(0, C, step)
+    labels = [f"({n % W},{n // W})" for n in ticks]
+    fontsize = 8 if C <= 16 else (6 if C <= 36 else 4.5)
+    ax.set_xticks(ticks, labels, rotation=90, fontsize=fontsize)
+    ax.set_yticks(ticks, labels, fontsize=fontsize)
+    ax.set_xlabel("column n: basis function φ_(w,h) differentiated")
+    ax.set_ylabel("row k: projected onto φ_(w,h)")
+    # thin grid lines between channels make the sparsity pattern readable
+    ax.set_xticks(np.arange(-0.5, C, 1), minor=True)
+    ax.set_yticks(np.arange(-0.5, C, 1), minor=True)
+    ax.grid(which="minor", color="0.9", linewidth=0.3)
+    ax.tick_params(which="minor", length=0)
+    ax.set_title(title or f"{basis.capitalize()} A, {W}x{H} grid")
+    return _save(fig, path, dpi)
+
+
+def plot_latent_dynamics(taus, latent: np.ndarray, true: np.ndarray, labels: list[str], path: str | Path, *,
+                         title: str = "", dpi: int = 120) -> Path:
+    """Paper Fig. 5 style: per-channel spatial mean of the latent along a blur sequence (left) beside the
+    image's true basis coefficients (right), each curve divided by its value at the first τ.
+
+    latent, true: (T, K) for T blur levels and K channels/coefficients; labels: K legend entries."""
+    taus = np.asarray(taus, dtype=np.float64)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
+    for ax, values, name in ((axes[0], latent, "latent channel mean"), (axes[1], true, "true basis coefficient")):
+        values = np.asarray(values, dtype=np.float64)
+        base = np.where(np.abs(values[0]) > 1e-12, values[0], 1.0)
+        for k in range(values.shape[1]):
+            ax.plot(taus, values[:, k] / base[k], marker="o", ms=3, label=labels[k])
+        ax.set_xlabel("blur variance τ (px²)")
+        ax.set_ylabel("relative to τ = %g" % taus[0])
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=2)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path, dpi)
+
+
+def plot_curves(x, curves: dict[str, np.ndarray], path: str | Path, *, xlabel: str, ylabel: str, title: str = "",
+                dpi: int = 120) -> Path:
+    """Simple line plot of named curves over a shared x (e.g. PSNR of partial decodes vs k)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name, y in curves.items():
+        ax.plot(x, y, marker="o", ms=3, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(curves) > 1:
+        ax.legend(fontsize=8)
+    return _save(fig, path, dpi)

@@ -1,0 +1,405 @@
+"""The TOML recipe: one pydantic model per concern, validated once at load.
+
+``load(path, overrides)`` reads a TOML file, applies ``--set section.key=value`` overrides, validates
+everything (unknown keys, wrong types, cross-field conflicts) and returns a :class:`Recipe`. Every
+error names the TOML key and the file. ``dump(recipe)`` gives the resolved TOML text that is written
+into the run folder and into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe problem; the message names the file and the TOML key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = "run"
+    out_dir: str = "runs"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 autocast on CUDA, fp32 on CPU."""
+    compile: bool = False
+
+
+class DataConfig(Section):
+    source: Literal["builtin", "folder", "tar"] = "builtin"
+    path: str | None = None
+    """Image folder (class = sub-folder) or tar file (members split/class/file); unused for builtin."""
+    split: str | None = None
+    """For tar sources: the member prefix to read (e.g. "train"); None reads all members."""
+    image_size: int = Field(64, ge=8)
+    resize: bool = True
+    """Resize the short side to image_size before cropping (off: crop directly, e.g. random patches)."""
+    random_crop: bool = False
+    random_flip: bool = True
+    max_images: int | None = Field(None, ge=1)
+    builtin_crops: int = Field(256, ge=1)
+    """Number of random crops drawn from the built-in photographs (the built-in dataset's length)."""
+    num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> "DataConfig":
+        if self.source in ("folder", "tar") and not self.path:
+            raise ValueError(f"data.path must be set when data.source = '{self.source}'")
+        return self
+
+
+class TokenizerConfig(Section):
+    family: Literal["kl-ae", "cosmos-ci", "taesd", "s4d-vae", "cnn-vae"] = "kl-ae"
+    size: str = "tiny"
+    weights: str | None = None
+    """Pretrained weights: .safetensors, .pt/.pth or hf://owner/repo/file. None: random init."""
+    strict: bool = True
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    """Architecture overrides passed to the builder (e.g. z_channels, ch, ch_mult)."""
+    frozen_encoder_blocks: int = Field(2, ge=0)
+    frozen_decoder_blocks: int = Field(2, ge=0)
+    grad_checkpointing: bool = False
+
+
+class RegularizerConfig(Section):
+    kind: Literal["ssr", "eq_vae", "scale", "none"] = "ssr"
+    basis: Literal["fourier", "chebyshev", "legendre", "hermite"] = "fourier"
+    grid: str | None = None
+    """W×H basis grid, e.g. "4x4"; must satisfy W·H = latent channels. None: most square factorisation."""
+    orthonormal: bool = False
+    alpha: float = Field(0.25, ge=0.0, le=1.0)
+    """Probability of the regularization branch at each step."""
+    lambda_latent: float = Field(0.25, ge=0.0)
+    lambda_image: float = Field(1.0, ge=0.0)
+    lambda_mae: float = Field(1.0, ge=0.0)
+    lambda_lpips: float = Field(0.1, ge=0.0)
+    discretization: Literal["euler", "zoh"] = "zoh"
+    delta_init: float = Field(0.1, gt=0.0)
+    learn_a: bool = True
+    a_lr_mult: float = Field(0.1, ge=0.0)
+    mean_centering: bool = True
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    tau_max: float = Field(10.0, gt=0.0)
+    """Largest blur variance, pixels² at the training resolution."""
+    delta_tau: float = Field(4.0, gt=0.0)
+    """Gap between the two blur variances of a pair."""
+    eq_probability: float = Field(0.5, ge=0.0, le=1.0)
+    """EQ-VAE: probability of the scale+rotation branch."""
+    se_weight: float = Field(0.25, ge=0.0)
+    """FT-SE: weight of the downsampled-pair reconstruction term added at every step."""
+    se_factors: list[int] = Field(default_factory=lambda: [2, 4])
+    """FT-SE: downsampling factors, one drawn per step."""
+
+    @model_validator(mode="after")
+    def _tau_range(self) -> "RegularizerConfig":
+        if self.delta_tau >= self.tau_max:
+            raise ValueError(
+                f"regularizer.delta_tau ({self.delta_tau}) must be smaller than regularizer.tau_max ({self.tau_max})"
+            )
+        return self
+
+
+class LossConfig(Section):
+    lambda_mae: float = Field(1.0, ge=0.0)
+    lambda_lpips: float = Field(0.1, ge=0.0)
+    lpips_net: Literal["alex", "vgg"] = "alex"
+    lpips_weights: str | None = None
+    """Local backbone weights for LPIPS (e.g. ../shared/data/lpips/alexnet-owt-7be5be79.features-only.pth)."""
+    kl_weight: float = Field(1e-6, ge=0.0)
+
+
+class TrainConfig(Section):
+    """Optimisation of the tokenizer (``finetune``); the engine's knobs."""
+
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    """Global batch size (summed over ranks and accumulation steps)."""
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-5, gt=0.0)
+    lr_init: float = Field(1e-7, ge=0.0)
+    lr_min: float = Field(1e-6, ge=0.0)
+    schedule: Literal["warmup_cosine", "constant"] = "warmup_cosine"
+    warmup_frac: float = Field(0.1, ge=0.0, le=1.0)
+    cosine_frac: float = Field(0.5, ge=0.0, le=1.0)
+    """Fraction of the run, at its end, over which the LR decays by a cosine to lr_min."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = Field(50.0, gt=0.0)
+    ckpt_every_steps: int = Field(500, ge=1)
+    keep_last: int = Field(3, ge=1)
+    log_every_steps: int = Field(10, ge=1)
+    image_every_steps: int = Field(200, ge=1)
+    pretrain_steps: int = Field(0, ge=0)
+    """Steps of plain reconstruction training from scratch before fine-tuning (quickstart: no pretrained weights)."""
+    pretrain_lr: float = Field(1e-3, gt=0.0)
+    """Constant learning rate of the from-scratch pretraining stage."""
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "TrainConfig":
+        if self.warmup_frac + self.cosine_frac > 1.0:
+            raise ValueError(
+                f"train.warmup_frac + train.cosine_frac = {self.warmup_frac + self.cosine_frac} exceeds 1"
+            )
+        if self.lr_min > self.lr:
+            raise ValueError(f"train.lr_min ({self.lr_min}) exceeds train.lr ({self.lr})")
+        return self
+
+
+class LatentsConfig(Section):
+    out_dir: str | None = None
+    """Where shards go; default <run folder>/latents."""
+    shard_size: int = Field(1024, ge=1)
+    sample_posterior: bool = True
+    flip: bool = True
+    stats_count: int = Field(10000, ge=1)
+    batch_size: int = Field(64, ge=1)
+
+
+class DiTConfig(Section):
+    model: str = "DiT-B/2"
+    depth: int | None = Field(None, ge=1)
+    hidden_size: int | None = Field(None, ge=8)
+    num_heads: int | None = Field(None, ge=1)
+    qk_norm: bool = False
+    class_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    num_classes: int | None = Field(None, ge=1)
+    """None: taken from the dataset."""
+    steps: int = Field(80000, ge=1)
+    batch_size: int = Field(1024, ge=1)
+    lr: float = Field(2e-4, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    ema_decay: float = Field(0.9999, ge=0.0, lt=1.0)
+    cosine_loss: bool = True
+    t_mean: float = 0.0
+    t_std: float = Field(1.0, gt=0.0)
+    ckpt_every_steps: int = Field(5000, ge=1)
+    keep_last: int = Field(3, ge=1)
+    log_every_steps: int = Field(50, ge=1)
+
+
+class SampleConfig(Section):
+    sampler: Literal["euler", "heun"] = "euler"
+    steps: int = Field(250, ge=1)
+    shift: float = Field(0.3, gt=0.0)
+    cfg_scale: float = Field(1.0, ge=0.0)
+    cfg_interval: tuple[float, float] = (0.0, 1.0)
+    num_images: int = Field(50000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    labels: Literal["uniform", "balanced"] = "balanced"
+    seed: int = 0
+    use_ema: bool = True
+    out_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _interval(self) -> "SampleConfig":
+        lo, hi = self.cfg_interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"sample.cfg_interval must satisfy 0 <= lo <= hi <= 1, got {list(self.cfg_interval)}")
+        return self
+
+
+class EvalConfig(Section):
+    inception_weights: str | None = None
+    """TF-Inception weights (../shared/data/inception/pt_inception-2015-12-05-reconstructed-nofc.pth)."""
+    lpips_weights: str | None = None
+    lpips_net: Literal["alex", "vgg"] = "alex"
+    image_size: int | None = Field(None, ge=8)
+    """Reconstruction resolution (resize + center crop); None: data.image_size."""
+    num_images: int | None = Field(None, ge=1)
+    batch_size: int = Field(32, ge=1)
+    reference: str | None = None
+    """FID reference: image folder / tar, ADM .npz batch or stats file from --make-ref. None: the data set."""
+    reference_split: str | None = None
+    reconstruction: bool = True
+    generation: bool = True
+    kid_subsets: int = Field(10, ge=1)
+    kid_subset_size: int = Field(1000, ge=2)
+
+
+class ProbeConfig(Section):
+    num_images: int = Field(4, ge=1)
+    image_size: int | None = Field(None, ge=8)
+    taus: list[float] = Field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0, 6.0, 8.0, 10.0])
+    channels_shown: int = Field(4, ge=1)
+
+
+class VAEConfig(Section):
+    """From-scratch VAE training (S4D-VAE / CNN-VAE, blog 002)."""
+
+    kl_schedule: Literal["none", "linear_warmup", "cyclical"] = "linear_warmup"
+    kl_warmup_steps: int = Field(500, ge=0)
+    kl_max_weight: float = Field(1.0, ge=0.0)
+    collapse_threshold: float = Field(0.01, ge=0.0)
+    """KL per latent dimension (nats) under which a dimension counts as collapsed."""
+    collapse_patience: int = Field(100, ge=1)
+    num_prior_samples: int = Field(64, ge=1)
+
+
+class DenoiseConfig(Section):
+    """Restoration task (blog 000): a small denoiser with or without SSR on its bottleneck."""
+
+    noise_sigma: float = Field(25.0, gt=0.0)
+    """Gaussian noise std on the 0-255 scale."""
+    channels: int = Field(32, ge=4)
+    bottleneck_channels: int = Field(16, ge=1)
+    eval_pairs: str | None = None
+    """Folder with NOISY/ and GT/ sub-folders (e.g. ../shared/data/sidd_pairs)."""
+    eval_crop: int = Field(256, ge=16)
+
+
+class Recipe(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    regularizer: RegularizerConfig = Field(default_factory=RegularizerConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    latents: LatentsConfig = Field(default_factory=LatentsConfig)
+    dit: DiTConfig = Field(default_factory=DiTConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    vae: VAEConfig = Field(default_factory=VAEConfig)
+    denoise: DenoiseConfig = Field(default_factory=DenoiseConfig)
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> "Recipe":
+        if self.regularizer.kind == "ssr" and self.regularizer.grid is not None:
+            try:
+                w, h = _parse_grid(self.regularizer.grid)
+            except ValueError as exc:
+                raise ValueError(f"regularizer.grid: {exc}") from None
+            del w, h
+        if self.tokenizer.family in ("s4d-vae", "cnn-vae") and self.regularizer.kind != "none":
+            raise ValueError(
+                f"regularizer.kind = '{self.regularizer.kind}' needs a spatial latent; the {self.tokenizer.family} "
+                "latent is a vector: set regularizer.kind = 'none'"
+            )
+        return self
+
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+
+def _parse_grid(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"expected 'WxH' such as '4x4' or '8x4', got {text!r}")
+    w, h = int(parts[0]), int(parts[1])
+    if w < 1 or h < 1:
+        raise ValueError(f"grid sides must be >= 1, got {text!r}")
+    return w, h
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'section.key=value' -> (['section', 'key'], value parsed as a TOML value, else as a string)."""
+    if "=" not in text:
+        raise RecipeError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if len(path) < 2:
+        raise RecipeError(f"--set {text!r}: the key must name a section and a key, e.g. train.steps=100")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return path, value
+
+
+def _apply_override(data: dict, path: list[str], value: Any, source: str) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"{source}: --set {'.'.join(path)}: '{part}' is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            section = ".".join(str(p) for p in err["loc"][:-1]) or "top level"
+            msg = f"unknown key (not a field of [{section}])"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        lines.append(f"  {key or '(recipe)'}: {msg}")
+    return f"invalid recipe {source}:\n" + "\n".join(lines)
+
+
+def from_dict(data: dict, source: str = "<recipe>") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_format_errors(exc, source)) from None
+
+
+def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read and validate a TOML recipe (None: all defaults), applying ``section.key=value`` overrides."""
+    if path is None:
+        data: dict = {}
+        source = "<defaults>"
+    else:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise RecipeError(f"{path}: not valid TOML: {exc}") from None
+    for item in overrides:
+        key_path, value = parse_override(item)
+        _apply_override(data, key_path, value, source)
+    return from_dict(data, source)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def dump(recipe: Recipe) -> str:
+    """The resolved recipe as TOML text (None values are omitted: they are the defaults)."""
+    out = []
+    for section, values in recipe.model_dump().items():
+        out.append(f"[{section}]")
+        for key, value in values.items():
+            if value is not None:
+                out.append(f"{key} = {_toml_value(value)}")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_resolved(recipe: Recipe, run_dir: Path) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / "recipe.resolved.toml"
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(dump(recipe))
+    tmp.replace(target)
+    return target

@@ -1,0 +1,72 @@
+"""Recipe schema: unknown keys, wrong types, cross-field conflicts, overrides, round trip, shipped recipes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ssr_cli.recipe import Recipe, RecipeError, dump, load, parse_override
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.toml"))
+
+
+def _write(tmp_path, text: str) -> Path:
+    p = tmp_path / "r.toml"
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = _write(tmp_path, "[train]\nstepz = 10\n")
+    with pytest.raises(RecipeError) as info:
+        load(p)
+    assert "train.stepz" in str(info.value) and str(p) in str(info.value) and "unknown key" in str(info.value)
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(RecipeError, match="trian"):
+        load(_write(tmp_path, "[trian]\nsteps = 1\n"))
+
+
+def test_wrong_type_names_key(tmp_path):
+    with pytest.raises(RecipeError, match=r"train\.steps"):
+        load(_write(tmp_path, '[train]\nsteps = "many"\n'))
+
+
+def test_cross_field_conflicts_name_keys(tmp_path):
+    with pytest.raises(RecipeError, match=r"regularizer\.delta_tau"):
+        load(_write(tmp_path, "[regularizer]\ntau_max = 3.0\ndelta_tau = 4.0\n"))
+    with pytest.raises(RecipeError, match=r"data\.path"):
+        load(_write(tmp_path, '[data]\nsource = "tar"\n'))
+    with pytest.raises(RecipeError, match=r"regularizer\.grid"):
+        load(_write(tmp_path, '[regularizer]\ngrid = "4by4"\n'))
+
+
+def test_overrides_parse_toml_values(tmp_path):
+    p = _write(tmp_path, "[train]\nsteps = 10\n")
+    r = load(p, ["train.steps=25", "regularizer.basis=legendre", "regularizer.mean_centering=false",
+                 "sample.cfg_interval=[0.1, 0.9]"])
+    assert r.train.steps == 25 and r.regularizer.basis == "legendre" and r.regularizer.mean_centering is False
+    assert r.sample.cfg_interval == (0.1, 0.9)
+    assert parse_override("run.name=abc") == (["run", "name"], "abc")
+    with pytest.raises(RecipeError, match="section.key=value"):
+        load(p, ["train.steps"])
+    with pytest.raises(RecipeError, match=r"train\.nope"):
+        load(p, ["train.nope=1"])
+
+
+def test_dump_round_trip(tmp_path):
+    r = load(None, ["train.steps=7", "tokenizer.overrides={z_channels = 8}", "regularizer.grid=\"4x2\""])
+    again = load(_write(tmp_path, dump(r)))
+    assert again == r
+
+
+def test_missing_file_is_clear():
+    with pytest.raises(RecipeError, match="not found"):
+        load("no/such/recipe.toml")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_validates(path):
+    assert isinstance(load(path), Recipe)
