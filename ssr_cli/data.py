@@ -50,11 +50,6 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).div_(127.5).sub_(1.0)
 
 
-def tensor_to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (..., 3, H, W) -> uint8 with the same layout (round half up after clamping)."""
-    return ((x.float().clamp(-1, 1) + 1.0) * 127.5).add_(0.5).floor_().clamp_(0, 255).to(torch.uint8)
-
-
 def transform_image(
     img: Image.Image,
     size: int,

@@ -9,12 +9,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ssr_cli.data import tensor_to_uint8
+from ssr_cli.metrics import to_uint8
 
 
 def to_hwc_uint8(x: torch.Tensor) -> np.ndarray:
     """(3, H, W) or (N, 3, H, W) in [-1, 1] -> uint8 HWC / NHWC numpy."""
-    u8 = tensor_to_uint8(x.detach().cpu())
+    u8 = to_uint8(x.detach().cpu())
     return u8.permute(*range(u8.dim() - 3), -2, -1, -3).numpy()
 
 

@@ -217,7 +217,13 @@ class EvalConfig(Section):
     image_size: int | None = Field(None, ge=8)
     """Reconstruction resolution (resize + center crop); None: data.image_size."""
     num_images: int | None = Field(None, ge=1)
+    """Images used for reconstruction metrics (None: all)."""
+    images: str | None = None
+    """Reconstruction image set (folder or .tar, e.g. ImageNet val); None: the recipe's [data]."""
+    images_split: str | None = None
     batch_size: int = Field(32, ge=1)
+    num_reference_images: int | None = Field(None, ge=2)
+    """Images read from a folder/tar/[data] reference (None: all)."""
     reference: str | None = None
     """FID reference: image folder / tar, ADM .npz batch or stats file from --make-ref. None: the data set."""
     reference_split: str | None = None

@@ -1,14 +1,44 @@
-"""`ssr evaluate`."""
+"""`ssr evaluate`: reconstruction and generation metrics."""
 
 from __future__ import annotations
 
-from ssr_cli.commands.common import DeviceOpt, DryRunOpt, RecipeArg, SetOpt, load_recipe, not_implemented, print_recipe
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ssr_cli.commands.common import DeviceOpt, DryRunOpt, RecipeArg, SetOpt, load_recipe, print_recipe, start_run
 
 
-def evaluate(recipe: RecipeArg, set_: SetOpt = None, dry_run: DryRunOpt = False, device: DeviceOpt = None) -> None:
-    """Not implemented yet."""
+def evaluate(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    dry_run: DryRunOpt = False,
+    device: DeviceOpt = None,
+    gfid: Annotated[
+        Optional[bool],
+        typer.Option("--gfid/--no-gfid", help="Generation metrics (FID, sFID, IS, precision/recall, KID) on the "
+                     "samples; default: when samples exist and eval.generation is on.", show_default=False),
+    ] = None,
+    samples: Annotated[Optional[Path], typer.Option("--samples", help="ADM-style .npz to evaluate (default <run>/samples/samples.npz).")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", help="Evaluate this tokenizer weights file instead of the run's.")] = None,
+    make_ref: Annotated[Optional[Path], typer.Option("--make-ref", help="Only compute reference statistics of eval.reference (or \\[data]) and save them here (.npz).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="JSON output (default <run>/eval.json).")] = None,
+) -> None:
+    """Reconstruction (PSNR, SSIM, LPIPS, rFID) and generation (FID, sFID, IS, precision, recall, KID) metrics.
+
+    Inception (eval.inception_weights) and LPIPS (eval.lpips_weights) weights come from local files; a
+    metric that cannot be computed is reported as unavailable with the reason. Prints a table and writes JSON.
+    """
     cfg = load_recipe(recipe, set_, device)
     if dry_run:
         print_recipe(cfg)
         return
-    not_implemented("evaluate")
+    from ssr_cli.evaluation import make_reference, run_evaluate
+
+    with start_run(cfg) as rt:
+        if make_ref is not None:
+            if rt.is_main:
+                make_reference(cfg, rt, make_ref)
+            return
+        run_evaluate(cfg, rt, gfid=gfid, samples=samples, weights=weights, out=out)

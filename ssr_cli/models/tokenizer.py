@@ -68,6 +68,18 @@ class Tokenizer(nn.Module):
     scale_factor: float = 1.0
     shift_factor: float = 0.0
 
+    @property
+    def grad_checkpointing(self) -> bool:
+        """Activation checkpointing of the encoder and decoder blocks (models whose halves support it)."""
+        return bool(getattr(self.encoder, "grad_checkpointing", False))
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, on: bool) -> None:
+        for half in (self.encoder, self.decoder):
+            if not hasattr(half, "grad_checkpointing"):
+                raise TypeError(f"{type(self).__name__} does not support activation checkpointing")
+            half.grad_checkpointing = bool(on)
+
     def encode(self, x: torch.Tensor) -> DiagonalGaussian | torch.Tensor:  # pragma: no cover - abstract
         """x: (B, 3, H, W) in [-1, 1] -> posterior or latent (B, C, H/f, W/f)."""
         raise NotImplementedError

@@ -1,0 +1,91 @@
+"""Every tokenizer by (family, size): ``build_tokenizer`` and ``parameter_counts``.
+
+Families and their sizes are plain dicts of architecture fields (DiT style); ``**overrides`` replace fields
+to build custom sizes (e.g. ``build_tokenizer("kl-ae", "tiny", z_channels=8)``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from ssr_cli.models.cosmos import COSMOS_SIZES, build_cosmos
+from ssr_cli.models.kl_ae import KL_AE_SIZES, build_kl_ae
+from ssr_cli.models.taesd import TAESD_SIZES, build_taesd
+from ssr_cli.models.tokenizer import Tokenizer
+from ssr_cli.models.weights import load_weights
+
+# family -> size name -> architecture fields.
+TOKENIZER_SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    "kl-ae": KL_AE_SIZES,
+    "cosmos-ci": COSMOS_SIZES,
+    "taesd": TAESD_SIZES,
+}
+_BUILDERS: dict[str, Callable[..., Tokenizer]] = {
+    "kl-ae": build_kl_ae,
+    "cosmos-ci": build_cosmos,
+    "taesd": build_taesd,
+}
+# The vector-latent VAEs (ssr_cli.models.s4d) are imported on first use: their module is heavier and separate.
+_S4D_FAMILIES = ("s4d-vae", "cnn-vae")
+
+
+def _vector_vae(family: str) -> tuple[dict[str, dict[str, Any]], Callable[..., Tokenizer]]:
+    from ssr_cli.models import s4d
+
+    return {"s4d-vae": (s4d.S4D_VAE_SIZES, s4d.S4DVAE), "cnn-vae": (s4d.CNN_VAE_SIZES, s4d.CNNVAE)}[family]
+
+
+def families() -> list[str]:
+    return [*TOKENIZER_SIZES, *_S4D_FAMILIES]
+
+
+def sizes_of(family: str) -> dict[str, dict[str, Any]]:
+    """The named sizes of a family (``tokenizer.family``), or a ValueError listing the families."""
+    if family in TOKENIZER_SIZES:
+        return TOKENIZER_SIZES[family]
+    if family in _S4D_FAMILIES:
+        return _vector_vae(family)[0]
+    raise ValueError(f"tokenizer.family = {family!r} is unknown; choose one of {families()}")
+
+
+def build_tokenizer(family: str, size: str, *, weights: str | Path | None = None, strict: bool = True,
+                    **overrides: Any) -> Tokenizer:
+    """Build a tokenizer and (when ``weights`` is given) load its weights.
+
+    family: "kl-ae" | "cosmos-ci" | "taesd" | "s4d-vae" | "cnn-vae"; size: a key of ``TOKENIZER_SIZES[family]``.
+    weights: .safetensors / .pt / .pth / .jit / hf://owner/repo/file; None keeps the random initialisation.
+    strict: raise on any missing, unexpected or mis-shaped key (the error names them).
+    overrides: architecture fields replacing the size's (``ch``, ``ch_mult``, ``z_channels``, …) plus
+    ``grad_checkpointing`` for the KL-AE and Cosmos families.
+    """
+    sizes = sizes_of(family)
+    if size not in sizes:
+        raise ValueError(f"tokenizer.size = {size!r} is not a {family} size; choose one of {sorted(sizes)}")
+    try:
+        if family in _S4D_FAMILIES:
+            model = _vector_vae(family)[1](**{**sizes[size], **overrides})
+        else:
+            model = _BUILDERS[family](size, **overrides)
+    except TypeError as exc:  # e.g. an override of the wrong type
+        raise ValueError(f"tokenizer.overrides {overrides} do not fit {family}/{size}: {exc}") from exc
+    if weights is not None:
+        load_weights(model, weights, strict=strict)
+    return model
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Parameter counts: total, trainable (requires_grad), encoder (the modules ``encode`` uses), decoder (rest)."""
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    encoder_ids: set[int] = set()
+    encoder = 0
+    for module in model.encoder_modules():
+        for p in module.parameters():
+            if id(p) not in encoder_ids:
+                encoder_ids.add(id(p))
+                encoder += p.numel()
+    return dict(total=total, trainable=trainable, encoder=encoder, decoder=total - encoder)

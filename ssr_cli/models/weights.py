@@ -1,0 +1,208 @@
+"""Loading and saving tokenizer weights in their original key layout.
+
+Sources (``tokenizer.weights`` in a recipe):
+  ``*.safetensors``                 safetensors file;
+  ``*.pt`` / ``*.pth`` / ``*.ckpt`` / ``*.bin``   ``torch.load(weights_only=True)`` of a dict of tensors (a
+                                    Lightning-style ``{"state_dict": {...}}`` is unwrapped);
+  ``*.jit``                         a TorchScript archive (how Cosmos ships); only its state_dict is used;
+  ``hf://owner/repo[@revision]/path/in/repo``  fetched with huggingface_hub when installed and online.
+Loading is strict by default; a :class:`KeyReport` lists missing, unexpected and mis-shaped keys.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+RECIPE_KEY = "tokenizer.weights"
+_TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+
+
+class WeightsError(ValueError):
+    """A weights file does not match the model (the message names the keys) or cannot be read."""
+
+
+@dataclass
+class KeyReport:
+    """Differences between a checkpoint and a model's state dict."""
+
+    missing: list[str] = field(default_factory=list)
+    """In the model, not in the file."""
+    unexpected: list[str] = field(default_factory=list)
+    """In the file, not in the model."""
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    """(key, shape in the model, shape in the file)."""
+    loaded: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def format(self, max_items: int = 12) -> str:
+        def clip(items: list[str]) -> str:
+            more = f", … (+{len(items) - max_items} more)" if len(items) > max_items else ""
+            return ", ".join(items[:max_items]) + more
+
+        lines = [f"{self.loaded} tensors match"]
+        if self.mismatched:
+            shapes = [f"{k}: model {tuple(m)} vs file {tuple(f)}" for k, m, f in self.mismatched]
+            lines.append(f"{len(self.mismatched)} mis-shaped: " + clip(shapes))
+        if self.missing:
+            lines.append(f"{len(self.missing)} missing from the file: " + clip(self.missing))
+        if self.unexpected:
+            lines.append(f"{len(self.unexpected)} unexpected in the file: " + clip(self.unexpected))
+        return "\n".join(lines)
+
+
+def compare_state_dicts(model_state: dict[str, torch.Tensor], file_state: dict[str, torch.Tensor]) -> KeyReport:
+    report = KeyReport()
+    for key, tensor in model_state.items():
+        if key not in file_state:
+            report.missing.append(key)
+        elif tuple(file_state[key].shape) != tuple(tensor.shape):
+            report.mismatched.append((key, tuple(tensor.shape), tuple(file_state[key].shape)))
+        else:
+            report.loaded += 1
+    report.unexpected = [k for k in file_state if k not in model_state]
+    return report
+
+
+def _hf_download(spec: str) -> Path:
+    """``hf://owner/repo[@rev]/path`` -> local file, or a WeightsError saying where to download it by hand."""
+    rest = spec[len("hf://"):]
+    parts = rest.split("/")
+    if len(parts) < 3 or not all(parts):
+        raise WeightsError(f"{RECIPE_KEY} = {spec!r}: expected hf://owner/repo/path/to/file")
+    owner, repo, filename = parts[0], parts[1], "/".join(parts[2:])
+    repo, _, revision = repo.partition("@")
+    repo_id = f"{owner}/{repo}"
+    url = f"https://huggingface.co/{repo_id}/resolve/{revision or 'main'}/{filename}"
+    manual = f"download {url} yourself and set {RECIPE_KEY} to the local file's path"
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise WeightsError(
+            f"{spec}: huggingface_hub is not installed; {manual} (or pip install huggingface_hub)"
+        ) from None
+    try:
+        return Path(hf_hub_download(repo_id=repo_id, filename=filename, revision=revision or None))
+    except Exception as exc:  # offline, gated repository, missing file: all end the same way
+        raise WeightsError(f"{spec}: could not fetch it ({type(exc).__name__}: {exc}); {manual}") from exc
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a weights file into a flat ``{name: tensor}`` dict on the CPU (dtypes as stored)."""
+    spec = str(path)
+    if spec.startswith("hf://"):
+        path = _hf_download(spec)
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"weights file not found: {path} (check {RECIPE_KEY}, or leave it unset for random init)"
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device="cpu")
+    elif suffix in _TORCH_SUFFIXES:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise WeightsError(
+                f"{path}: not a plain tensor checkpoint loadable with weights_only=True ({exc}); convert it to "
+                ".safetensors or save only the state_dict"
+            ) from exc
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+    elif suffix == ".jit":
+        # TorchScript archive: the graph is deserialised but never run; only the tensors are kept.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit deprecation notice; the format is what ships
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+    else:
+        raise WeightsError(
+            f"{path}: unsupported weights format {suffix!r}; use .safetensors, .pt/.pth/.ckpt/.bin, .jit or hf://"
+        )
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise WeightsError(f"{path}: entries that are not tensors: {bad[:8]}; save only the model's state_dict")
+    return dict(state)
+
+
+def partner_file(source: str | Path) -> tuple[str, Path] | None:
+    """For a split checkpoint half (file name containing "encoder" or "decoder"): (its half, the other half's path).
+
+    The partner's name replaces the last "encoder" with "decoder" or vice versa (``taef2_encoder.pth`` ->
+    ``taef2_decoder.pth``, ``encoder.jit`` -> ``decoder.jit``). None when the name says neither.
+    """
+    path = Path(source)
+    for own, other in (("encoder", "decoder"), ("decoder", "encoder")):
+        head, sep, tail = path.name.rpartition(own)
+        if sep:
+            return own, path.with_name(head + other + tail)
+    return None
+
+
+def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> KeyReport:
+    """Load ``path`` into ``model`` in place; returns the :class:`KeyReport`.
+
+    strict: any missing / unexpected / mis-shaped key raises :class:`WeightsError` naming the keys.
+    Not strict: only keys with matching names and shapes are loaded, and a warning lists the rest.
+    A model may define ``adapt_state_dict(state, source) -> state`` to accept its original file layouts.
+    """
+    state = load_state_dict_file(path)
+    if hasattr(model, "adapt_state_dict"):
+        state = model.adapt_state_dict(state, str(path))
+    model_state = model.state_dict()
+    report = compare_state_dicts(model_state, state)
+    if not report.ok:
+        message = (
+            f"weights {path} do not match {type(model).__name__}:\n{report.format()}\n"
+            "Check the tokenizer family/size (and tokenizer.overrides) against the file"
+        )
+        if strict:
+            raise WeightsError(message + ", or set tokenizer.strict = false to load only the matching tensors.")
+        warnings.warn(message + "; loading only the matching tensors (tokenizer.strict = false).", stacklevel=2)
+    matching = {k: v for k, v in state.items() if k in model_state and tuple(v.shape) == tuple(model_state[k].shape)}
+    with torch.no_grad():
+        model.load_state_dict(matching, strict=False)  # copies into the model's own dtype and device
+    return report
+
+
+def save_weights(model_or_state: nn.Module | dict[str, torch.Tensor], path: str | Path,
+                 metadata: dict[str, str] | None = None) -> Path:
+    """Write a state dict (same key layout as loaded) to ``.safetensors`` or ``.pt``/``.pth``, atomically.
+
+    Tensors are saved on the CPU in their current dtype; safetensors metadata must be strings.
+    """
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    # clone: safetensors refuses tensors that share storage, and the file must not alias live parameters.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".safetensors", *_TORCH_SUFFIXES):
+        raise WeightsError(f"{path}: save as .safetensors or .pt/.pth")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(tensors, tmp, metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+        else:
+            torch.save(tensors, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
