@@ -190,8 +190,10 @@ def run_evaluate(cfg: Recipe, rt: Runtime, *, gfid: bool | None = None, samples:
         samples = Path(samples) if samples else samples_dir(cfg) / "samples.npz"
         want = cfg.eval.generation if gfid is None else gfid
         if want:
-            if samples.is_file():
+            if samples.is_file() and (gfid or cfg.eval.inception_weights):
                 result["generation"] = generation(cfg, rt, samples)
+            elif samples.is_file():
+                result["generation"] = {"unavailable": {"all": f"no Inception weights: {INCEPTION_HINT}"}}
             elif gfid:
                 raise FileNotFoundError(f"no samples at {samples}; run `ssr sample` first or pass --samples")
             else:

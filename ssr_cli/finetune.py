@@ -218,6 +218,10 @@ def run_finetune(cfg: Recipe, rt: Runtime) -> Path:
 
     run_dir = cfg.run_dir()
     tokenizer = build_tokenizer(cfg)
+    # Fail on a regularizer that cannot fit this tokenizer before any (pre)training time is spent.
+    build_regularizer(cfg, cfg.regularizer.kind, tokenizer.latent_channels, None)
+    if cfg.regularizer.kind == "ssr" and cfg.regularizer.lambda_lpips > 0 and not cfg.loss.lpips_weights:
+        make_lpips(cfg, cfg.regularizer.lambda_lpips, torch.device("cpu"))  # raises: names the missing weights
     if cfg.train.pretrain_steps:
         _stage(cfg, rt, tokenizer, name="pretrain", kind="none", steps=cfg.train.pretrain_steps,
                lr=cfg.train.pretrain_lr, constant_lr=True,

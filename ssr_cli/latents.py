@@ -61,6 +61,31 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     os.replace(tmp, path)
 
 
+def _cache_key(cfg: Recipe, weights: str | Path | None, n: int) -> dict:
+    """What the shards depend on; a cache made with anything else is not reused."""
+    return {"family": cfg.tokenizer.family, "size": cfg.tokenizer.size, "weights_sha256": file_sha256(weights),
+            "num_images": n, "shard_size": cfg.latents.shard_size, "posterior": cfg.latents.sample_posterior,
+            "flip": cfg.latents.flip, "seed": cfg.run.seed}
+
+
+def _discard_stale(out: Path, cfg: Recipe, weights: str | Path | None, n: int) -> None:
+    """Drop shards left by an encode with another tokenizer, data size or latent setting (warning loudly)."""
+    key = _cache_key(cfg, weights, n)
+    marker = out / ".cache_key.json"
+    if marker.is_file():
+        old = json.loads(marker.read_text())
+        if old != key:
+            changed = sorted(k for k in key if old.get(k) != key[k])
+            stale = sorted(out.glob("shard_*.safetensors"))
+            console.print(f"[bold yellow]encode-latents: the cache in {out} was made with other settings "
+                          f"({', '.join(changed)} changed); re-encoding {len(stale)} shard(s)")
+            for path in stale + [out / MANIFEST, out / STATS]:
+                path.unlink(missing_ok=True)
+    tmp = out / ".cache_key.json.tmp"
+    tmp.write_text(json.dumps(key, indent=2))
+    os.replace(tmp, marker)
+
+
 @torch.no_grad()
 def encode_latents(cfg: Recipe, rt: Runtime) -> Path:
     """Encode the recipe's data set with the run's (fine-tuned) tokenizer into shards + stats + manifest."""
@@ -76,6 +101,9 @@ def encode_latents(cfg: Recipe, rt: Runtime) -> Path:
                             max_images=d.max_images, builtin_crops=d.builtin_crops, seed=cfg.run.seed)
     lc = cfg.latents
     n = len(dataset)
+    if rt.is_main:
+        _discard_stale(out, cfg, weights, n)
+    rt.barrier()
     n_shards = -(-n // lc.shard_size)
     mine = [k for k in range(n_shards) if k % rt.world_size == rt.rank]
     todo = [k for k in mine

@@ -94,25 +94,44 @@ def summarize(cfg: Recipe, timings: dict[str, str]) -> dict:
     return out
 
 
-def _flat(prefix: str, value, rows: list[tuple[str, str]]) -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flat(f"{prefix}.{k}" if prefix else k, v, rows)
-    elif isinstance(value, float):
-        rows.append((prefix, f"{value:.4g}"))
-    elif isinstance(value, (int, str)) or value is None:
-        rows.append((prefix, str(value)))
+SUMMARY_METRICS = {
+    "reconstruction": ("psnr", "ssim", "lpips", "rfid"),
+    "generation": ("fid", "sfid", "inception_score", "precision", "recall", "kid"),
+}
+
+
+def summary_rows(summary: dict) -> list[tuple[str, str]]:
+    """(name, value) rows: stage timings, headline metrics, probe numbers; unavailable ones named."""
+    rows = [(f"stage {k}", v) for k, v in summary["stages"].items()]
+    unavailable: list[str] = []
+    for part, keys in SUMMARY_METRICS.items():
+        metrics = summary.get("eval", {}).get(part)
+        if metrics is None:
+            continue
+        missing = metrics.get("unavailable", {})
+        for key in keys:
+            value = metrics.get(key)
+            if isinstance(value, (int, float)):
+                rows.append((f"{part} {key}", f"{value:.4g}"))
+            elif key in missing or "all" in missing:
+                unavailable.append(f"{part} {key}")
+    probe = summary.get("probe")
+    if probe:
+        k = probe["psnr_vs_k"]
+        rows.append(("probe PSNR, 1 channel kept", f"{k[0]:.2f} dB"))
+        rows.append((f"probe PSNR, {len(k) // 2} channels kept", f"{probe['psnr_half']:.2f} dB"))
+        rows.append((f"probe PSNR, all {len(k)} channels", f"{probe['psnr_full']:.2f} dB"))
+        rows.append(("probe frequency-order Spearman ρ", f"{probe['frequency_order_spearman']:.3f}"))
+    if unavailable:
+        rows.append(("unavailable (see eval.json for why)", ", ".join(unavailable)))
+    return rows
 
 
 def print_summary(summary: dict) -> None:
     table = Table(title=f"ssr pipeline: {summary['run']}")
     table.add_column("stage / metric")
     table.add_column("value", justify="right")
-    rows: list[tuple[str, str]] = []
-    _flat("stage", summary["stages"], rows)
-    for key in ("eval", "probe"):
-        if key in summary:
-            _flat(key, {k: v for k, v in summary[key].items() if not isinstance(v, list)}, rows)
-    for k, v in rows:
+    for k, v in summary_rows(summary):
         table.add_row(k, v)
     console.print(table)
+    console.print(f"details: {summary['run']}/summary.json, eval.json, probe/")

@@ -25,7 +25,7 @@ def make_progress(disable: bool = False) -> Progress:
     """A progress bar showing step/total, a free-text status (loss), it/s and ETA."""
     return Progress(
         TextColumn("[bold]{task.description}"),
-        BarColumn(),
+        BarColumn(bar_width=24),
         MofNCompleteColumn(),
         TaskProgressColumn(),
         TextColumn("{task.fields[status]}"),
