@@ -1,0 +1,37 @@
+"""The benchmark scripts stay runnable: a tiny CPU run of each prints its figures (not timed here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_finetune_reports_both_branches(capsys):
+    _load("bench_finetune").main(["--size", "tiny", "--resolution", "32", "--batch", "2", "--steps", "1",
+                                  "--warmup", "1", "--device", "cpu", "--precision", "fp32"])
+    out = capsys.readouterr().out
+    rates = re.findall(r"(recon|ssr) branch:\s+([0-9.e+-]+) img/s", out)
+    assert [b for b, _ in rates] == ["recon", "ssr"] and all(float(r) > 0 for _, r in rates)
+    assert out.count("GiB") == 2
+
+
+def test_bench_dit_reports_throughput_flops_and_memory(capsys):
+    _load("bench_dit").main(["--model", "DiT-S/2", "--batch", "2", "--input-size", "8", "--steps", "1",
+                             "--warmup", "1", "--no-compile", "--precision", "fp32", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert re.search(r"throughput: [0-9.]+ img/s", out)
+    assert re.search(r"[0-9.]+ GFLOP forward per image", out) and "GiB" in out
