@@ -8,6 +8,8 @@ into the run folder and into every checkpoint.
 
 from __future__ import annotations
 
+import difflib
+
 import json
 import tomllib
 from pathlib import Path
@@ -250,6 +252,21 @@ class VAEConfig(Section):
     """KL per latent dimension (nats) under which a dimension counts as collapsed."""
     collapse_patience: int = Field(100, ge=1)
     num_prior_samples: int = Field(64, ge=1)
+    """Prior samples in each PNG grid (8 per row)."""
+    kl_start_weight: float = Field(0.0, ge=0.0)
+    """KL weight at the start of a warm-up (or of each cycle)."""
+    kl_cycle_steps: int = Field(1000, ge=1)
+    """Cycle length of the 'cyclical' schedule."""
+    kl_ramp_fraction: float = Field(0.5, gt=0.0, le=1.0)
+    """Fraction of each cycle spent ramping the KL weight up ('cyclical')."""
+    collapse_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    """Fraction of latent dims that must be collapsed for the alarm (1.0: all of them)."""
+    collapse_grace_steps: int | None = Field(None, ge=0)
+    """Steps not judged by the alarm (a fresh VAE starts with KL ≈ 0). None: kl_warmup_steps."""
+    ssm_lr: float = Field(1e-3, gt=0.0)
+    """Learning rate of the S4D state-space parameters (A, Δ; no weight decay), scaled by the same schedule."""
+    grid_images: int = Field(8, ge=1)
+    """Fixed images shown with their reconstructions in the PNG grids."""
 
 
 class DenoiseConfig(Section):
@@ -262,6 +279,26 @@ class DenoiseConfig(Section):
     eval_pairs: str | None = None
     """Folder with NOISY/ and GT/ sub-folders (e.g. ../shared/data/sidd_pairs)."""
     eval_crop: int = Field(256, ge=16)
+    """Center crop (pixels) of the real pairs and of eval_images for evaluation (bounded CPU cost)."""
+    depth: int = Field(2, ge=1)
+    """U-Net levels (each halves the resolution); the bottleneck is at 1/2^depth."""
+    blocks_per_level: int = Field(1, ge=1)
+    feature_norm: bool = True
+    """GroupNorm(1) without affine on the bottleneck features (fixes their scale; SSR diverges without it)."""
+    lambda_ssr: float = Field(0.1, ge=0.0)
+    """Weight of the SSR latent term added (with probability regularizer.alpha) to the L1 loss."""
+    normalize_latent: bool = False
+    """Divide the SSR MSE by the mean square of the centred target features."""
+    blur_source: Literal["noisy", "clean"] = "noisy"
+    """Blur the noisy input (default) or blur the clean image and add the same noise."""
+    ema_target: bool = False
+    """Target features from an EMA copy (decay regularizer.ema_decay) instead of the network under no_grad."""
+    compare: bool = False
+    """Train both arms, baseline (no regularizer) and SSR, with the same seed; write a comparison table."""
+    eval_images: str | None = None
+    """Held-out clean images (folder or .tar) for the synthetic-noise evaluation; None: held-out crops of [data]."""
+    eval_count: int = Field(16, ge=1)
+    """Held-out images in the synthetic-noise evaluation."""
 
 
 class Recipe(Section):
@@ -335,6 +372,18 @@ def _apply_override(data: dict, path: list[str], value: Any, source: str) -> Non
     node[path[-1]] = value
 
 
+def _fields_at(loc: tuple) -> list[str]:
+    """Field names of the section at ``loc`` (the recipe's sections at the top level)."""
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
 def _format_errors(exc: ValidationError, source: str) -> str:
     lines = []
     for err in exc.errors():
@@ -343,6 +392,10 @@ def _format_errors(exc: ValidationError, source: str) -> str:
         if err["type"] == "extra_forbidden":
             section = ".".join(str(p) for p in err["loc"][:-1]) or "top level"
             msg = f"unknown key (not a field of [{section}])"
+            known = _fields_at(err["loc"][:-1])
+            close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+            if close:
+                msg += f"; did you mean '{close[0]}'?"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         lines.append(f"  {key or '(recipe)'}: {msg}")

@@ -22,11 +22,23 @@ def test_unknown_key_names_key_and_file(tmp_path):
     with pytest.raises(RecipeError) as info:
         load(p)
     assert "train.stepz" in str(info.value) and str(p) in str(info.value) and "unknown key" in str(info.value)
+    assert "did you mean 'steps'?" in str(info.value)
 
 
 def test_unknown_section(tmp_path):
-    with pytest.raises(RecipeError, match="trian"):
+    with pytest.raises(RecipeError, match="trian") as info:
         load(_write(tmp_path, "[trian]\nsteps = 1\n"))
+    assert "did you mean 'train'?" in str(info.value)
+
+
+def test_cli_error_keeps_the_section_name(tmp_path):
+    from typer.testing import CliRunner
+
+    from ssr_cli.cli import app
+
+    result = CliRunner().invoke(app, ["finetune", str(_write(tmp_path, "[regularizer]\nalpah = 0.5\n")), "--dry-run"])
+    assert result.exit_code == 2
+    assert "not a field of [regularizer]" in " ".join(result.output.split())
 
 
 def test_wrong_type_names_key(tmp_path):

@@ -37,7 +37,9 @@ DeviceOpt = Annotated[
 
 def fail(message: str, code: int = 2) -> None:
     """Print a one-line (or short) error and exit with ``code``."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
