@@ -60,9 +60,7 @@ def build_task(args, alpha: float, device: torch.device):
         from ssr_cli.metrics import load_lpips
 
         net = load_lpips("alex", args.lpips_weights, device=device)
-
-        def lpips_fn(x, y):
-            return net(x.float(), y.float()).flatten()
+        lpips_fn = lambda x, y: net(x.float(), y.float()).flatten()  # noqa: E731
 
     reg = build_regularizer("ssr", latent_channels=tok.latent_channels, basis="fourier", alpha=alpha,
                             lambda_latent=0.25, lambda_image=1.0, lambda_mae_ssr=1.0,

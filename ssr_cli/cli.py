@@ -6,6 +6,7 @@ import typer
 
 from ssr_cli import __version__
 from ssr_cli.commands import (
+    denoise,
     derive_a,
     encode_latents,
     evaluate,
@@ -20,7 +21,9 @@ app = typer.Typer(
     name="ssr",
     help=(
         "Structured state-space regularization (SSR) of image tokenizers: derive the A matrix, fine-tune a "
-        "tokenizer, cache its latents, train a LightningDiT, sample, evaluate and probe channels. Every "
+        "tokenizer, cache its latents, train a LightningDiT, sample, evaluate and probe channels; train the "
+        "S4D-VAE / CNN-VAE from scratch (finetune with tokenizer.family s4d-vae / cnn-vae) and a denoiser "
+        "with and without SSR (denoise). Every "
         "command reads one TOML recipe (see recipes/); override any value with --set section.key=value."
     ),
     no_args_is_help=True,
@@ -37,6 +40,7 @@ app.command("sample")(sample.sample)
 app.command("evaluate")(evaluate.evaluate)
 app.command("probe-channels")(probe_channels.probe_channels)
 app.command("pipeline")(pipeline.pipeline)
+app.command("denoise")(denoise.denoise)
 
 
 def _version(value: bool) -> None:

@@ -183,6 +183,17 @@ def run_evaluate(cfg: Recipe, rt: Runtime, *, gfid: bool | None = None, samples:
     """Reconstruction and/or generation metrics; ``gfid`` None: generation when samples exist."""
     from ssr_cli.generate import samples_dir
 
+    if cfg.tokenizer.family in VAE_FAMILIES:
+        from ssr_cli.vae_train import evaluate_vae, print_vae_table
+
+        result = {}
+        if rt.is_main:
+            path = Path(out) if out else cfg.run_dir() / "eval.json"
+            result = evaluate_vae(cfg, rt, weights=weights, out=path)
+            print_vae_table({cfg.run.name: result}, title=f"ssr evaluate: {cfg.tokenizer.family}")
+            console.print(f"metrics written to {path}")
+        rt.barrier()
+        return result
     result: dict = {}
     if rt.is_main:
         if cfg.eval.reconstruction:
@@ -205,6 +216,35 @@ def run_evaluate(cfg: Recipe, rt: Runtime, *, gfid: bool | None = None, samples:
         console.print(f"metrics written to {path}")
     rt.barrier()
     return result
+
+
+VAE_FAMILIES = ("s4d-vae", "cnn-vae")
+
+COMPARE_KEYS = {
+    "reconstruction": ("psnr", "ssim", "lpips", "rfid"),
+    "generation": ("fid", "sfid", "inception_score", "precision", "recall", "kid"),
+}
+
+
+def print_comparison(results: dict[str, dict]) -> None:
+    """One column per run (label -> run_evaluate result): the headline metrics side by side."""
+    if all("psnr" in r and "reconstruction" not in r for r in results.values()):
+        from ssr_cli.vae_train import print_vae_table
+
+        print_vae_table(results, title="ssr evaluate: comparison")
+        return
+    table = Table(title="ssr evaluate: comparison")
+    table.add_column("metric")
+    for label in results:
+        table.add_column(label, justify="right")
+    for part, keys in COMPARE_KEYS.items():
+        for key in keys:
+            values = [r.get(part, {}).get(key) for r in results.values()]
+            if all(v is None for v in values):
+                continue
+            table.add_row(f"{part} {LABELS[key]}",
+                          *(f"{v:.4f}" if isinstance(v, float) else "[dim]unavailable" for v in values))
+    console.print(table)
 
 
 def _jsonable(value):

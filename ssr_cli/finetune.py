@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ssr_cli.data import batch_source, build_dataset
-from ssr_cli.engine import EMA, TrainSpec, lr_lambda, train
+from ssr_cli.engine import EMA, train
 from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import console
 from ssr_cli.engine.runtime import Runtime
-from ssr_cli.recipe import Recipe, dump
+from ssr_cli.recipe import Recipe
+from ssr_cli.training import fixed_images, image_dataset, train_spec
 
 EXPORT_NAME = "tokenizer.safetensors"
 
@@ -121,13 +121,6 @@ class FinetuneTask(nn.Module):
         return self.regularizer.loss(self.tokenizer, images, step_rng=step_rng, target_encoder=target)
 
 
-def _fixed_images(cfg: Recipe, n: int) -> torch.Tensor:
-    ds = build_dataset(cfg.data.source, path=cfg.data.path, split=cfg.data.split, image_size=cfg.data.image_size,
-                       resize=cfg.data.resize, max_images=cfg.data.max_images, builtin_crops=cfg.data.builtin_crops,
-                       seed=cfg.run.seed)
-    return torch.stack([ds[(i * max(1, len(ds) // n), None)][0] for i in range(min(n, len(ds)))])
-
-
 @torch.no_grad()
 def reconstruction_grid(task: FinetuneTask, images: torch.Tensor, path: Path, tau_max: float, delta_tau: float) -> Path:
     """Rows: input, reconstruction, blurred pair I(τ1), I(τ2), and — for SSR — the decoded prediction D(ẑ2)."""
@@ -160,48 +153,21 @@ def _param_groups(task: FinetuneTask, a_lr_mult: float) -> list[ParamGroup]:
 def _stage(cfg: Recipe, rt: Runtime, tokenizer, *, name: str, kind: str, steps: int, lr: float, constant_lr: bool,
            run_dir: Path) -> None:
     t = cfg.train
-    world_batch = rt.world_size * t.grad_accum
-    if t.batch_size % world_batch:
-        raise ValueError(
-            f"train.batch_size ({t.batch_size}) must be divisible by ranks × train.grad_accum ({world_batch})"
-        )
     lpips_weight = max(cfg.loss.lambda_lpips, cfg.regularizer.lambda_lpips if kind == "ssr" else 0.0)
     lpips_fn = make_lpips(cfg, lpips_weight, rt.device)
     regularizer = build_regularizer(cfg, kind, tokenizer.latent_channels, lpips_fn)
     target = EMA(tokenizer.to(rt.device), cfg.regularizer.ema_decay) if kind == "ssr" else None
     task = FinetuneTask(tokenizer, regularizer, target)
     emas = {"target": (target, lambda: task.tokenizer)} if target is not None else {}
-    dataset = build_dataset(cfg.data.source, path=cfg.data.path, split=cfg.data.split, image_size=cfg.data.image_size,
-                            resize=cfg.data.resize, random_crop=cfg.data.random_crop, random_flip=cfg.data.random_flip,
-                            max_images=cfg.data.max_images, builtin_crops=cfg.data.builtin_crops, seed=cfg.run.seed)
-    per_rank = t.batch_size // world_batch
-    fixed = _fixed_images(cfg, 4)
-    spec = TrainSpec(
-        name=name,
-        model=task,
+    fixed = fixed_images(cfg, 4)
+    spec = train_spec(
+        cfg, rt, name=name, model=task, dataset=image_dataset(cfg), run_dir=run_dir, steps=steps, lr=lr,
+        constant_lr=constant_lr, seed=cfg.run.seed + (0 if name == "finetune" else 1),
         param_groups=_param_groups(task, cfg.regularizer.a_lr_mult if cfg.regularizer.learn_a else 0.0),
-        batches=batch_source(dataset, batch_per_rank=per_rank, grad_accum=t.grad_accum, seed=cfg.run.seed,
-                             rank=rt.rank, world_size=rt.world_size, num_workers=cfg.data.num_workers),
-        steps=steps,
-        lr=lr,
-        run_dir=run_dir,
-        schedule=lr_lambda(schedule="constant" if constant_lr else t.schedule, total_steps=steps, lr=lr,
-                           lr_init=t.lr_init, lr_min=t.lr_min, warmup_frac=t.warmup_frac, cosine_frac=t.cosine_frac),
-        betas=t.betas,
-        weight_decay=t.weight_decay,
-        grad_clip=t.grad_clip,
-        grad_accum=t.grad_accum,
         emas=emas,
-        ckpt_every=t.ckpt_every_steps,
-        keep_last=t.keep_last,
-        log_every=t.log_every_steps,
-        seed=cfg.run.seed + (0 if name == "finetune" else 1),
-        recipe_text=dump(cfg),
         hooks=[(t.image_every_steps, lambda step: reconstruction_grid(
             task, fixed, run_dir / "images" / f"step_{step:08d}.png", cfg.regularizer.tau_max, cfg.regularizer.delta_tau))],
         find_unused_parameters=True,
-        compile=cfg.run.compile,
-        images_per_step=t.batch_size,
     )
     train(spec, rt)
     if rt.is_main and hasattr(regularizer, "dynamics"):

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import socket
-import warnings
 from pathlib import Path
 
 import pytest

@@ -24,6 +24,11 @@ def evaluate(
     weights: Annotated[Optional[str], typer.Option("--weights", help="Evaluate this tokenizer weights file instead of the run's.")] = None,
     make_ref: Annotated[Optional[Path], typer.Option("--make-ref", help="Only compute reference statistics of eval.reference (or \\[data]) and save them here (.npz).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="JSON output (default <run>/eval.json).")] = None,
+    compare: Annotated[
+        Optional[list[Path]],
+        typer.Option("--compare", help="Also evaluate these recipes' runs (repeatable; --device applies, --set "
+                     "does not) and print all side by side, e.g. recipes/s4d_vae.toml --compare recipes/cnn_vae.toml."),
+    ] = None,
 ) -> None:
     """Reconstruction (PSNR, SSIM, LPIPS, rFID) and generation (FID, sFID, IS, precision, recall, KID) metrics.
 
@@ -41,4 +46,13 @@ def evaluate(
             if rt.is_main:
                 make_reference(cfg, rt, make_ref)
             return
-        run_evaluate(cfg, rt, gfid=gfid, samples=samples, weights=weights, out=out)
+        result = run_evaluate(cfg, rt, gfid=gfid, samples=samples, weights=weights, out=out)
+        if compare and rt.is_main:
+            from ssr_cli.evaluation import print_comparison
+
+            results = {cfg.run.name: result}
+            for other in compare:
+                other_cfg = load_recipe(other, None, device)
+                label = other_cfg.run.name if other_cfg.run.name not in results else str(other)
+                results[label] = run_evaluate(other_cfg, rt, gfid=gfid)
+            print_comparison(results)

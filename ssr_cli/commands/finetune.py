@@ -18,6 +18,9 @@ from ssr_cli.commands.common import (
 def finetune(recipe: RecipeArg, set_: SetOpt = None, dry_run: DryRunOpt = False, device: DeviceOpt = None) -> None:
     """Fine-tune the recipe's tokenizer with its \\[regularizer] on its \\[data]; resumable.
 
+    For tokenizer.family "s4d-vae" / "cnn-vae" it trains that VAE from scratch instead (NELBO with the
+    \\[vae] KL schedule and posterior-collapse alarm; <run>/vae/{checkpoints,images,metrics.jsonl}).
+
     Writes <run.out_dir>/<run.name>/: recipe.resolved.toml, finetune/{checkpoints,images,metrics.jsonl}
     and tokenizer.safetensors (the fine-tuned weights in the original key layout).
     """
@@ -33,7 +36,8 @@ def finetune(recipe: RecipeArg, set_: SetOpt = None, dry_run: DryRunOpt = False,
             tok = build_tokenizer(cfg, weights=None)
         except (ValueError, KeyError) as exc:
             fail(str(exc))
-        tok.frozen_blocks(cfg.tokenizer.frozen_encoder_blocks, cfg.tokenizer.frozen_decoder_blocks)
+        if cfg.tokenizer.family not in ("s4d-vae", "cnn-vae"):  # those train from scratch, nothing frozen
+            tok.frozen_blocks(cfg.tokenizer.frozen_encoder_blocks, cfg.tokenizer.frozen_decoder_blocks)
         counts = parameter_counts(tok)
         table = Table(title=f"tokenizer {cfg.tokenizer.family}/{cfg.tokenizer.size}")
         table.add_column("parameters")
@@ -41,6 +45,12 @@ def finetune(recipe: RecipeArg, set_: SetOpt = None, dry_run: DryRunOpt = False,
         for key, value in counts.items():
             table.add_row(key, f"{value / 1e6:.2f}M ({value:,})")
         console.print(table)
+        return
+    if cfg.tokenizer.family in ("s4d-vae", "cnn-vae"):
+        from ssr_cli.vae_train import run_vae_train
+
+        with start_run(cfg) as rt:
+            run_vae_train(cfg, rt)
         return
     from ssr_cli.finetune import run_finetune
 

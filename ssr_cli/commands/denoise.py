@@ -1,0 +1,54 @@
+"""`ssr denoise`: train a small denoiser with and without SSR on its bottleneck (blog 000) and evaluate it."""
+
+from __future__ import annotations
+
+from ssr_cli.commands.common import (
+    DeviceOpt,
+    DryRunOpt,
+    RecipeArg,
+    SetOpt,
+    console,
+    fail,
+    load_recipe,
+    print_recipe,
+    start_run,
+)
+
+
+def denoise(recipe: RecipeArg, set_: SetOpt = None, dry_run: DryRunOpt = False, device: DeviceOpt = None) -> None:
+    """Train a compact U-Net denoiser on synthetic Gaussian noise over crops of \\[data]; resumable.
+
+    \\[regularizer] kind "ssr" adds the SSR term on the bottleneck features (denoise.bottleneck_channels =
+    W·H of regularizer.grid), "none" is the baseline; denoise.compare = true trains both from the same seed.
+    Evaluates PSNR/SSIM on held-out images with synthetic noise and, with denoise.eval_pairs, on real
+    noisy/clean pairs (e.g. ../shared/data/sidd_pairs), the noisy input's scores beside.
+
+    Writes <run.out_dir>/<run.name>/{baseline,ssr}/: checkpoints, metrics.jsonl, images, denoiser.safetensors,
+    denoise_eval.json; and comparison.json when comparing.
+    """
+    cfg = load_recipe(recipe, set_, device)
+    if dry_run:
+        from rich.table import Table
+
+        from ssr_cli.denoise import arms_of, build_denoiser, build_dynamics
+
+        print_recipe(cfg)
+        try:
+            kinds = arms_of(cfg)
+            dynamics = build_dynamics(cfg) if "ssr" in kinds else None
+        except ValueError as exc:
+            fail(str(exc))
+        model = build_denoiser(cfg)
+        table = Table(title=f"denoiser (arms: {', '.join('baseline' if k == 'none' else k for k in kinds)})")
+        table.add_column("parameters")
+        table.add_column("count", justify="right")
+        count = sum(p.numel() for p in model.parameters())
+        table.add_row("denoiser", f"{count / 1e6:.3f}M ({count:,})")
+        if dynamics is not None:
+            table.add_row("SSR (A nonzeros, log Δ)", f"{sum(p.numel() for p in dynamics.parameters()):,}")
+        console.print(table)
+        return
+    from ssr_cli.denoise import run_denoise
+
+    with start_run(cfg) as rt:
+        run_denoise(cfg, rt)

@@ -1,0 +1,73 @@
+"""Recipe → engine glue shared by every trainer that reads ``[data]`` and ``[train]``.
+
+``finetune`` (pretrain and fine-tune stages), the from-scratch VAEs and the denoiser all train images
+from the recipe's data set with the recipe's optimiser, schedule and checkpoint settings; only the
+task, its parameter groups and its hooks differ. :func:`image_dataset` and :func:`train_spec` hold what
+they share, so a new ``[train]`` knob reaches all of them at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ssr_cli.data import batch_source, build_dataset
+from ssr_cli.engine import TrainSpec, lr_lambda
+from ssr_cli.engine.optim import ParamGroup
+from ssr_cli.engine.runtime import Runtime
+from ssr_cli.recipe import Recipe, dump
+
+
+def image_dataset(cfg: Recipe, *, augment: bool = True):
+    """The recipe's training images ([data]); ``augment=False`` drops random crops and flips."""
+    d = cfg.data
+    extra = {"random_crop": d.random_crop, "random_flip": d.random_flip} if augment else {}
+    return build_dataset(d.source, path=d.path, split=d.split, image_size=d.image_size, resize=d.resize,
+                         max_images=d.max_images, builtin_crops=d.builtin_crops, seed=cfg.run.seed, **extra)
+
+
+def fixed_images(cfg: Recipe, n: int) -> torch.Tensor:
+    """``n`` images spread evenly over the data set, without augmentation: the rows of progress grids."""
+    ds = image_dataset(cfg, augment=False)
+    picks = torch.linspace(0, len(ds) - 1, min(n, len(ds))).round().long().tolist()
+    return torch.stack([ds[(i, None)][0] for i in picks])
+
+
+def train_spec(cfg: Recipe, rt: Runtime, *, name: str, model: nn.Module, param_groups: list[ParamGroup], dataset,
+               run_dir: Path, steps: int | None = None, lr: float | None = None, constant_lr: bool = False,
+               seed: int | None = None, **extra) -> TrainSpec:
+    """A :class:`TrainSpec` from ``[train]`` (batch, accumulation, optimiser, schedule, clipping, checkpoints,
+    logging) and ``[run]`` (seed, compile); ``steps``/``lr`` override ``train.steps``/``train.lr`` (the
+    pretraining stage), ``constant_lr`` replaces the schedule; ``extra`` goes to TrainSpec (emas, hooks, …)."""
+    t = cfg.train
+    world_batch = rt.world_size * t.grad_accum
+    if t.batch_size % world_batch:
+        raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by ranks × train.grad_accum ({world_batch})")
+    steps = t.steps if steps is None else steps
+    lr = t.lr if lr is None else lr
+    return TrainSpec(
+        name=name,
+        model=model,
+        param_groups=param_groups,
+        batches=batch_source(dataset, batch_per_rank=t.batch_size // world_batch, grad_accum=t.grad_accum,
+                             seed=cfg.run.seed, rank=rt.rank, world_size=rt.world_size, num_workers=cfg.data.num_workers),
+        steps=steps,
+        lr=lr,
+        run_dir=run_dir,
+        schedule=lr_lambda(schedule="constant" if constant_lr else t.schedule, total_steps=steps, lr=lr,
+                           lr_init=t.lr_init, lr_min=t.lr_min, warmup_frac=t.warmup_frac, cosine_frac=t.cosine_frac),
+        betas=t.betas,
+        weight_decay=t.weight_decay,
+        grad_clip=t.grad_clip,
+        grad_accum=t.grad_accum,
+        ckpt_every=t.ckpt_every_steps,
+        keep_last=t.keep_last,
+        log_every=t.log_every_steps,
+        seed=cfg.run.seed if seed is None else seed,
+        recipe_text=dump(cfg),
+        compile=cfg.run.compile,
+        images_per_step=t.batch_size,
+        **extra,
+    )

@@ -1,0 +1,326 @@
+"""From-scratch training of the vector-latent VAEs of blog ``002`` (S4D-VAE and its CNN-VAE baseline).
+
+``ssr finetune`` dispatches here when ``tokenizer.family`` is "s4d-vae" or "cnn-vae". One stage on the
+shared engine, resumable, in ``<run>/vae/``: checkpoints/, metrics.jsonl (nelbo, rec, kl, kl_weight,
+collapsed_dims, collapse_alarm, ...) and images/ (prior samples and reconstructions as PNG grids every
+``train.image_every_steps`` and at the end). The trained VAE is exported to ``<run>/tokenizer.safetensors``
+(:func:`ssr_cli.finetune.finetuned_weights`), where ``load_tokenizer_for_run`` and the rest of the toolkit
+find it. :func:`evaluate_vae` gives reconstruction PSNR/SSIM, the NELBO on held-out images and, with
+Inception weights, the FID of prior samples against the data images.
+
+Step-dependent state lives in buffers of the task module, so a resumed run repeats an uninterrupted one
+bit for bit: the micro-batch counter (the KL weight schedule is a function of the step) and the collapse
+alarm's counters (updated on rank 0 from the per-dimension KL, under no_grad; no random numbers drawn).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ssr_cli.data import build_dataset, ordered_batches
+from ssr_cli.engine import train
+from ssr_cli.engine.optim import ParamGroup
+from ssr_cli.engine.progress import console
+from ssr_cli.engine.runtime import Runtime, step_seed
+from ssr_cli.recipe import Recipe
+from ssr_cli.training import fixed_images, image_dataset, train_spec
+
+VAE_FAMILIES = ("s4d-vae", "cnn-vae")
+STAGE_DIR = "vae"
+
+
+def is_vae_family(cfg: Recipe) -> bool:
+    return cfg.tokenizer.family in VAE_FAMILIES
+
+
+def build_vae(cfg: Recipe) -> nn.Module:
+    """The recipe's VAE, initialised from a seed derived from ``run.seed`` (or loaded from tokenizer.weights)."""
+    from ssr_cli.finetune import build_tokenizer
+
+    if not is_vae_family(cfg):
+        raise ValueError(f"tokenizer.family = {cfg.tokenizer.family!r} is not a from-scratch VAE; "
+                         f"choose one of {', '.join(VAE_FAMILIES)}")
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(step_seed(cfg.run.seed, "vae-init"))
+        return build_tokenizer(cfg)
+
+
+def collapse_alarm_for(cfg: Recipe):
+    from ssr_cli.models.s4d import PosteriorCollapseAlarm
+
+    v = cfg.vae
+    grace = v.kl_warmup_steps if v.collapse_grace_steps is None else v.collapse_grace_steps
+    if v.kl_schedule == "none" and v.collapse_grace_steps is None:
+        grace = 0
+    return PosteriorCollapseAlarm(threshold_nats_per_dim=v.collapse_threshold, patience_steps=v.collapse_patience,
+                                  collapsed_fraction=v.collapse_fraction, grace_steps=grace)
+
+
+def kl_weight_at(cfg: Recipe, step: int) -> float:
+    """The KL weight β of ``[vae]`` at a (0-based) step."""
+    from ssr_cli.models.s4d import kl_weight_schedule
+
+    v = cfg.vae
+    return kl_weight_schedule(step, v.kl_schedule, warmup_steps=v.kl_warmup_steps, max_weight=v.kl_max_weight,
+                              start_weight=v.kl_start_weight, cycle_steps=v.kl_cycle_steps,
+                              ramp_fraction=v.kl_ramp_fraction)
+
+
+class VAETask(nn.Module):
+    """What the engine trains: ``forward(batch, step_rng)`` = the NELBO terms at the scheduled KL weight.
+
+    Buffers (saved with the checkpoint, so resume is exact): ``micro_steps`` (micro-batches seen) and
+    ``alarm_state`` = (updates, streak, fired) of the collapse alarm. ``watch`` (rank 0) updates the alarm
+    once per optimizer step from the micro-batch-mean per-dimension KL and warns in red when it fires.
+    """
+
+    def __init__(self, vae: nn.Module, cfg: Recipe, *, grad_accum: int = 1, watch: bool = True) -> None:
+        super().__init__()
+        self.vae = vae
+        self.cfg = cfg
+        self.grad_accum = grad_accum
+        self.watch = watch
+        self.alarm = collapse_alarm_for(cfg)
+        self.register_buffer("micro_steps", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("alarm_state", torch.zeros(3, dtype=torch.int64))
+        self._kl_sum: torch.Tensor | None = None
+
+    def forward(self, batch, step_rng: torch.Generator) -> dict[str, torch.Tensor]:
+        from ssr_cli.models.s4d import nelbo
+
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        micro = int(self.micro_steps)
+        step = micro // self.grad_accum
+        beta = kl_weight_at(self.cfg, step)
+        terms = nelbo(self.vae, images, kl_weight=beta)
+        per_dim = terms.pop("kl_per_dim")
+        with torch.no_grad():
+            self.micro_steps += 1
+            collapsed = (per_dim.detach() < self.alarm.threshold).sum().float()
+            firing = self._watch(per_dim.detach(), last_micro=(micro + 1) % self.grad_accum == 0, step=step)
+        ref = terms["loss"]
+        terms["kl_weight"] = torch.tensor(beta, device=ref.device)
+        terms["collapsed_dims"] = collapsed
+        terms["collapse_alarm"] = torch.tensor(float(firing), device=ref.device)
+        return terms
+
+    def _watch(self, per_dim: torch.Tensor, *, last_micro: bool, step: int) -> bool:
+        """Feed the alarm once per optimizer step (rank 0); True while it fires."""
+        if not self.watch:
+            return False
+        self._kl_sum = per_dim.float().cpu() if self._kl_sum is None else self._kl_sum + per_dim.float().cpu()
+        if not last_micro:
+            return bool(self.alarm_state[2])
+        mean_kl, self._kl_sum = self._kl_sum / self.grad_accum, None
+        alarm = self.alarm
+        alarm.updates, alarm.streak, alarm.fired = (int(v) for v in self.alarm_state.tolist())
+        alarm.fired = bool(alarm.fired)
+        was_fired = alarm.fired
+        firing = alarm.update(mean_kl)  # logs an ERROR and warns (PosteriorCollapseWarning) when it fires
+        if alarm.fired and not was_fired:  # and in red on the console, every episode
+            console.print(f"[bold red]step {step + 1}: {alarm.message}[/]", highlight=False)
+        self.alarm_state.copy_(torch.tensor([alarm.updates, alarm.streak, int(alarm.fired)]))
+        return firing
+
+
+@torch.no_grad()
+def save_vae_grids(vae: nn.Module, images: torch.Tensor, out_dir: Path, tag: str, *, num_prior: int,
+                   seed: int) -> tuple[Path, Path]:
+    """Two PNG grids: ``recon_<tag>.png`` (rows: input, reconstruction from the posterior mean) and
+    ``prior_<tag>.png`` (``num_prior`` decodings of z ~ N(0, I), 8 per row, a fixed seed so steps compare)."""
+    from ssr_cli.images import save_grid
+
+    was_training = vae.training
+    vae.eval()
+    device = next(vae.parameters()).device
+    x = images.to(device)
+    recon = vae.decode(vae.encode(x).mean).float().clamp(-1, 1)
+    recon_path = save_grid([x.cpu(), recon.cpu()], out_dir / f"recon_{tag}.png", row_labels=["input", "recon"])
+    gen = torch.Generator().manual_seed(step_seed(seed, "prior-grid"))
+    samples = vae.sample_prior(num_prior, generator=gen).float().cpu()
+    rows = [samples[i:i + 8] for i in range(0, num_prior, 8)]
+    prior_path = save_grid(rows, out_dir / f"prior_{tag}.png")
+    vae.train(was_training)
+    return recon_path, prior_path
+
+
+def _param_groups(vae: nn.Module, lr: float, ssm_lr: float) -> list[ParamGroup]:
+    from ssr_cli.models.s4d import s4d_param_groups
+
+    groups = []
+    for g in s4d_param_groups(vae, base_lr=lr, ssm_lr=ssm_lr):
+        wd = None if g["name"] == "main" else 0.0  # main: train.weight_decay; SSM (A, Δ): none
+        groups.append(ParamGroup(g["name"], g["params"], lr_mult=g["lr_mult"], weight_decay=wd))
+    return groups
+
+
+def run_vae_train(cfg: Recipe, rt: Runtime, *, model: nn.Module | None = None) -> Path:
+    """Train the recipe's S4D-VAE / CNN-VAE from scratch; export it; return the exported weights' path.
+
+    ``model``: train this VAE instead of :func:`build_vae`'s (same interface; e.g. a variant under test).
+    """
+    from ssr_cli.finetune import finetuned_weights
+    from ssr_cli.models.weights import save_weights
+
+    t, d = cfg.train, cfg.data
+    vae = build_vae(cfg) if model is None else model
+    if getattr(vae, "image_size", d.image_size) != d.image_size:
+        raise ValueError(f"data.image_size = {d.image_size} but the {cfg.tokenizer.family}/{cfg.tokenizer.size} VAE "
+                         f"is built for {vae.image_size}×{vae.image_size} images: set data.image_size = "
+                         f"{vae.image_size} or tokenizer.overrides = {{ image_size = {d.image_size} }}")
+    run_dir = cfg.run_dir()
+    stage = run_dir / STAGE_DIR
+    task = VAETask(vae, cfg, grad_accum=t.grad_accum, watch=rt.is_main)
+    dataset = image_dataset(cfg)
+    fixed = fixed_images(cfg, cfg.vae.grid_images)
+    grids = lambda step: save_vae_grids(task.vae, fixed, stage / "images", f"step_{step:08d}",  # noqa: E731
+                                        num_prior=cfg.vae.num_prior_samples, seed=cfg.run.seed)
+    spec = train_spec(
+        cfg, rt, name=f"vae ({cfg.tokenizer.family})", model=task, dataset=dataset, run_dir=stage,
+        param_groups=_param_groups(vae, t.lr, cfg.vae.ssm_lr),
+        hooks=[(t.image_every_steps, grids)],
+    )
+    train(spec, rt)
+    out = finetuned_weights(cfg)
+    if rt.is_main:
+        save_vae_grids(task.vae, fixed, run_dir, "final", num_prior=cfg.vae.num_prior_samples, seed=cfg.run.seed)
+        save_weights(task.vae, out, metadata={"family": cfg.tokenizer.family, "size": cfg.tokenizer.size,
+                                              "steps": str(t.steps)})
+        if bool(task.alarm_state[2]):
+            console.print(f"[bold red]warning: the posterior was still collapsed at the end of training "
+                          f"({task.alarm.collapsed_dims} dims below {task.alarm.threshold:g} nats)")
+        console.print(f"[green]VAE written to {out}; grids in {run_dir}/recon_final.png, {run_dir}/prior_final.png")
+    rt.barrier()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+def _eval_images(cfg: Recipe, limit: int | None):
+    e, d = cfg.eval, cfg.data
+    size = d.image_size
+    if e.images is None:
+        ds = build_dataset(d.source, path=d.path, split=d.split, image_size=size, resize=d.resize,
+                           max_images=d.max_images, builtin_crops=d.builtin_crops, seed=cfg.run.seed)
+    else:
+        kind = "tar" if e.images.endswith(".tar") else "folder"
+        ds = build_dataset(kind, path=e.images, split=e.images_split, image_size=size)
+    return ds, len(ds) if limit is None else min(limit, len(ds))
+
+
+@torch.no_grad()
+def evaluate_vae(cfg: Recipe, rt: Runtime, *, weights: str | Path | None = None, out: Path | None = None) -> dict:
+    """Metrics of the run's VAE (``weights`` overrides the file) on ``eval.num_images`` images.
+
+    Images: ``eval.images`` (folder / .tar) or the recipe's [data] without augmentation, at data.image_size.
+    Returns psnr / ssim (reconstruction from the posterior mean, uint8, dB / data range 255), nelbo, rec, kl
+    (nats per image, one posterior sample with a fixed seed, [−1, 1] pixel units as in training),
+    nelbo_per_dim, active_dims (KL > collapse threshold), and — with eval.inception_weights — fid_prior (as many
+    prior samples as images, against the images) and rfid (reconstructions against the images); a metric
+    that cannot be computed is None with its reason in ``unavailable``. Also written to ``out`` (JSON) if given.
+    """
+    from ssr_cli.evaluation import INCEPTION_HINT
+    from ssr_cli.finetune import build_tokenizer, load_tokenizer_for_run
+    from ssr_cli.metrics import FeatureAccumulator, InceptionFeatures, frechet_distance, reconstruction_metrics, to_uint8
+    from ssr_cli.models.s4d import kl_per_dim, nelbo
+
+    if weights is not None:
+        vae, source = build_tokenizer(cfg, weights=weights), weights
+    else:
+        vae, source = load_tokenizer_for_run(cfg)
+    vae = vae.to(rt.device).eval()
+    ds, n = _eval_images(cfg, cfg.eval.num_images)
+    inception, note = None, None
+    if cfg.eval.inception_weights:
+        if not Path(cfg.eval.inception_weights).is_file():
+            raise FileNotFoundError(f"eval.inception_weights file not found: {cfg.eval.inception_weights}; {INCEPTION_HINT}")
+        inception = InceptionFeatures(cfg.eval.inception_weights, device=rt.device)
+    else:
+        note = f"no Inception weights: {INCEPTION_HINT}"
+    accs = {k: FeatureAccumulator(keep=(), stats=("pool",)) for k in ("data", "recon", "prior")} if inception else {}
+    gen = torch.Generator(device=rt.device).manual_seed(step_seed(cfg.run.seed, "eval-nelbo"))
+    prior_gen = torch.Generator().manual_seed(step_seed(cfg.run.seed, "eval-prior"))
+    sums = {"nelbo": 0.0, "rec": 0.0, "kl": 0.0, "mse": 0.0}
+    per_image: dict[str, list] = {"psnr": [], "ssim": []}
+    kl_dims = None
+    for images, _, _ in ordered_batches(ds, cfg.eval.batch_size, limit=n):
+        x = images.to(rt.device)
+        b = x.shape[0]
+        terms = nelbo(vae, x, generator=gen)
+        for k in sums:
+            sums[k] += float(terms[k]) * b
+        post = vae.encode(x)
+        dims = kl_per_dim(post) * b
+        kl_dims = dims if kl_dims is None else kl_dims + dims
+        recon = vae.decode(post.mean).float().clamp(-1, 1)
+        metrics = reconstruction_metrics(x, recon)
+        per_image["psnr"].extend(metrics["psnr"].tolist())
+        per_image["ssim"].extend(metrics["ssim"].tolist())
+        if inception:
+            prior = vae.sample_prior(b, generator=prior_gen).float()
+            accs["data"].update(inception(to_uint8(x)))
+            accs["recon"].update(inception(to_uint8(recon)))
+            accs["prior"].update(inception(to_uint8(prior)))
+    result: dict = {
+        "tokenizer": f"{cfg.tokenizer.family}/{cfg.tokenizer.size}",
+        "weights": str(source) if source else None,
+        "parameters": sum(p.numel() for p in vae.parameters()),
+        "num_images": n,
+        "resolution": cfg.data.image_size,
+        "psnr": float(torch.tensor(per_image["psnr"]).clamp(max=100).mean()),
+        "ssim": float(torch.tensor(per_image["ssim"]).mean()),
+        **{k: v / n for k, v in sums.items()},
+        "unavailable": {},
+    }
+    result["nelbo_per_dim"] = result["nelbo"] / (3 * cfg.data.image_size**2)
+    kl_dims = kl_dims / n
+    result["active_dims"] = int((kl_dims > cfg.vae.collapse_threshold).sum())
+    result["latent_dims"] = int(kl_dims.numel())
+    if inception and n >= 2:
+        data_stats = accs["data"].stats("pool")
+        result["fid_prior"] = frechet_distance(*accs["prior"].stats("pool"), *data_stats)
+        result["rfid"] = frechet_distance(*accs["recon"].stats("pool"), *data_stats)
+    else:
+        result["fid_prior"] = result["rfid"] = None
+        reason = note or "FID needs at least 2 images"
+        result["unavailable"].update(fid_prior=reason, rfid=reason)
+    if out is not None and rt.is_main:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+VAE_LABELS = {
+    "nelbo": "NELBO (nats/image)", "rec": "REC −log p(x|z)", "kl": "KL (nats)", "nelbo_per_dim": "NELBO (nats/dim)",
+    "psnr": "recon PSNR (dB)", "ssim": "recon SSIM", "active_dims": "active latent dims", "fid_prior": "FID prior samples",
+    "rfid": "rFID", "parameters": "parameters", "num_images": "images",
+}
+
+
+def print_vae_table(results: dict[str, dict], title: str = "VAE evaluation") -> None:
+    """A rich table with one column per evaluated run (``results``: run label -> :func:`evaluate_vae` dict)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    for label in results:
+        table.add_column(label, justify="right")
+    for key, label in VAE_LABELS.items():
+        row = []
+        for res in results.values():
+            value = res.get(key)
+            if value is None:
+                row.append(f"[dim]unavailable: {res.get('unavailable', {}).get(key, '')}")
+            elif isinstance(value, float):
+                row.append(f"{value:.4g}" if abs(value) >= 1000 else f"{value:.4f}")
+            else:
+                row.append(f"{value:,}" if isinstance(value, int) else str(value))
+        table.add_row(label, *row)
+    console.print(table)
