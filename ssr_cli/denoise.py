@@ -207,11 +207,9 @@ def train_arm(cfg: Recipe, rt: Runtime, kind: str, *, synthetic: list | None = N
     if rt.is_main:
         save_weights(model, arm_dir / WEIGHTS_FILE, metadata={"arm": ARM_DIRS[kind], "steps": str(t.steps)})
         if dynamics is not None:
-            from safetensors.torch import save_file
+            from ssr_cli.regularizers import save_dynamics
 
-            save_file({"A": dynamics.a_continuous().detach().cpu().contiguous(),
-                       "A_bar": dynamics.a_bar().detach().cpu().contiguous(),
-                       "delta": dynamics.delta.detach().cpu().reshape(1)}, str(arm_dir / "ssr_dynamics.safetensors"))
+            save_dynamics(dynamics, arm_dir / "ssr_dynamics.safetensors")
     rt.barrier()
     return model
 

@@ -171,11 +171,9 @@ def _stage(cfg: Recipe, rt: Runtime, tokenizer, *, name: str, kind: str, steps: 
     )
     train(spec, rt)
     if rt.is_main and hasattr(regularizer, "dynamics"):
-        from safetensors.torch import save_file
+        from ssr_cli.regularizers import save_dynamics
 
-        dyn = regularizer.dynamics
-        save_file({"A": dyn.a_continuous().detach().cpu().contiguous(), "A_bar": dyn.a_bar().detach().cpu().contiguous(),
-                   "delta": dyn.delta.detach().cpu().reshape(1)}, str(run_dir / "ssr_dynamics.safetensors"))
+        save_dynamics(regularizer.dynamics, run_dir / "ssr_dynamics.safetensors")
 
 
 def run_finetune(cfg: Recipe, rt: Runtime) -> Path:

@@ -72,7 +72,7 @@ class DiTTask(nn.Module):
 
 
 def run_train_dit(cfg: Recipe, rt: Runtime) -> Path:
-    from safetensors.torch import save_file
+    from ssr_cli.models.weights import save_weights
 
     lat_dir = latents_dir(cfg)
     manifest = read_manifest(lat_dir)
@@ -117,8 +117,11 @@ def run_train_dit(cfg: Recipe, rt: Runtime) -> Path:
     )
     train(spec, rt)
     if rt.is_main:
-        save_file({k: v.detach().cpu().contiguous() for k, v in ema.shadow.state_dict().items()}, str(out / EMA_FILE))
-        (out / CONFIG_FILE).write_text(json.dumps({**kwargs, "latents": str(lat_dir)}, indent=2))
+        # Config first, weights last: the EMA file's presence is what marks the stage complete.
+        tmp = out / f".{CONFIG_FILE}.tmp"
+        tmp.write_text(json.dumps({**kwargs, "latents": str(lat_dir)}, indent=2))
+        os.replace(tmp, out / CONFIG_FILE)
+        save_weights(ema.shadow, out / EMA_FILE)
         console.print(f"[green]DiT EMA weights written to {out / EMA_FILE}")
     rt.barrier()
     return out / EMA_FILE

@@ -122,6 +122,9 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
         rows.append((f"probe PSNR, {len(k) // 2} channels kept", f"{probe['psnr_half']:.2f} dB"))
         rows.append((f"probe PSNR, all {len(k)} channels", f"{probe['psnr_full']:.2f} dB"))
         rows.append(("probe frequency-order Spearman ρ", f"{probe['frequency_order_spearman']:.3f}"))
+        rows.append(("probe blur-decay order Spearman ρ", f"{probe['blur_decay_spearman']:.3f}"))
+        rows.append(("probe Ā prediction error (no-change)",
+                     f"{probe['dynamics_error']:.3f} ({probe['dynamics_error_no_change']:.3f})"))
     if unavailable:
         rows.append(("unavailable (see eval.json for why)", ", ".join(unavailable)))
     return rows

@@ -75,21 +75,23 @@ def plot_a_matrix(A: np.ndarray, basis: str, W: int, H: int, path: str | Path, *
 def plot_latent_dynamics(taus, latent: np.ndarray, true: np.ndarray, labels: list[str], path: str | Path, *,
                          title: str = "", dpi: int = 120) -> Path:
     """Paper Fig. 5 style: per-channel spatial mean of the latent along a blur sequence (left) beside the
-    image's true basis coefficients (right), each curve divided by its value at the first τ.
+    image's true basis coefficients (right), each curve divided by its largest magnitude over τ (a ratio to
+    the first value would explode for a coefficient that starts near zero).
 
     latent, true: (T, K) for T blur levels and K channels/coefficients; labels: K legend entries."""
     taus = np.asarray(taus, dtype=np.float64)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
     for ax, values, name in ((axes[0], latent, "latent channel mean"), (axes[1], true, "true basis coefficient")):
         values = np.asarray(values, dtype=np.float64)
-        base = np.where(np.abs(values[0]) > 1e-12, values[0], 1.0)
+        scale = np.abs(values).max(axis=0)
+        scale = np.where(scale > 1e-12, scale, 1.0)
         for k in range(values.shape[1]):
-            ax.plot(taus, values[:, k] / base[k], marker="o", ms=3, label=labels[k])
+            ax.plot(taus, values[:, k] / scale[k], marker="o", ms=3, label=labels[k])
         ax.set_xlabel("blur variance τ (px²)")
-        ax.set_ylabel("relative to τ = %g" % taus[0])
         ax.set_title(name)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, ncol=2)
+    axes[0].set_ylabel("value / max |value| over τ")
     if title:
         fig.suptitle(title)
     return _save(fig, path, dpi)

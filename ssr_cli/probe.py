@@ -4,9 +4,10 @@
     order of the basis grid, appendix A.6), the others set to their data-set mean, k = 1 … C;
 (b) latent dynamics (paper Fig. 5): spatial mean of the first channels along a blur sequence beside the
     image's true basis coefficients along the same sequence;
-(c) numbers: PSNR of the partial decodes against the input for every k, and a frequency-ordering
-    score: Spearman's rank correlation between a channel's position in the frequency order and the
-    radial frequency (power-spectrum centroid) of what adding that channel changes in the image.
+(c) numbers: PSNR of the partial decodes against the input for every k, and two frequency-ordering
+    scores: Spearman's rank correlation between a channel's position in the frequency order and (i) the
+    radial frequency (power-spectrum centroid) of what adding that channel changes in the image, (ii) how
+    fast the channel's spatial detail decays under blur (:func:`blur_decay`, the dynamics SSR trains).
 Works for any tokenizer, regularized or not, so runs can be compared side by side.
 """
 
@@ -37,6 +38,49 @@ def radial_centroid(images: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def blur_decay(tokenizer, images: torch.Tensor, tau: float) -> np.ndarray:
+    """Per channel: ‖z_c(blur(x, τ)) − spatial mean‖ / ‖z_c(x) − spatial mean‖ over ``images``.
+
+    The basis dynamics make a channel's spatial detail decay faster the higher its frequency (Fourier:
+    exp(−Δτ·(w² + h²)·const)), so in a regularized latent this ratio falls along the frequency order."""
+    from ssr_cli.blur import gaussian_blur
+
+    def centred(z: torch.Tensor) -> torch.Tensor:
+        z = z.double()
+        return z - z.mean(dim=(-2, -1), keepdim=True)
+
+    z0 = centred(tokenizer.encode_latent(images))
+    zt = centred(tokenizer.encode_latent(gaussian_blur(images, torch.full((images.shape[0],), float(tau),
+                                                                           device=images.device))))
+    num = zt.pow(2).sum(dim=(0, 2, 3)).sqrt()
+    den = z0.pow(2).sum(dim=(0, 2, 3)).sqrt().clamp_min(1e-12)
+    return (num / den).clamp_min(1e-12).cpu().numpy()
+
+
+@torch.no_grad()
+def dynamics_error(tokenizer, images: torch.Tensor, dynamics, tau_pairs: list[tuple[float, float]], *,
+                   mean_centering: bool = True) -> dict[str, float]:
+    """How well Ā predicts the latent of a blurrier image from a sharper one (what SSR trains), over ``images``.
+
+    For each (τ1, τ2): z1 = E(blur(x, τ1)), z2 = E(blur(x, τ2)) (posterior means), ẑ2 = dynamics.predict(z1).
+    Returns ``relative`` = Σ‖ẑ2 − z2‖² / Σ‖z2 − spatial mean‖² and ``no_change`` = the same with ẑ2 = z1
+    (the error of assuming the latent does not move), both summed over images, channels and pairs."""
+    from ssr_cli.blur import gaussian_blur
+
+    err = base = still = 0.0
+    n = images.shape[0]
+    for tau1, tau2 in tau_pairs:
+        z1 = tokenizer.encode_latent(gaussian_blur(images, torch.full((n,), float(tau1), device=images.device))).float()
+        z2 = tokenizer.encode_latent(gaussian_blur(images, torch.full((n,), float(tau2), device=images.device))).float()
+        pred = dynamics.to(z1.device).predict(z1, mean_centering=mean_centering)
+        err += float((pred - z2).double().pow(2).sum())
+        still += float((z1 - z2).double().pow(2).sum())
+        base += float((z2 - z2.mean(dim=(-2, -1), keepdim=True)).double().pow(2).sum())
+    base = max(base, 1e-30)
+    return {"relative": err / base, "no_change": still / base}
+
+
+@torch.no_grad()
 def partial_decodes(tokenizer, z: torch.Tensor, order: list[int], fill: torch.Tensor) -> list[torch.Tensor]:
     """Decodes keeping the first k channels of ``order`` (k = 1 … C), the rest set to ``fill`` (C,)."""
     out = []
@@ -58,6 +102,7 @@ def run_probe(cfg: Recipe, rt: Runtime, *, weights: str | None = None, out_dir: 
     from ssr_cli.images import save_grid
     from ssr_cli.metrics import psnr_uint8
     from ssr_cli.plots import plot_curves, plot_latent_dynamics
+    from ssr_cli.regularizers import SSRDynamics
 
     out = Path(out_dir) if out_dir else cfg.run_dir() / "probe"
     out.mkdir(parents=True, exist_ok=True)
@@ -70,9 +115,11 @@ def run_probe(cfg: Recipe, rt: Runtime, *, weights: str | None = None, out_dir: 
     d = cfg.data
     ds = build_dataset(d.source, path=d.path, split=d.split, image_size=size, resize=d.resize,
                        max_images=d.max_images, builtin_crops=d.builtin_crops, seed=cfg.run.seed)
-    n_mean = min(len(ds), 64)
-    stride = max(1, len(ds) // n_mean)
-    pool = torch.stack([ds[(i * stride, None)][0] for i in range(n_mean)]).to(rt.device)
+    # One pool of images spread over the data set: the channel means for masking, the numbers (PSNR vs k,
+    # both order scores) and, its first num_images, the figure rows.
+    n_pool = min(len(ds), max(cfg.probe.score_images, cfg.probe.num_images))
+    stride = max(1, len(ds) // n_pool)
+    pool = torch.stack([ds[(i * stride, None)][0] for i in range(n_pool)]).to(rt.device)
     images = pool[: cfg.probe.num_images]
 
     z_pool = tokenizer.encode_latent(pool)
@@ -81,16 +128,24 @@ def run_probe(cfg: Recipe, rt: Runtime, *, weights: str | None = None, out_dir: 
     order = frequency_order(grid_w, grid_h)
     fill = z_pool.mean(dim=(0, 2, 3))
 
-    # (a) + (c): partial decodes.
-    z = tokenizer.encode_latent(images)
-    partial = partial_decodes(tokenizer, z, order, fill)
-    columns = [images.cpu()] + [p.cpu() for p in partial]
-    rows = [torch.stack([col[i] for col in columns]) for i in range(images.shape[0])]
+    # (a) + (c): partial decodes of the whole pool; the figure shows its first rows.
+    partial = partial_decodes(tokenizer, z_pool, order, fill)
+    n_show = images.shape[0]
+    columns = [images.cpu()] + [p[:n_show].cpu() for p in partial]
+    rows = [torch.stack([col[i] for col in columns]) for i in range(n_show)]
     grid_path = save_grid(rows, out / "unmasking.png", col_labels=["input"] + [f"k={k}" for k in range(1, channels + 1)])
-    psnr_k = [float(psnr_uint8(p, images).mean()) for p in partial]
-    previous = [tokenizer.decode(fill.reshape(1, -1, 1, 1).expand_as(z)).float().clamp(-1, 1)] + partial[:-1]
+    psnr_k = [float(psnr_uint8(p, pool).mean()) for p in partial]
+    previous = [tokenizer.decode(fill.reshape(1, -1, 1, 1).expand_as(z_pool)).float().clamp(-1, 1)] + partial[:-1]
     centroids = [radial_centroid(cur - prev) for cur, prev in zip(partial, previous)]
     rho = float(spearmanr(np.arange(channels), centroids).statistic) if channels > 2 else float("nan")
+    decay = blur_decay(tokenizer, pool, max(cfg.probe.taus))
+    r = cfg.regularizer
+    pairs = [(float(t1), float(t1 + r.delta_tau)) for t1 in np.linspace(0.0, r.tau_max - r.delta_tau, 4)]
+    recipe_dynamics = SSRDynamics.from_basis(r.basis, grid_w, grid_h, orthonormal=r.orthonormal,
+                                             delta_init=r.delta_init, discretization=r.discretization)
+    dyn_err = dynamics_error(tokenizer, pool, recipe_dynamics, pairs, mean_centering=r.mean_centering)
+    rho_decay = (float(spearmanr(np.arange(channels), -np.log(decay[order])).statistic)
+                 if channels > 2 else float("nan"))
     curve_path = plot_curves(np.arange(1, channels + 1), {"partial decode": np.asarray(psnr_k)},
                              out / "psnr_vs_k.png", xlabel="channels kept (frequency order)", ylabel="PSNR (dB)",
                              title=f"{cfg.tokenizer.family}/{cfg.tokenizer.size}")
@@ -106,7 +161,7 @@ def run_probe(cfg: Recipe, rt: Runtime, *, weights: str | None = None, out_dir: 
         zt = tokenizer.encode_latent(blurred)
         latent_means.append(zt[0, shown].mean(dim=(-2, -1)).float().cpu().numpy())
         g = gaussian_blur(grey[None, None], torch.tensor([tau], device=first.device))[0, 0].cpu().numpy()
-        coeff = project(g - g.mean(), cfg.regularizer.basis, grid_w, grid_h)
+        coeff = project(g, cfg.regularizer.basis, grid_w, grid_h)
         true_coeffs.append(np.real(coeff)[shown])
     labels = [f"ch {c} (w,h)=({c % grid_w},{c // grid_w})" for c in shown]
     dyn_path = plot_latent_dynamics(taus, np.stack(latent_means), np.stack(true_coeffs), labels,
@@ -122,10 +177,16 @@ def run_probe(cfg: Recipe, rt: Runtime, *, weights: str | None = None, out_dir: 
         "psnr_half": psnr_k[channels // 2 - 1] if channels > 1 else psnr_k[0],
         "frequency_centroids": centroids,
         "frequency_order_spearman": rho,
+        "blur_decay": decay.tolist(),
+        "blur_decay_spearman": rho_decay,
+        "dynamics_error": dyn_err["relative"],
+        "dynamics_error_no_change": dyn_err["no_change"],
+        "dynamics_tau_pairs": [list(pair) for pair in pairs],
         "figures": {"unmasking": str(grid_path), "psnr_vs_k": str(curve_path), "latent_dynamics": str(dyn_path)},
     }
     if rt.is_main:
         (out / "probe.json").write_text(json.dumps(result, indent=2))
         console.print(f"probe-channels: PSNR k=1 {psnr_k[0]:.2f} dB → k={channels} {psnr_k[-1]:.2f} dB; "
-                      f"frequency-order Spearman ρ = {rho:.3f}; figures in {out}")
+                      f"frequency-order Spearman ρ = {rho:.3f}; blur-decay order ρ = {rho_decay:.3f}; "
+                      f"Ā prediction error {dyn_err['relative']:.3f} (no-change {dyn_err['no_change']:.3f}); figures in {out}")
     return result

@@ -237,6 +237,9 @@ class EvalConfig(Section):
 
 class ProbeConfig(Section):
     num_images: int = Field(4, ge=1)
+    """Rows of the unmasking figure."""
+    score_images: int = Field(64, ge=1)
+    """Images behind the numbers (PSNR vs k, order scores) and the channel means used for masking."""
     image_size: int | None = Field(None, ge=8)
     taus: list[float] = Field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0, 6.0, 8.0, 10.0])
     channels_shown: int = Field(4, ge=1)

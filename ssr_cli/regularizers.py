@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -544,3 +545,11 @@ def build_regularizer(
                               lambda_mae_ssr=lambda_mae_ssr, lambda_lpips_ssr=lambda_lpips_ssr,
                               mean_centering=mean_centering, tau_max=tau_max, delta_tau=delta_tau, **recon)
     raise ValueError(f"regularizer.kind must be one of {', '.join(KINDS)}, got {kind!r}")
+
+
+def save_dynamics(dynamics: "SSRDynamics", path: str | Path) -> Path:
+    """Write the (learned) continuous A, its discretization Ā and Δ to a safetensors file, atomically."""
+    from ssr_cli.models.weights import save_weights
+
+    return save_weights({"A": dynamics.a_continuous().detach(), "A_bar": dynamics.a_bar().detach(),
+                         "delta": dynamics.delta.detach().reshape(1)}, path)

@@ -79,6 +79,9 @@ def test_unmasking_grid_has_c_plus_1_columns_and_psnr_rises_with_k(run):
     # SSR-trained: every added channel (in basis frequency order) helps, almost monotonically.
     assert psnr[-1] > psnr[0] + 5.0
     assert spearmanr(np.arange(channels), psnr).statistic > 0.95
+    # The Ā-prediction error is a ratio to the latents' spatial variance: finite, positive, well below 1.
+    assert 0.0 < probe["dynamics_error"] < 0.5 and 0.0 < probe["dynamics_error_no_change"] < 0.5
+    assert len(probe["blur_decay"]) == channels and -1.0 <= probe["blur_decay_spearman"] <= 1.0
     for name in ("psnr_vs_k", "latent_dynamics"):
         assert Image.open(probe["figures"][name]).format == "PNG"
 

@@ -62,10 +62,6 @@ def print_recipe(recipe) -> None:
     console.print(Syntax(dump(recipe), "toml", theme="ansi_dark", background_color="default"))
 
 
-def not_implemented(command: str) -> None:
-    fail(f"`ssr {command}` is not implemented yet", code=1)
-
-
 class start_run:
     """Context manager: set up device/precision/DDP, write the resolved recipe (rank 0), turn known
     user errors (missing files, bad values) into one clear line and exit code 2."""
