@@ -111,3 +111,32 @@ def plot_curves(x, curves: dict[str, np.ndarray], path: str | Path, *, xlabel: s
     if len(curves) > 1:
         ax.legend(fontsize=8)
     return _save(fig, path, dpi)
+
+
+SKIPPED_CURVES = ("step", "steps_per_s", "img_per_s")
+
+
+def plot_training_curves(records: list[dict], path: str | Path, *, title: str = "", dpi: int = 110) -> Path:
+    """One small panel per logged scalar of ``metrics.jsonl`` records against the step (losses on a log
+    axis when positive), so a run's health is one look: loss, its terms, grad norm, LR, Δ, ‖Ā‖, …"""
+    keys = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float)) and k not in SKIPPED_CURVES})
+    if not keys:
+        raise ValueError("no scalar metrics to plot")
+    cols = min(4, len(keys))
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and "step" in r]
+        steps, values = (np.asarray(v, dtype=np.float64) for v in zip(*pts)) if pts else (np.zeros(0), np.zeros(0))
+        ax.plot(steps, values, lw=1.2)
+        if values.size and np.all(values > 0) and values.max() / max(values.min(), 1e-300) > 20:
+            ax.set_yscale("log")
+        ax.set_title(key, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path, dpi)

@@ -56,6 +56,8 @@ def test_every_stage_ran_and_the_summary_reports_it(run):
     assert "lpips" in rec["unavailable"] and "Inception" in summary["eval"]["generation"]["unavailable"]["all"]
     metrics = [json.loads(line) for line in (run / "finetune" / "metrics.jsonl").read_text().splitlines()]
     assert {"recon", "kl", "ssr_latent", "ssr_pixel", "branch", "delta", "abar_norm", "lr"} <= set().union(*metrics)
+    for stage in ("pretrain", "finetune", "dit"):
+        assert Image.open(run / stage / "curves.png").format == "PNG"
 
 
 def test_rerun_skips_completed_stages(run):

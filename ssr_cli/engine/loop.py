@@ -197,7 +197,24 @@ def train(spec: TrainSpec, rt: Runtime) -> TrainResult:
                         model.eval()
                         fn(done)
                         model.train()
+    if rt.is_main:
+        _plot_curves(spec)
     return TrainResult(spec.steps, resumed_from, last)
+
+
+def _plot_curves(spec: TrainSpec) -> None:
+    """``curves.png`` beside ``metrics.jsonl``: every logged scalar against the step (the whole run, resumes
+    included). A figure that cannot be drawn costs a warning, never the finished run."""
+    from ssr_cli.engine.progress import read_metrics
+    from ssr_cli.plots import plot_training_curves
+
+    try:
+        records = read_metrics(spec.run_dir / "metrics.jsonl")
+        if records:
+            path = plot_training_curves(records, spec.run_dir / "curves.png", title=spec.name)
+            console.print(f"{spec.name}: training curves in {path}")
+    except Exception as exc:  # noqa: BLE001 - plotting must not fail a finished run
+        console.print(f"[yellow]{spec.name}: could not draw training curves ({exc})")
 
 
 class _null:
