@@ -190,3 +190,32 @@ def run_probe(cfg: Recipe, rt: Runtime, *, weights: str | None = None, out_dir: 
                       f"frequency-order Spearman ρ = {rho:.3f}; blur-decay order ρ = {rho_decay:.3f}; "
                       f"Ā prediction error {dyn_err['relative']:.3f} (no-change {dyn_err['no_change']:.3f}); figures in {out}")
     return result
+
+
+COMPARED = (("psnr_full", "PSNR, all channels (dB)"), ("psnr_half", "PSNR, half the channels (dB)"),
+            ("blur_decay_spearman", "blur-decay order ρ"), ("frequency_order_spearman", "centroid order ρ"),
+            ("dynamics_error", "Ā prediction error"), ("dynamics_error_no_change", "no-change error"))
+
+
+def compare_probes(results: dict[str, dict], out_dir: Path) -> Path:
+    """Several probes (label -> :func:`run_probe` result) side by side: one PSNR-vs-k figure and a table."""
+    from rich.table import Table
+
+    from ssr_cli.plots import plot_curves
+
+    lengths = {len(r["psnr_vs_k"]) for r in results.values()}
+    if len(lengths) != 1:
+        raise ValueError(f"cannot compare tokenizers with different channel counts ({sorted(lengths)})")
+    k = np.arange(1, lengths.pop() + 1)
+    path = plot_curves(k, {label: np.asarray(r["psnr_vs_k"]) for label, r in results.items()},
+                       Path(out_dir) / "compare_psnr_vs_k.png", xlabel="channels kept (frequency order)",
+                       ylabel="PSNR (dB)", title="partial decodes")
+    table = Table(title="ssr probe-channels: comparison")
+    table.add_column("score")
+    for label in results:
+        table.add_column(label, justify="right")
+    for key, name in COMPARED:
+        table.add_row(name, *(f"{r[key]:.4g}" for r in results.values()))
+    console.print(table)
+    console.print(f"comparison figure: {path}")
+    return path

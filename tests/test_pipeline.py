@@ -156,3 +156,17 @@ def test_dry_run_and_missing_inputs_exit_cleanly(tmp_path):
     assert result.exit_code == 2 and "nope.toml" in result.output
     result = ssr("finetune", QUICKSTART, "--set", "regularizer.grid=\"3x3\"", "--set", f'run.out_dir="{tmp_path}"')
     assert result.exit_code == 2 and "grid" in result.output
+
+
+def test_probe_compare_draws_runs_side_by_side(run, tmp_path):
+    other = tmp_path / "same_run.toml"
+    other.write_text(QUICKSTART.read_text().replace('out_dir = "runs"', f'out_dir = "{run.parent}"'))
+    out = tmp_path / "probe"
+    result = ssr("probe-channels", QUICKSTART, "--set", f'run.out_dir="{run.parent}"', "--out", out, "--compare", other)
+    assert result.exit_code == 0, result.output
+    assert "comparison" in result.output and "same_run" in result.output  # the colliding run name: the file stem
+    assert Image.open(out / "compare_psnr_vs_k.png").format == "PNG"
+    # The same tokenizer probed twice gives the same numbers.
+    a = json.loads((out / "probe.json").read_text())
+    b = json.loads((run / "probe" / "probe.json").read_text())
+    assert a["psnr_vs_k"] == pytest.approx(b["psnr_vs_k"], abs=1e-6)

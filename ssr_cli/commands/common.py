@@ -88,3 +88,11 @@ class start_run:
         if exc_type in (FileNotFoundError, ValueError, KeyError) and exc is not None:
             fail(str(exc).strip("'\""))
         return False
+
+
+def run_label(taken, cfg, path: Path) -> str:
+    """A short column label for a compared run: its run.name, else the recipe file's stem, else its path."""
+    for label in (cfg.run.name, Path(path).stem, str(path)):
+        if label not in taken:
+            return label
+    return f"{path} ({len(taken)})"

@@ -7,7 +7,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from ssr_cli.commands.common import DeviceOpt, DryRunOpt, RecipeArg, SetOpt, load_recipe, print_recipe, start_run
+from ssr_cli.commands.common import (
+    DeviceOpt,
+    DryRunOpt,
+    RecipeArg,
+    SetOpt,
+    load_recipe,
+    print_recipe,
+    run_label,
+    start_run,
+)
 
 
 def evaluate(
@@ -53,6 +62,6 @@ def evaluate(
             results = {cfg.run.name: result}
             for other in compare:
                 other_cfg = load_recipe(other, None, device)
-                label = other_cfg.run.name if other_cfg.run.name not in results else str(other)
+                label = run_label(results, other_cfg, other)
                 results[label] = run_evaluate(other_cfg, rt, gfid=gfid)
             print_comparison(results)

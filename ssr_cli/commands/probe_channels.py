@@ -7,7 +7,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from ssr_cli.commands.common import DeviceOpt, DryRunOpt, RecipeArg, SetOpt, load_recipe, print_recipe, start_run
+from ssr_cli.commands.common import (
+    DeviceOpt,
+    DryRunOpt,
+    RecipeArg,
+    SetOpt,
+    load_recipe,
+    print_recipe,
+    run_label,
+    start_run,
+)
 
 
 def probe_channels(
@@ -21,11 +30,16 @@ def probe_channels(
                      "(e.g. the pretrained weights, to compare)."),
     ] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default <run>/probe).")] = None,
+    compare: Annotated[
+        Optional[list[Path]],
+        typer.Option("--compare", help="Also probe these recipes' runs (repeatable; --device applies, --set does "
+                     "not) and draw all PSNR-vs-k curves in one figure with the scores side by side."),
+    ] = None,
 ) -> None:
     """Decode with the k lowest-frequency channels (k = 1..C), plot latent dynamics under blur, score the order.
 
-    Writes unmasking.png (C+1 columns), latent_dynamics.png, psnr_vs_k.png and probe.json (PSNR vs k,
-    Spearman correlation between channel order and the radial frequency each channel adds).
+    Writes unmasking.png (C+1 columns), latent_dynamics.png, psnr_vs_k.png and probe.json (PSNR vs k, two
+    frequency-order scores, the Ā-prediction error under blur). With --compare, also compare_psnr_vs_k.png.
     """
     cfg = load_recipe(recipe, set_, device)
     if dry_run:
@@ -34,4 +48,13 @@ def probe_channels(
     from ssr_cli.probe import run_probe
 
     with start_run(cfg) as rt:
-        run_probe(cfg, rt, weights=weights, out_dir=out)
+        result = run_probe(cfg, rt, weights=weights, out_dir=out)
+        if compare and rt.is_main:
+            from ssr_cli.probe import compare_probes
+
+            results = {cfg.run.name: result}
+            for other in compare:
+                other_cfg = load_recipe(other, None, device)
+                label = run_label(results, other_cfg, other)
+                results[label] = run_probe(other_cfg, rt)
+            compare_probes(results, Path(out) if out else cfg.run_dir() / "probe")
