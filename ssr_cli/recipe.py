@@ -63,7 +63,7 @@ class TokenizerConfig(Section):
     family: Literal["kl-ae", "cosmos-ci", "taesd", "s4d-vae", "cnn-vae"] = "kl-ae"
     size: str = "tiny"
     weights: str | None = None
-    """Pretrained weights: .safetensors, .pt/.pth or hf://owner/repo/file. None: random init."""
+    """Pretrained weights, a local file: .safetensors, .pt/.pth or TorchScript .jit. None: random init."""
     strict: bool = True
     overrides: dict[str, Any] = Field(default_factory=dict)
     """Architecture overrides passed to the builder (e.g. z_channels, ch, ch_mult)."""

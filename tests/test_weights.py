@@ -1,8 +1,7 @@
-"""Weight files: exact save/load round trips, strict key reports, original layouts, hf://, TAEF2 on Kodak."""
+"""Weight files: exact save/load round trips, strict key reports, original layouts, local-only loading, TAEF2 on Kodak."""
 
 from __future__ import annotations
 
-import sys
 from collections import OrderedDict
 
 import numpy as np
@@ -116,15 +115,14 @@ def test_cosmos_torchscript_files(tmp_path):
     _same_state(source, loaded)
 
 
-def test_hf_spec_without_huggingface_hub(monkeypatch):
-    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as if not installed
-    with pytest.raises(WeightsError) as info:
+def test_urls_are_refused_and_missing_files_say_where_to_get_them(tmp_path):
+    with pytest.raises(WeightsError, match="local files only"):
         load_state_dict_file("hf://black-forest-labs/FLUX.1-schnell/ae.safetensors")
+    with pytest.raises(FileNotFoundError) as info:
+        build_tokenizer("kl-ae", "flux", weights=tmp_path / "ae.safetensors")
     message = str(info.value)
-    assert "https://huggingface.co/black-forest-labs/FLUX.1-schnell/resolve/main/ae.safetensors" in message
-    assert "tokenizer.weights" in message
-    with pytest.raises(WeightsError, match="hf://owner/repo/path"):
-        load_state_dict_file("hf://only-owner")
+    assert str(tmp_path / "ae.safetensors") in message and "tokenizer.weights" in message
+    assert "FLUX.1" in message and "ae.safetensors" in message
 
 
 def test_shipped_taef2_loads_strictly(shared_data):

@@ -56,7 +56,7 @@ def build_tokenizer(family: str, size: str, *, weights: str | Path | None = None
     """Build a tokenizer and (when ``weights`` is given) load its weights.
 
     family: "kl-ae" | "cosmos-ci" | "taesd" | "s4d-vae" | "cnn-vae"; size: a key of ``TOKENIZER_SIZES[family]``.
-    weights: .safetensors / .pt / .pth / .jit / hf://owner/repo/file; None keeps the random initialisation.
+    weights: a local .safetensors / .pt / .pth / .jit file; None keeps the random initialisation.
     strict: raise on any missing, unexpected or mis-shaped key (the error names them).
     overrides: architecture fields replacing the size's (``ch``, ``ch_mult``, ``z_channels``, …) plus
     ``grad_checkpointing`` for the KL-AE and Cosmos families.
@@ -72,8 +72,27 @@ def build_tokenizer(family: str, size: str, *, weights: str | Path | None = None
     except TypeError as exc:  # e.g. an override of the wrong type
         raise ValueError(f"tokenizer.overrides {overrides} do not fit {family}/{size}: {exc}") from exc
     if weights is not None:
-        load_weights(model, weights, strict=strict)
+        try:
+            load_weights(model, weights, strict=strict)
+        except FileNotFoundError as exc:
+            hint = WEIGHTS_SOURCES.get((family, size))
+            raise FileNotFoundError(f"{exc}; {hint}" if hint else str(exc)) from None
     return model
+
+
+# Where users get the pretrained files these sizes load (a hint in the missing-file error).
+WEIGHTS_SOURCES = {
+    ("kl-ae", "flux"): "the Flux AE is the `ae.safetensors` file of the FLUX.1 model repositories "
+                       "(black-forest-labs); download it and set tokenizer.weights to its path",
+    ("kl-ae", "sd"): "use an SD-VAE checkpoint in the original LDM key layout (e.g. a `vae-ft-mse` .safetensors)",
+    ("cosmos-ci", "ci16x16"): "the NVIDIA Cosmos-Tokenizer CI16x16 release ships TorchScript encoder/decoder "
+                              "files; pass one of them (or a state dict saved from them)",
+    ("cosmos-ci", "ci8x8"): "the NVIDIA Cosmos-Tokenizer CI8x8 release ships TorchScript encoder/decoder files",
+    ("taesd", "taesd"): "taesd_encoder.pth / taesd_decoder.pth from madebyollin/taesd",
+    ("taesd", "taef1"): "taef1_encoder.pth / taef1_decoder.pth from madebyollin/taesd",
+    ("taesd", "taef2"): "taef2_encoder.pth / taef2_decoder.pth from madebyollin/taesd (a copy is in "
+                        "../shared/data/taesd/ on the project machines)",
+}
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

@@ -4,8 +4,8 @@ Sources (``tokenizer.weights`` in a recipe):
   ``*.safetensors``                 safetensors file;
   ``*.pt`` / ``*.pth`` / ``*.ckpt`` / ``*.bin``   ``torch.load(weights_only=True)`` of a dict of tensors (a
                                     Lightning-style ``{"state_dict": {...}}`` is unwrapped);
-  ``*.jit``                         a TorchScript archive (how Cosmos ships); only its state_dict is used;
-  ``hf://owner/repo[@revision]/path/in/repo``  fetched with huggingface_hub when installed and online.
+  ``*.jit``                         a TorchScript archive (how Cosmos ships); only its state_dict is used.
+Files are local: nothing is downloaded at run time (a URL is refused with that explanation).
 Loading is strict by default; a :class:`KeyReport` lists missing, unexpected and mis-shaped keys.
 """
 
@@ -73,34 +73,11 @@ def compare_state_dicts(model_state: dict[str, torch.Tensor], file_state: dict[s
     return report
 
 
-def _hf_download(spec: str) -> Path:
-    """``hf://owner/repo[@rev]/path`` -> local file, or a WeightsError saying where to download it by hand."""
-    rest = spec[len("hf://"):]
-    parts = rest.split("/")
-    if len(parts) < 3 or not all(parts):
-        raise WeightsError(f"{RECIPE_KEY} = {spec!r}: expected hf://owner/repo/path/to/file")
-    owner, repo, filename = parts[0], parts[1], "/".join(parts[2:])
-    repo, _, revision = repo.partition("@")
-    repo_id = f"{owner}/{repo}"
-    url = f"https://huggingface.co/{repo_id}/resolve/{revision or 'main'}/{filename}"
-    manual = f"download {url} yourself and set {RECIPE_KEY} to the local file's path"
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise WeightsError(
-            f"{spec}: huggingface_hub is not installed; {manual} (or pip install huggingface_hub)"
-        ) from None
-    try:
-        return Path(hf_hub_download(repo_id=repo_id, filename=filename, revision=revision or None))
-    except Exception as exc:  # offline, gated repository, missing file: all end the same way
-        raise WeightsError(f"{spec}: could not fetch it ({type(exc).__name__}: {exc}); {manual}") from exc
-
-
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a weights file into a flat ``{name: tensor}`` dict on the CPU (dtypes as stored)."""
-    spec = str(path)
-    if spec.startswith("hf://"):
-        path = _hf_download(spec)
+    if str(path).startswith(("hf://", "http://", "https://")):
+        raise WeightsError(f"{RECIPE_KEY} = {str(path)!r}: weights are read from local files only (nothing is "
+                           "downloaded at run time); download the file yourself and give its path")
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
@@ -128,7 +105,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             state = torch.jit.load(str(path), map_location="cpu").state_dict()
     else:
         raise WeightsError(
-            f"{path}: unsupported weights format {suffix!r}; use .safetensors, .pt/.pth/.ckpt/.bin, .jit or hf://"
+            f"{path}: unsupported weights format {suffix!r}; use .safetensors, .pt/.pth/.ckpt/.bin or .jit"
         )
     if not isinstance(state, dict):
         raise WeightsError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
