@@ -44,10 +44,39 @@ def _complete(cfg: Recipe, stage: str) -> bool:
         with np.load(npz) as f:
             return f["arr_0"].shape[0] == cfg.sample.num_images
     if stage == "evaluate":
-        return (run / "eval.json").is_file()
+        return (run / "eval.json").is_file() and _recorded(cfg, stage) == stage_inputs(cfg, stage)
     if stage == "probe-channels":
-        return (run / "probe" / "probe.json").is_file()
+        return (run / "probe" / "probe.json").is_file() and _recorded(cfg, stage) == stage_inputs(cfg, stage)
     raise ValueError(stage)
+
+
+def _stamp(path: Path) -> list | None:
+    """Size and modification time of a file (None when absent): enough to notice it was rewritten."""
+    return [path.stat().st_size, path.stat().st_mtime_ns] if path.is_file() else None
+
+
+def stage_inputs(cfg: Recipe, stage: str) -> dict:
+    """What an evaluate / probe result depends on; a result made with other inputs is redone."""
+    from ssr_cli.finetune import finetuned_weights
+    from ssr_cli.generate import samples_dir
+
+    if stage == "evaluate":
+        return {"eval": cfg.eval.model_dump(mode="json"), "tokenizer": _stamp(finetuned_weights(cfg)),
+                "samples": _stamp(samples_dir(cfg) / "samples.npz")}
+    return {"probe": cfg.probe.model_dump(mode="json"), "regularizer": cfg.regularizer.model_dump(mode="json"),
+            "tokenizer": _stamp(finetuned_weights(cfg))}
+
+
+def _record_path(cfg: Recipe, stage: str) -> Path:
+    return cfg.run_dir() / f".pipeline_{stage}.json"
+
+
+def _recorded(cfg: Recipe, stage: str) -> dict | None:
+    path = _record_path(cfg, stage)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def run_pipeline(cfg: Recipe, rt: Runtime, stages: tuple[str, ...] = STAGES) -> dict:
@@ -77,6 +106,8 @@ def run_pipeline(cfg: Recipe, rt: Runtime, stages: tuple[str, ...] = STAGES) -> 
         t0 = time.perf_counter()
         actions[stage]()
         rt.barrier()
+        if rt.is_main and stage in ("evaluate", "probe-channels"):
+            _record_path(cfg, stage).write_text(json.dumps(stage_inputs(cfg, stage)))
         timings[stage] = f"{time.perf_counter() - t0:.1f} s"
     summary = summarize(cfg, timings)
     if rt.is_main:

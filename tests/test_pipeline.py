@@ -65,6 +65,12 @@ def test_rerun_skips_completed_stages(run):
     assert result.exit_code == 0, result.output
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["stages"].values()) == {"skipped (complete)"}
+    # Changed evaluation settings: only evaluate is redone.
+    result = ssr("pipeline", QUICKSTART, "--set", f'run.out_dir="{run.parent}"', "--set", "eval.num_images=50")
+    assert result.exit_code == 0, result.output
+    stages = json.loads((run / "summary.json").read_text())["stages"]
+    assert stages.pop("evaluate").endswith(" s") and set(stages.values()) == {"skipped (complete)"}
+    assert json.loads((run / "eval.json").read_text())["reconstruction"]["num_images"] == 50
 
 
 def test_unmasking_grid_has_c_plus_1_columns_and_psnr_rises_with_k(run):
