@@ -90,8 +90,24 @@ class start_run:
         return False
 
 
-def run_label(taken, cfg, path: Path) -> str:
-    """A short column label for a compared run: its run.name, else the recipe file's stem, else its path."""
+CompareOpt = Annotated[
+    Optional[list[Path]],
+    typer.Option("--compare", help="Also run this on other recipes' runs (repeatable; --device applies, --set "
+                 "does not) and show all side by side.", show_default=False),
+]
+
+
+def compared_results(cfg, first: dict, others: list[Path] | None, device: str | None, run) -> dict[str, dict]:
+    """``{label: result}`` for the main run (``first``) and each recipe of ``--compare``, ``run(cfg)`` giving
+    the result of one; labels are run names, or the recipe file's stem where names collide."""
+    results = {cfg.run.name: first}
+    for path in others or []:
+        other = load_recipe(path, None, device)
+        results[_run_label(results, other, path)] = run(other)
+    return results
+
+
+def _run_label(taken, cfg, path: Path) -> str:
     for label in (cfg.run.name, Path(path).stem, str(path)):
         if label not in taken:
             return label

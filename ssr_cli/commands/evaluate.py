@@ -8,13 +8,14 @@ from typing import Annotated, Optional
 import typer
 
 from ssr_cli.commands.common import (
+    CompareOpt,
     DeviceOpt,
     DryRunOpt,
     RecipeArg,
     SetOpt,
+    compared_results,
     load_recipe,
     print_recipe,
-    run_label,
     start_run,
 )
 
@@ -33,16 +34,13 @@ def evaluate(
     weights: Annotated[Optional[str], typer.Option("--weights", help="Evaluate this tokenizer weights file instead of the run's.")] = None,
     make_ref: Annotated[Optional[Path], typer.Option("--make-ref", help="Only compute reference statistics of eval.reference (or \\[data]) and save them here (.npz).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="JSON output (default <run>/eval.json).")] = None,
-    compare: Annotated[
-        Optional[list[Path]],
-        typer.Option("--compare", help="Also evaluate these recipes' runs (repeatable; --device applies, --set "
-                     "does not) and print all side by side, e.g. recipes/s4d_vae.toml --compare recipes/cnn_vae.toml."),
-    ] = None,
+    compare: CompareOpt = None,
 ) -> None:
     """Reconstruction (PSNR, SSIM, LPIPS, rFID) and generation (FID, sFID, IS, precision, recall, KID) metrics.
 
     Inception (eval.inception_weights) and LPIPS (eval.lpips_weights) weights come from local files; a
     metric that cannot be computed is reported as unavailable with the reason. Prints a table and writes JSON.
+    --compare other recipes' runs, e.g. recipes/s4d_vae.toml --compare recipes/cnn_vae.toml.
     """
     cfg = load_recipe(recipe, set_, device)
     if dry_run:
@@ -59,9 +57,5 @@ def evaluate(
         if compare and rt.is_main:
             from ssr_cli.evaluation import print_comparison
 
-            results = {cfg.run.name: result}
-            for other in compare:
-                other_cfg = load_recipe(other, None, device)
-                label = run_label(results, other_cfg, other)
-                results[label] = run_evaluate(other_cfg, rt, gfid=gfid)
+            results = compared_results(cfg, result, compare, device, lambda other: run_evaluate(other, rt, gfid=gfid))
             print_comparison(results)

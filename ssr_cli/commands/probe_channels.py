@@ -8,13 +8,14 @@ from typing import Annotated, Optional
 import typer
 
 from ssr_cli.commands.common import (
+    CompareOpt,
     DeviceOpt,
     DryRunOpt,
     RecipeArg,
     SetOpt,
+    compared_results,
     load_recipe,
     print_recipe,
-    run_label,
     start_run,
 )
 
@@ -30,11 +31,7 @@ def probe_channels(
                      "(e.g. the pretrained weights, to compare)."),
     ] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default <run>/probe).")] = None,
-    compare: Annotated[
-        Optional[list[Path]],
-        typer.Option("--compare", help="Also probe these recipes' runs (repeatable; --device applies, --set does "
-                     "not) and draw all PSNR-vs-k curves in one figure with the scores side by side."),
-    ] = None,
+    compare: CompareOpt = None,
 ) -> None:
     """Decode with the k lowest-frequency channels (k = 1..C), plot latent dynamics under blur, score the order.
 
@@ -52,9 +49,5 @@ def probe_channels(
         if compare and rt.is_main:
             from ssr_cli.probe import compare_probes
 
-            results = {cfg.run.name: result}
-            for other in compare:
-                other_cfg = load_recipe(other, None, device)
-                label = run_label(results, other_cfg, other)
-                results[label] = run_probe(other_cfg, rt)
+            results = compared_results(cfg, result, compare, device, lambda other: run_probe(other, rt))
             compare_probes(results, Path(out) if out else cfg.run_dir() / "probe")
