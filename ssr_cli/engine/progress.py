@@ -12,7 +12,6 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
-    TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -25,9 +24,8 @@ def make_progress(disable: bool = False) -> Progress:
     """A progress bar showing step/total, a free-text status (loss), it/s and ETA."""
     return Progress(
         TextColumn("[bold]{task.description}"),
-        BarColumn(bar_width=24),
+        BarColumn(bar_width=16),
         MofNCompleteColumn(),
-        TaskProgressColumn(),
         TextColumn("{task.fields[status]}"),
         TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(),
