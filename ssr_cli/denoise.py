@@ -33,7 +33,7 @@ from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import console
 from ssr_cli.engine.runtime import Runtime, step_seed
 from ssr_cli.recipe import Recipe
-from ssr_cli.training import image_dataset, train_spec
+from ssr_cli.training import fixed_seed, image_dataset, train_spec
 
 ARM_DIRS = {"none": "baseline", "ssr": "ssr"}
 WEIGHTS_FILE = "denoiser.safetensors"
@@ -56,9 +56,7 @@ def build_denoiser(cfg: Recipe) -> nn.Module:
     from ssr_cli.models.restoration import Denoiser
 
     d = cfg.denoise
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(step_seed(cfg.run.seed, "denoiser-init"))
+    with fixed_seed(step_seed(cfg.run.seed, "denoiser-init")):
         return Denoiser(channels=d.channels, depth=d.depth, bottleneck_channels=d.bottleneck_channels,
                         blocks_per_level=d.blocks_per_level, feature_norm=d.feature_norm)
 
@@ -122,8 +120,7 @@ def heldout_clean_images(cfg: Recipe) -> list[torch.Tensor]:
                            seed=cfg.run.seed + 7919)  # other crops of the bundled photographs than training's
         picks = list(range(min(den.eval_count, len(ds))))
     else:
-        ds = build_dataset(d.source, path=d.path, split=d.split, image_size=d.image_size, resize=d.resize,
-                           max_images=d.max_images, seed=cfg.run.seed)
+        ds = image_dataset(cfg, augment=False)
         picks = list(range(max(0, len(ds) - den.eval_count), len(ds)))
         console.print("[yellow]denoise: no denoise.eval_images set; evaluating on the last "
                       f"{len(picks)} images of [data], which training also saw")

@@ -20,6 +20,7 @@ from ssr_cli.data import build_dataset, ordered_batches
 from ssr_cli.engine.progress import console, make_progress
 from ssr_cli.engine.runtime import Runtime
 from ssr_cli.recipe import Recipe
+from ssr_cli.training import image_dataset
 
 INCEPTION_HINT = (
     "set eval.inception_weights to the TF-Inception state dict "
@@ -28,7 +29,7 @@ INCEPTION_HINT = (
 )
 
 
-def _inception(cfg: Recipe, device: torch.device):
+def load_inception(cfg: Recipe, device: torch.device):
     """The Inception extractor, or None (with the reason) when no weights are configured."""
     from ssr_cli.metrics import InceptionFeatures
 
@@ -51,12 +52,10 @@ def _lpips(cfg: Recipe, device: torch.device):
     return load_lpips(cfg.eval.lpips_net, path, device=device), None
 
 
-def _image_set(cfg: Recipe, source: str | None, split: str | None, size: int, limit: int | None):
+def image_set(cfg: Recipe, source: str | None, split: str | None, size: int, limit: int | None):
     """A data set from a path (folder or .tar), or the recipe's [data] when ``source`` is None."""
     if source is None:
-        d = cfg.data
-        ds = build_dataset(d.source, path=d.path, split=d.split, image_size=size, resize=d.resize,
-                           max_images=d.max_images, builtin_crops=d.builtin_crops, seed=cfg.run.seed)
+        ds = image_dataset(cfg, augment=False, image_size=size)
     else:
         kind = "tar" if source.endswith(".tar") else "folder"
         ds = build_dataset(kind, path=source, split=split, image_size=size)
@@ -86,9 +85,9 @@ def reconstruction(cfg: Recipe, rt: Runtime, *, weights: str | None = None) -> d
     else:
         tokenizer, source = load_tokenizer_for_run(cfg)
     tokenizer = tokenizer.to(rt.device).eval()
-    ds, n = _image_set(cfg, e.images, e.images_split, size, e.num_images)
+    ds, n = image_set(cfg, e.images, e.images_split, size, e.num_images)
     lpips_model, lpips_note = _lpips(cfg, rt.device)
-    inception, inception_note = _inception(cfg, rt.device)
+    inception, inception_note = load_inception(cfg, rt.device)
     acc_real = FeatureAccumulator(keep=(), stats=("pool",)) if inception else None
     acc_recon = FeatureAccumulator(keep=(), stats=("pool",)) if inception else None
     per_image: dict[str, list[np.ndarray]] = {}
@@ -134,7 +133,7 @@ def reference_stats(cfg: Recipe, inception, resolution: int):
     e = cfg.eval
     if e.reference and e.reference.endswith(".npz"):
         return load_reference(e.reference, extractor=inception, batch_size=e.batch_size)
-    ds, n = _image_set(cfg, e.reference, e.reference_split, resolution, e.num_reference_images)
+    ds, n = image_set(cfg, e.reference, e.reference_split, resolution, e.num_reference_images)
     feats = extract_features(_uint8_batches(ds, n, e.batch_size, "evaluate: reference features"), inception,
                              batch_size=e.batch_size, keep=("pool",))
     return ReferenceStats(mu=feats["mu"], sigma=feats["sigma"], mu_s=feats["mu_s"], sigma_s=feats["sigma_s"],
@@ -144,7 +143,7 @@ def reference_stats(cfg: Recipe, inception, resolution: int):
 def generation(cfg: Recipe, rt: Runtime, samples: Path) -> dict:
     from ssr_cli.metrics import compute_generation_metrics, extract_features
 
-    inception, note = _inception(cfg, rt.device)
+    inception, note = load_inception(cfg, rt.device)
     if inception is None:
         raise FileNotFoundError(f"generation metrics need Inception weights: {note}")
     with np.load(samples) as f:
@@ -167,7 +166,7 @@ def make_reference(cfg: Recipe, rt: Runtime, out: Path) -> Path:
     """Compute and save reference statistics (for later `eval.reference = <out>`)."""
     from ssr_cli.metrics import save_reference_stats
 
-    inception, note = _inception(cfg, rt.device)
+    inception, note = load_inception(cfg, rt.device)
     if inception is None:
         raise FileNotFoundError(f"--make-ref needs Inception weights: {note}")
     size = cfg.eval.image_size or cfg.data.image_size
@@ -183,7 +182,9 @@ def run_evaluate(cfg: Recipe, rt: Runtime, *, gfid: bool | None = None, samples:
     """Reconstruction and/or generation metrics; ``gfid`` None: generation when samples exist."""
     from ssr_cli.generate import samples_dir
 
-    if cfg.tokenizer.family in VAE_FAMILIES:
+    from ssr_cli.vae_train import is_vae_family
+
+    if is_vae_family(cfg):
         from ssr_cli.vae_train import evaluate_vae, print_vae_table
 
         result = {}
@@ -217,8 +218,6 @@ def run_evaluate(cfg: Recipe, rt: Runtime, *, gfid: bool | None = None, samples:
     rt.barrier()
     return result
 
-
-VAE_FAMILIES = ("s4d-vae", "cnn-vae")
 
 COMPARE_KEYS = {
     "reconstruction": ("psnr", "ssim", "lpips", "rfid"),

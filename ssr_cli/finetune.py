@@ -52,16 +52,21 @@ def load_tokenizer_for_run(cfg: Recipe):
     return build_tokenizer(cfg), cfg.tokenizer.weights
 
 
-def make_lpips(cfg: Recipe, weight: float, device: torch.device):
-    """The LPIPS loss callable, or None when its weight is zero."""
-    if weight <= 0:
-        return None
-    if not cfg.loss.lpips_weights:
+def require_lpips_weights(cfg: Recipe, weight: float) -> None:
+    """An LPIPS term with weight > 0 needs loss.lpips_weights: say so, naming the file to use."""
+    if weight > 0 and not cfg.loss.lpips_weights:
         raise FileNotFoundError(
             "an LPIPS loss weight is > 0 but loss.lpips_weights is not set: point it at the AlexNet features file "
             "(e.g. ../shared/data/lpips/alexnet-owt-7be5be79.features-only.pth, torchvision's alexnet-owt-7be5be79.pth "
             "works too) or set loss.lambda_lpips = 0 and regularizer.lambda_lpips = 0"
         )
+
+
+def make_lpips(cfg: Recipe, weight: float, device: torch.device):
+    """The LPIPS loss callable, or None when its weight is zero."""
+    if weight <= 0:
+        return None
+    require_lpips_weights(cfg, weight)
     from ssr_cli.metrics import load_lpips
 
     net = load_lpips(cfg.loss.lpips_net, cfg.loss.lpips_weights, device=device)
@@ -184,8 +189,8 @@ def run_finetune(cfg: Recipe, rt: Runtime) -> Path:
     tokenizer = build_tokenizer(cfg)
     # Fail on a regularizer that cannot fit this tokenizer before any (pre)training time is spent.
     build_regularizer(cfg, cfg.regularizer.kind, tokenizer.latent_channels, None)
-    if cfg.regularizer.kind == "ssr" and cfg.regularizer.lambda_lpips > 0 and not cfg.loss.lpips_weights:
-        make_lpips(cfg, cfg.regularizer.lambda_lpips, torch.device("cpu"))  # raises: names the missing weights
+    require_lpips_weights(cfg, max(cfg.loss.lambda_lpips,
+                                   cfg.regularizer.lambda_lpips if cfg.regularizer.kind == "ssr" else 0.0))
     if cfg.train.pretrain_steps:
         _stage(cfg, rt, tokenizer, name="pretrain", kind="none", steps=cfg.train.pretrain_steps,
                lr=cfg.train.pretrain_lr, constant_lr=True,

@@ -24,10 +24,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
-from ssr_cli.data import build_dataset
 from ssr_cli.engine.progress import console, make_progress
 from ssr_cli.engine.runtime import Runtime, generator_for
 from ssr_cli.recipe import Recipe, dump
+from ssr_cli.training import image_dataset
 
 MANIFEST = "manifest.json"
 STATS = "stats.safetensors"
@@ -61,16 +61,16 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     os.replace(tmp, path)
 
 
-def _cache_key(cfg: Recipe, weights: str | Path | None, n: int) -> dict:
+def _cache_key(cfg: Recipe, weights_sha256: str | None, n: int) -> dict:
     """What the shards depend on; a cache made with anything else is not reused."""
-    return {"family": cfg.tokenizer.family, "size": cfg.tokenizer.size, "weights_sha256": file_sha256(weights),
+    return {"family": cfg.tokenizer.family, "size": cfg.tokenizer.size, "weights_sha256": weights_sha256,
             "num_images": n, "shard_size": cfg.latents.shard_size, "posterior": cfg.latents.sample_posterior,
             "flip": cfg.latents.flip, "seed": cfg.run.seed}
 
 
-def _discard_stale(out: Path, cfg: Recipe, weights: str | Path | None, n: int) -> None:
+def _discard_stale(out: Path, cfg: Recipe, weights_sha256: str | None, n: int) -> None:
     """Drop shards left by an encode with another tokenizer, data size or latent setting (warning loudly)."""
-    key = _cache_key(cfg, weights, n)
+    key = _cache_key(cfg, weights_sha256, n)
     marker = out / ".cache_key.json"
     if marker.is_file():
         old = json.loads(marker.read_text())
@@ -96,13 +96,12 @@ def encode_latents(cfg: Recipe, rt: Runtime) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer, weights = load_tokenizer_for_run(cfg)
     tokenizer = tokenizer.to(rt.device).eval()
-    d = cfg.data
-    dataset = build_dataset(d.source, path=d.path, split=d.split, image_size=d.image_size, resize=d.resize,
-                            max_images=d.max_images, builtin_crops=d.builtin_crops, seed=cfg.run.seed)
+    dataset = image_dataset(cfg, augment=False)
     lc = cfg.latents
     n = len(dataset)
+    weights_sha256 = file_sha256(weights) if rt.is_main else None  # hashed once, by the rank that writes
     if rt.is_main:
-        _discard_stale(out, cfg, weights, n)
+        _discard_stale(out, cfg, weights_sha256, n)
     rt.barrier()
     n_shards = -(-n // lc.shard_size)
     mine = [k for k in range(n_shards) if k % rt.world_size == rt.rank]
@@ -154,7 +153,7 @@ def encode_latents(cfg: Recipe, rt: Runtime) -> Path:
         first = load_file(str(shards[0]))
         manifest = {
             "tokenizer": {"family": cfg.tokenizer.family, "size": cfg.tokenizer.size,
-                          "weights": str(weights) if weights else None, "weights_sha256": file_sha256(weights)},
+                          "weights": str(weights) if weights else None, "weights_sha256": weights_sha256},
             "num_images": n,
             "latent_shape": list(first["latents"].shape[1:]),
             "posterior": "sample" if lc.sample_posterior else "mean",

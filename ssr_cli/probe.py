@@ -97,12 +97,12 @@ def run_probe(cfg: Recipe, rt: Runtime, *, weights: str | None = None, out_dir: 
 
     from ssr_cli.bases import frequency_order, grid_for_channels, project
     from ssr_cli.blur import gaussian_blur
-    from ssr_cli.data import build_dataset
     from ssr_cli.finetune import build_tokenizer, load_tokenizer_for_run
     from ssr_cli.images import save_grid
     from ssr_cli.metrics import psnr_uint8
     from ssr_cli.plots import plot_curves, plot_latent_dynamics
     from ssr_cli.regularizers import SSRDynamics
+    from ssr_cli.training import image_dataset
 
     out = Path(out_dir) if out_dir else cfg.run_dir() / "probe"
     out.mkdir(parents=True, exist_ok=True)
@@ -112,9 +112,7 @@ def run_probe(cfg: Recipe, rt: Runtime, *, weights: str | None = None, out_dir: 
         tokenizer, source = load_tokenizer_for_run(cfg)
     tokenizer = tokenizer.to(rt.device).eval()
     size = cfg.probe.image_size or cfg.data.image_size
-    d = cfg.data
-    ds = build_dataset(d.source, path=d.path, split=d.split, image_size=size, resize=d.resize,
-                       max_images=d.max_images, builtin_crops=d.builtin_crops, seed=cfg.run.seed)
+    ds = image_dataset(cfg, augment=False, image_size=size)
     # One pool of images spread over the data set: the channel means for masking, the numbers (PSNR vs k,
     # both order scores) and, its first num_images, the figure rows.
     n_pool = min(len(ds), max(cfg.probe.score_images, cfg.probe.num_images))

@@ -9,7 +9,6 @@ into the run folder and into every checkpoint.
 from __future__ import annotations
 
 import difflib
-
 import json
 import tomllib
 from pathlib import Path

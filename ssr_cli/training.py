@@ -8,6 +8,8 @@ they share, so a new ``[train]`` knob reaches all of them at once.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,12 +22,24 @@ from ssr_cli.engine.runtime import Runtime
 from ssr_cli.recipe import Recipe, dump
 
 
-def image_dataset(cfg: Recipe, *, augment: bool = True):
-    """The recipe's training images ([data]); ``augment=False`` drops random crops and flips."""
+@contextmanager
+def fixed_seed(seed: int) -> Iterator[None]:
+    """Run the block with torch's RNGs seeded by ``seed``, restoring their previous state afterwards (a model
+    built inside starts from weights that depend on ``seed`` alone, not on what ran before)."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def image_dataset(cfg: Recipe, *, augment: bool = True, image_size: int | None = None):
+    """The recipe's images ([data]) at ``image_size`` (None: data.image_size); ``augment=False`` drops random
+    crops and flips (what encoding, evaluation and probing read)."""
     d = cfg.data
     extra = {"random_crop": d.random_crop, "random_flip": d.random_flip} if augment else {}
-    return build_dataset(d.source, path=d.path, split=d.split, image_size=d.image_size, resize=d.resize,
-                         max_images=d.max_images, builtin_crops=d.builtin_crops, seed=cfg.run.seed, **extra)
+    return build_dataset(d.source, path=d.path, split=d.split, image_size=image_size or d.image_size,
+                         resize=d.resize, max_images=d.max_images, builtin_crops=d.builtin_crops, seed=cfg.run.seed,
+                         **extra)
 
 
 def fixed_images(cfg: Recipe, n: int) -> torch.Tensor:

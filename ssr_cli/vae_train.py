@@ -21,15 +21,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ssr_cli.data import build_dataset, ordered_batches
+from ssr_cli.data import ordered_batches
 from ssr_cli.engine import train
 from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import console
 from ssr_cli.engine.runtime import Runtime, step_seed
+from ssr_cli.models.registry import VECTOR_VAE_FAMILIES as VAE_FAMILIES
 from ssr_cli.recipe import Recipe
-from ssr_cli.training import fixed_images, image_dataset, train_spec
+from ssr_cli.training import fixed_images, fixed_seed, image_dataset, train_spec
 
-VAE_FAMILIES = ("s4d-vae", "cnn-vae")
 STAGE_DIR = "vae"
 
 
@@ -44,9 +44,7 @@ def build_vae(cfg: Recipe) -> nn.Module:
     if not is_vae_family(cfg):
         raise ValueError(f"tokenizer.family = {cfg.tokenizer.family!r} is not a from-scratch VAE; "
                          f"choose one of {', '.join(VAE_FAMILIES)}")
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(step_seed(cfg.run.seed, "vae-init"))
+    with fixed_seed(step_seed(cfg.run.seed, "vae-init")):
         return build_tokenizer(cfg)
 
 
@@ -202,18 +200,6 @@ def run_vae_train(cfg: Recipe, rt: Runtime, *, model: nn.Module | None = None) -
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
-def _eval_images(cfg: Recipe, limit: int | None):
-    e, d = cfg.eval, cfg.data
-    size = d.image_size
-    if e.images is None:
-        ds = build_dataset(d.source, path=d.path, split=d.split, image_size=size, resize=d.resize,
-                           max_images=d.max_images, builtin_crops=d.builtin_crops, seed=cfg.run.seed)
-    else:
-        kind = "tar" if e.images.endswith(".tar") else "folder"
-        ds = build_dataset(kind, path=e.images, split=e.images_split, image_size=size)
-    return ds, len(ds) if limit is None else min(limit, len(ds))
-
-
 @torch.no_grad()
 def evaluate_vae(cfg: Recipe, rt: Runtime, *, weights: str | Path | None = None, out: Path | None = None) -> dict:
     """Metrics of the run's VAE (``weights`` overrides the file) on ``eval.num_images`` images.
@@ -225,9 +211,9 @@ def evaluate_vae(cfg: Recipe, rt: Runtime, *, weights: str | Path | None = None,
     prior samples as images, against the images) and rfid (reconstructions against the images); a metric
     that cannot be computed is None with its reason in ``unavailable``. Also written to ``out`` (JSON) if given.
     """
-    from ssr_cli.evaluation import INCEPTION_HINT
+    from ssr_cli.evaluation import image_set, load_inception
     from ssr_cli.finetune import build_tokenizer, load_tokenizer_for_run
-    from ssr_cli.metrics import FeatureAccumulator, InceptionFeatures, frechet_distance, reconstruction_metrics, to_uint8
+    from ssr_cli.metrics import FeatureAccumulator, frechet_distance, reconstruction_metrics, to_uint8
     from ssr_cli.models.s4d import kl_per_dim, nelbo
 
     if weights is not None:
@@ -235,14 +221,8 @@ def evaluate_vae(cfg: Recipe, rt: Runtime, *, weights: str | Path | None = None,
     else:
         vae, source = load_tokenizer_for_run(cfg)
     vae = vae.to(rt.device).eval()
-    ds, n = _eval_images(cfg, cfg.eval.num_images)
-    inception, note = None, None
-    if cfg.eval.inception_weights:
-        if not Path(cfg.eval.inception_weights).is_file():
-            raise FileNotFoundError(f"eval.inception_weights file not found: {cfg.eval.inception_weights}; {INCEPTION_HINT}")
-        inception = InceptionFeatures(cfg.eval.inception_weights, device=rt.device)
-    else:
-        note = f"no Inception weights: {INCEPTION_HINT}"
+    ds, n = image_set(cfg, cfg.eval.images, cfg.eval.images_split, cfg.data.image_size, cfg.eval.num_images)
+    inception, note = load_inception(cfg, rt.device)
     accs = {k: FeatureAccumulator(keep=(), stats=("pool",)) for k in ("data", "recon", "prior")} if inception else {}
     gen = torch.Generator(device=rt.device).manual_seed(step_seed(cfg.run.seed, "eval-nelbo"))
     prior_gen = torch.Generator().manual_seed(step_seed(cfg.run.seed, "eval-prior"))

@@ -25,6 +25,8 @@ def finetune(recipe: RecipeArg, set_: SetOpt = None, dry_run: DryRunOpt = False,
     and tokenizer.safetensors (the fine-tuned weights in the original key layout).
     """
     cfg = load_recipe(recipe, set_, device)
+    from ssr_cli.vae_train import is_vae_family
+
     if dry_run:
         from rich.table import Table
 
@@ -36,7 +38,7 @@ def finetune(recipe: RecipeArg, set_: SetOpt = None, dry_run: DryRunOpt = False,
             tok = build_tokenizer(cfg, weights=None)
         except (ValueError, KeyError) as exc:
             fail(str(exc))
-        if cfg.tokenizer.family not in ("s4d-vae", "cnn-vae"):  # those train from scratch, nothing frozen
+        if not is_vae_family(cfg):  # the vector VAEs train from scratch: nothing frozen
             tok.frozen_blocks(cfg.tokenizer.frozen_encoder_blocks, cfg.tokenizer.frozen_decoder_blocks)
         counts = parameter_counts(tok)
         table = Table(title=f"tokenizer {cfg.tokenizer.family}/{cfg.tokenizer.size}")
@@ -46,7 +48,7 @@ def finetune(recipe: RecipeArg, set_: SetOpt = None, dry_run: DryRunOpt = False,
             table.add_row(key, f"{value / 1e6:.2f}M ({value:,})")
         console.print(table)
         return
-    if cfg.tokenizer.family in ("s4d-vae", "cnn-vae"):
+    if is_vae_family(cfg):
         from ssr_cli.vae_train import run_vae_train
 
         with start_run(cfg) as rt:

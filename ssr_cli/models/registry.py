@@ -29,7 +29,8 @@ _BUILDERS: dict[str, Callable[..., Tokenizer]] = {
     "taesd": build_taesd,
 }
 # The vector-latent VAEs (ssr_cli.models.s4d) are imported on first use: their module is heavier and separate.
-_S4D_FAMILIES = ("s4d-vae", "cnn-vae")
+VECTOR_VAE_FAMILIES = ("s4d-vae", "cnn-vae")
+"""Families with a vector latent, trained from scratch (blog 002) rather than fine-tuned."""
 
 
 def _vector_vae(family: str) -> tuple[dict[str, dict[str, Any]], Callable[..., Tokenizer]]:
@@ -39,14 +40,14 @@ def _vector_vae(family: str) -> tuple[dict[str, dict[str, Any]], Callable[..., T
 
 
 def families() -> list[str]:
-    return [*TOKENIZER_SIZES, *_S4D_FAMILIES]
+    return [*TOKENIZER_SIZES, *VECTOR_VAE_FAMILIES]
 
 
 def sizes_of(family: str) -> dict[str, dict[str, Any]]:
     """The named sizes of a family (``tokenizer.family``), or a ValueError listing the families."""
     if family in TOKENIZER_SIZES:
         return TOKENIZER_SIZES[family]
-    if family in _S4D_FAMILIES:
+    if family in VECTOR_VAE_FAMILIES:
         return _vector_vae(family)[0]
     raise ValueError(f"tokenizer.family = {family!r} is unknown; choose one of {families()}")
 
@@ -65,7 +66,7 @@ def build_tokenizer(family: str, size: str, *, weights: str | Path | None = None
     if size not in sizes:
         raise ValueError(f"tokenizer.size = {size!r} is not a {family} size; choose one of {sorted(sizes)}")
     try:
-        if family in _S4D_FAMILIES:
+        if family in VECTOR_VAE_FAMILIES:
             model = _vector_vae(family)[1](**{**sizes[size], **overrides})
         else:
             model = _BUILDERS[family](size, **overrides)
