@@ -16,8 +16,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ssr_cli.errors import UserError
 
-class RecipeError(ValueError):
+
+class RecipeError(UserError, ValueError):
     """A recipe problem; the message names the file and the TOML key."""
 
 

@@ -85,7 +85,9 @@ class start_run:
     def __exit__(self, exc_type, exc, tb):
         if self.rt is not None:
             self.rt.shutdown()
-        if exc_type in (FileNotFoundError, ValueError, KeyError) and exc is not None:
+        from ssr_cli.errors import UserError
+
+        if exc is not None and (isinstance(exc, UserError) or exc_type in (FileNotFoundError, ValueError, KeyError)):
             fail(str(exc).strip("'\""))
         return False
 

@@ -20,11 +20,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ssr_cli.errors import UserError
+
 RECIPE_KEY = "tokenizer.weights"
 _TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """A weights file does not match the model (the message names the keys) or cannot be read."""
 
 
