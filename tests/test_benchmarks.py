@@ -35,3 +35,21 @@ def test_bench_dit_reports_throughput_flops_and_memory(capsys):
     out = capsys.readouterr().out
     assert re.search(r"throughput: [0-9.]+ img/s", out)
     assert re.search(r"[0-9.]+ GFLOP forward per image", out) and "GiB" in out
+
+
+def test_bench_sample_reports_throughput(capsys):
+    _load("bench_sample").main(["--model", "DiT-S/2", "--depth", "2", "--hidden-size", "64", "--heads", "2",
+                                "--input-size", "8", "--batch", "2", "--steps", "2", "--cfg-scale", "1.5",
+                                "--batches", "1", "--no-compile", "--precision", "fp32", "--device", "cpu"])
+    out = capsys.readouterr().out
+    rate = re.search(r"throughput: ([0-9.]+) img/s, ([0-9.]+) image-NFE/s", out)
+    # CFG doubles the batch: 2 steps x 2 evaluations per image
+    assert rate and abs(float(rate.group(2)) / float(rate.group(1)) - 4.0) < 0.05
+
+
+def test_bench_inception_reports_throughput(capsys, shared_data):
+    weights = shared_data / "inception" / "pt_inception-2015-12-05-reconstructed-nofc.pth"
+    _load("bench_inception").main(["--weights", str(weights), "--resolution", "16", "--batch", "1",
+                                   "--batches", "1", "--warmup", "0", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert re.search(r"throughput: [0-9.]+ img/s", out) and "GiB" in out
