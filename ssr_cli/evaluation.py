@@ -385,6 +385,9 @@ def print_comparison(results: dict[str, dict]) -> None:
                 continue
             table.add_row(f"{part} {LABELS[key]}",
                           *(f"{v:.4f}" if isinstance(v, float) else "[dim]unavailable" for v in values))
+        rows = [dict(protocol_rows((r.get(part) or {}).get("protocol"))) for r in results.values()]
+        for label in dict.fromkeys(k for row in rows for k in row):
+            table.add_row(f"{part} {label}", *(row.get(label, "[dim]unrecorded") for row in rows))
     console.print(table)
 
 
@@ -407,6 +410,26 @@ LABELS = {
 }
 
 
+def protocol_rows(protocol: dict | None) -> list[tuple[str, str]]:
+    """The protocol facts every table states: labels, quantisation, reference and subset rule."""
+    if not protocol:
+        return []
+    rows = []
+    if "labels" in protocol:
+        rows.append(("sample labels", str(protocol["labels"])))
+    if "quantize" in protocol:
+        rows.append(("quantisation", str(protocol["quantize"])))
+    if "reference" in protocol:
+        sha = protocol.get("reference_sha256")
+        rows.append(("reference", f"{protocol['reference']}" + (f" (sha256 {sha[:12]})" if sha else "")))
+    subset = protocol.get("reference_subset", protocol.get("subset"))
+    if subset:
+        rows.append(("subset", f"{subset['rule']} {subset['count']}/{subset['of']}, {subset['classes']} classes"))
+    if "rfid_reference" in protocol:
+        rows.append(("rFID reference", protocol["rfid_reference"]))
+    return rows
+
+
 def print_table(result: dict) -> None:
     table = Table(title="ssr evaluate")
     table.add_column("set")
@@ -421,6 +444,8 @@ def print_table(result: dict) -> None:
                 table.add_row(part, label, text)
         if "num_images" in metrics:
             table.add_row(part, "images", str(metrics["num_images"]))
+        for label, text in protocol_rows(metrics.get("protocol")):
+            table.add_row(part, label, text)
         if "all" in unavailable:
             table.add_row(part, "-", f"[dim]{unavailable['all']}")
     console.print(table)

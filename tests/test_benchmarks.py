@@ -35,3 +35,9 @@ def test_bench_dit_reports_throughput_flops_and_memory(capsys):
     out = capsys.readouterr().out
     assert re.search(r"throughput: [0-9.]+ img/s", out)
     assert re.search(r"[0-9.]+ GFLOP forward per image", out) and "GiB" in out
+
+
+def test_bench_eval_memory_reads_the_same_pixels_both_ways(capsys):
+    result = _load("bench_eval_memory").main(["--num", "40", "--resolution", "32", "--batch", "8"])
+    assert result["load-all"]["images"] == result["stream"]["images"] == 40
+    assert "peak RSS" in capsys.readouterr().out

@@ -336,3 +336,23 @@ def test_rfid_reference_is_the_reconstructions_own_originals():
     assert paired_rfid(real, recon, list(range(20)), list(range(20))) == pytest.approx(_fid_direct(b, a), rel=1e-6)
     with pytest.raises(RuntimeError, match="originals of exactly the reconstructed images"):
         paired_rfid(real, recon, list(range(20)), list(range(1, 21)))
+
+
+def test_tables_state_labels_quantisation_and_reference():
+    from ssr_cli.engine.progress import console
+    from ssr_cli.evaluation import print_comparison, print_table
+
+    result = _result(reference_subset={"rule": "stratified", "count": 1000, "of": 10000, "classes": 10})
+    width, console.width = console.width, 200
+    try:
+        with console.capture() as cap:
+            print_table(result)
+        out = cap.get()
+        with console.capture() as cap:
+            print_comparison({"a": result, "b": _result()})
+        compared = cap.get()
+    finally:
+        console.width = width
+    assert "sample labels" in out and "balanced" in out and "quantisation" in out and "round" in out
+    assert "stratified 1000/10000, 10 classes" in out and "sha256 abababababab" in out
+    assert "generation sample labels" in compared and "generation subset" in compared  # b: a whole reference
