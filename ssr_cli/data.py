@@ -328,11 +328,11 @@ def subset_record(labels, indices, *, seed: int, rule: str) -> dict:
     labels = np.asarray(labels)
     picked = labels[np.asarray(indices, dtype=int)]
     return {"rule": rule if len(indices) < len(labels) else "all", "seed": seed if rule != "first" else None,
-            "count": int(len(indices)), "of": int(len(labels)),
-            "classes": int(len(np.unique(picked))), "classes_in_set": int(len(np.unique(labels)))}
+            "count": len(indices), "of": len(labels),
+            "classes": len(np.unique(picked)), "classes_in_set": len(np.unique(labels))}
 
 
-def take_subset(ds: "ImageDataset", n: int | None, *, seed: int, rule: str = "stratified"):
+def take_subset(ds: ImageDataset, n: int | None, *, seed: int, rule: str = "stratified"):
     """``(dataset, record)``: ``ds`` itself when ``n`` is None or covers it, else a :class:`Subset` chosen by
     :func:`subset_indices`; ``record`` is :func:`subset_record`'s description of the choice."""
     n = len(ds) if n is None else min(n, len(ds))

@@ -144,7 +144,7 @@ class NpzWriter:
             if written != expected:
                 raise NpzError(f"{self.path}: {key} got {written} rows, {expected} announced")
 
-    def __enter__(self) -> "NpzWriter":
+    def __enter__(self) -> NpzWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import tarfile
 import tracemalloc
 import zipfile
@@ -166,7 +165,12 @@ def test_npz_writer_streams_rows_np_load_and_the_adm_reader_agree(tmp_path):
 
 def test_make_ref_file_passes_the_adm_reader(tmp_path, shared_data):
     from ssr_cli.evaluation import make_reference
-    from ssr_cli.metrics import InceptionFeatures, extract_features, load_reference, to_uint8
+    from ssr_cli.metrics import (
+        InceptionFeatures,
+        extract_features,
+        load_reference,
+        to_uint8,
+    )
 
     tar = _ten_class_tar(tmp_path / "test.tar", per_class=3, size=16, classes=4)
     cfg = _cfg(tmp_path, reference=str(tar), reference_split="test", num_reference_images=4, image_size=16,
@@ -181,7 +185,7 @@ def test_make_ref_file_passes_the_adm_reader(tmp_path, shared_data):
     # arr_0 holds the stratified subset (one image per class), quantised by rounding, NHWC.
     from ssr_cli.evaluation import image_subset
 
-    ds, _, record = image_subset(cfg, str(tar), "test", 16, 4)
+    ds, _, _ = image_subset(cfg, str(tar), "test", 16, 4)
     expected = to_uint8(torch.stack([ds[(i, None)][0] for i in range(4)])).permute(0, 2, 3, 1).numpy()
     assert np.array_equal(images, expected) and sorted(ds.labels) == list(range(4))
     # The statistics are those of arr_0's images, and our loader reads the file back with its subset record.
