@@ -279,7 +279,9 @@ def make_reference(cfg: Recipe, rt: Runtime, out: Path) -> Path:
         writer.add("num_images", np.asarray(n, dtype=np.int64))
         writer.add("format", np.asarray(REFERENCE_FORMAT))
         writer.add("subset", np.asarray(json.dumps({"source": ref.source, "resolution": size, **ref.subset})))
-    console.print(f"[green]reference batch of {ref.num_images} images ({ref.source}, {size}², subset "
+    from rich.markup import escape
+
+    console.print(f"[green]reference batch of {ref.num_images} images ({escape(ref.source)}, {size}², subset "
                   f"{ref.subset['rule']}) written to {out}: arr_0 + mu/sigma/mu_s/sigma_s, readable by ADM's evaluator")
     return Path(out)
 
