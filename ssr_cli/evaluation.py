@@ -429,7 +429,9 @@ def protocol_rows(protocol: dict | None) -> list[tuple[str, str]]:
         rows.append(("subset", f"{subset['rule']} {subset['count']}/{subset['of']}, {subset['classes']} classes"))
     if "rfid_reference" in protocol:
         rows.append(("rFID reference", protocol["rfid_reference"]))
-    return rows
+    from rich.markup import escape
+
+    return [(label, escape(text)) for label, text in rows]  # "[data] ..." is text, not markup
 
 
 def print_table(result: dict) -> None:
