@@ -37,6 +37,7 @@ def test_bench_dit_reports_throughput_flops_and_memory(capsys):
     assert re.search(r"[0-9.]+ GFLOP forward per image", out) and "GiB" in out
 
 
+@pytest.mark.slow  # two child processes that each import torch (~12 s on the 2-core machine)
 def test_bench_eval_memory_reads_the_same_pixels_both_ways(capsys):
     result = _load("bench_eval_memory").main(["--num", "40", "--resolution", "32", "--batch", "8"])
     assert result["load-all"]["images"] == result["stream"]["images"] == 40
