@@ -290,6 +290,57 @@ def build_dataset(
     return ds
 
 
+SUBSET_RULES = ("stratified", "uniform", "first")
+
+
+def subset_indices(labels, n: int, *, seed: int, rule: str = "stratified") -> np.ndarray:
+    """Sorted indices of an ``n``-item subset of a labelled set, for statistics that must not depend on file order.
+
+    ``stratified`` (default): every class keeps its share of ``n`` (largest remainder, ties broken in a seeded
+    order), items drawn uniformly at random within each class with ``seed``; ``uniform``: ``n`` items drawn
+    uniformly at random without replacement with ``seed``; ``first``: the first ``n`` items in the set's (sorted)
+    order, which for class-sorted folders and tars is a few classes only. ``n >= len(labels)`` gives every item.
+    """
+    labels = np.asarray(labels)
+    total = len(labels)
+    if rule not in SUBSET_RULES:
+        raise ValueError(f"unknown subset rule {rule!r}; choose one of {', '.join(SUBSET_RULES)}")
+    if n >= total:
+        return np.arange(total)
+    if rule == "first":
+        return np.arange(n)
+    rng = np.random.default_rng(step_seed(seed, "subset", rule))
+    if rule == "uniform":
+        return np.sort(rng.choice(total, n, replace=False))
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * n / total
+    take = np.floor(quota).astype(int)
+    remainder = quota - take
+    tie_break = rng.random(len(classes))  # equal remainders: seeded order, not the lowest class indices
+    for k in np.lexsort((tie_break, -remainder))[: n - int(take.sum())]:
+        take[k] += 1
+    picks = [rng.choice(np.flatnonzero(labels == c), t, replace=False) for c, t in zip(classes, take) if t]
+    return np.sort(np.concatenate(picks))
+
+
+def subset_record(labels, indices, *, seed: int, rule: str) -> dict:
+    """What eval.json / manifests say about a subset: rule, seed, size, the set's size and classes covered."""
+    labels = np.asarray(labels)
+    picked = labels[np.asarray(indices, dtype=int)]
+    return {"rule": rule if len(indices) < len(labels) else "all", "seed": seed if rule != "first" else None,
+            "count": len(indices), "of": len(labels),
+            "classes": len(np.unique(picked)), "classes_in_set": len(np.unique(labels))}
+
+
+def take_subset(ds: ImageDataset, n: int | None, *, seed: int, rule: str = "stratified"):
+    """``(dataset, record)``: ``ds`` itself when ``n`` is None or covers it, else a :class:`Subset` chosen by
+    :func:`subset_indices`; ``record`` is :func:`subset_record`'s description of the choice."""
+    n = len(ds) if n is None else min(n, len(ds))
+    idx = subset_indices(ds.labels, n, seed=seed, rule=rule)
+    record = subset_record(ds.labels, idx, seed=seed, rule=rule)
+    return (ds if n == len(ds) else Subset(ds, idx.tolist())), record
+
+
 class Subset(ImageDataset):
     """A fixed subset of another image data set (keeps labels and class names)."""
 

@@ -107,7 +107,8 @@ def heldout_clean_images(cfg: Recipe) -> list[torch.Tensor]:
 
     denoise.eval_images (folder / .tar): center crops of eval_crop px at native resolution, eval_count of them
     spread over the set. Otherwise from [data]: built-in photographs → crops drawn with another seed than
-    training's; folder / tar → its last eval_count images, which were also seen in training (a note says so).
+    training's; folder / tar → a seeded class-stratified subset of eval_count images, which were also seen in
+    training (a note says so).
     """
     d, den = cfg.data, cfg.denoise
     if den.eval_images:
@@ -121,8 +122,11 @@ def heldout_clean_images(cfg: Recipe) -> list[torch.Tensor]:
         picks = list(range(min(den.eval_count, len(ds))))
     else:
         ds = image_dataset(cfg, augment=False)
-        picks = list(range(max(0, len(ds) - den.eval_count), len(ds)))
-        console.print("[yellow]denoise: no denoise.eval_images set; evaluating on the last "
+        from ssr_cli.data import subset_indices
+
+        # Seeded class-stratified, not the last files of a class-sorted folder/tar (a class or two).
+        picks = subset_indices(ds.labels, den.eval_count, seed=cfg.run.seed).tolist()
+        console.print("[yellow]denoise: no denoise.eval_images set; evaluating on a stratified subset of "
                       f"{len(picks)} images of [data], which training also saw")
     return [ds[(i, None)][0] for i in picks]
 

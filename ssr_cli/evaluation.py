@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from ssr_cli.data import build_dataset, ordered_batches
+from ssr_cli.data import build_dataset, ordered_batches, take_subset
 from ssr_cli.engine.progress import console, make_progress
 from ssr_cli.engine.runtime import Runtime
 from ssr_cli.recipe import Recipe
@@ -52,15 +52,21 @@ def _lpips(cfg: Recipe, device: torch.device):
     return load_lpips(cfg.eval.lpips_net, path, device=device), None
 
 
-def image_set(cfg: Recipe, source: str | None, split: str | None, size: int, limit: int | None):
-    """A data set from a path (folder or .tar), or the recipe's [data] when ``source`` is None."""
+def image_subset(cfg: Recipe, source: str | None, split: str | None, size: int, limit: int | None):
+    """``(dataset, n, record)``: a path (folder or .tar), or the recipe's [data] when ``source`` is None, cut to
+    ``limit`` images by ``eval.subset`` (seeded, class-stratified by default); ``record`` describes the choice."""
     if source is None:
         ds = image_dataset(cfg, augment=False, image_size=size)
     else:
         kind = "tar" if source.endswith(".tar") else "folder"
         ds = build_dataset(kind, path=source, split=split, image_size=size)
-    n = len(ds) if limit is None else min(limit, len(ds))
-    return ds, n
+    ds, record = take_subset(ds, limit, seed=cfg.eval.subset_seed, rule=cfg.eval.subset)
+    return ds, len(ds), record
+
+
+def image_set(cfg: Recipe, source: str | None, split: str | None, size: int, limit: int | None):
+    """:func:`image_subset` without the record."""
+    return image_subset(cfg, source, split, size, limit)[:2]
 
 
 def _uint8_batches(ds, n: int, batch_size: int, label: str):
@@ -73,10 +79,33 @@ def _uint8_batches(ds, n: int, batch_size: int, label: str):
             yield to_uint8(images)
 
 
+def _npz_batches(path: Path, batch_size: int, label: str):
+    """uint8 NCHW tensors of an ADM batch's ``arr_0``, streamed (see :mod:`ssr_cli.npz`)."""
+    from ssr_cli.npz import iter_npz_batches, npz_array_info
+
+    n = npz_array_info(path)[0][0]
+    with make_progress() as progress:
+        task = progress.add_task(label, total=n, status="", rate="")
+        for rows in iter_npz_batches(path, batch_size=batch_size):
+            progress.update(task, advance=rows.shape[0])
+            yield torch.from_numpy(rows).permute(0, 3, 1, 2)
+
+
+def paired_rfid(acc_originals, acc_recons, ids_originals: list[int], ids_recons: list[int]) -> float:
+    """rFID of reconstructions against their own originals, and only those: the two feature sets must come
+    from the same image indices in the same order (never a generation reference batch)."""
+    from ssr_cli.metrics import frechet_distance
+
+    if ids_originals != ids_recons or acc_originals.num_images != acc_recons.num_images:
+        raise RuntimeError("rFID needs the originals of exactly the reconstructed images as its reference "
+                           f"({len(ids_originals)} originals vs {len(ids_recons)} reconstructions, different ids)")
+    return frechet_distance(*acc_recons.stats("pool"), *acc_originals.stats("pool"))
+
+
 @torch.no_grad()
 def reconstruction(cfg: Recipe, rt: Runtime, *, weights: str | None = None) -> dict:
     from ssr_cli.finetune import build_tokenizer, load_tokenizer_for_run
-    from ssr_cli.metrics import FeatureAccumulator, frechet_distance, reconstruction_metrics, to_uint8
+    from ssr_cli.metrics import FeatureAccumulator, reconstruction_metrics, to_uint8
 
     e = cfg.eval
     size = e.image_size or cfg.data.image_size
@@ -85,15 +114,17 @@ def reconstruction(cfg: Recipe, rt: Runtime, *, weights: str | None = None) -> d
     else:
         tokenizer, source = load_tokenizer_for_run(cfg)
     tokenizer = tokenizer.to(rt.device).eval()
-    ds, n = image_set(cfg, e.images, e.images_split, size, e.num_images)
+    ds, n, subset = image_subset(cfg, e.images, e.images_split, size, e.num_images)
     lpips_model, lpips_note = _lpips(cfg, rt.device)
     inception, inception_note = load_inception(cfg, rt.device)
     acc_real = FeatureAccumulator(keep=(), stats=("pool",)) if inception else None
     acc_recon = FeatureAccumulator(keep=(), stats=("pool",)) if inception else None
     per_image: dict[str, list[np.ndarray]] = {}
+    ids_real: list[int] = []
+    ids_recon: list[int] = []
     with make_progress() as progress:
         task = progress.add_task("evaluate: reconstruction", total=n, status="", rate="")
-        for images, _, _ in ordered_batches(ds, e.batch_size, limit=n):
+        for images, _, indices in ordered_batches(ds, e.batch_size, limit=n):
             x = images.to(rt.device)
             with rt.autocast():
                 recon = tokenizer.decode(tokenizer.encode_latent(x))
@@ -102,10 +133,16 @@ def reconstruction(cfg: Recipe, rt: Runtime, *, weights: str | None = None) -> d
                 per_image.setdefault(key, []).append(value)
             if inception:
                 acc_real.update(inception(to_uint8(x)))
+                ids_real.extend(indices.tolist())
                 acc_recon.update(inception(to_uint8(recon)))
+                ids_recon.extend(indices.tolist())
             progress.update(task, advance=x.shape[0])
     out: dict = {"tokenizer": f"{cfg.tokenizer.family}/{cfg.tokenizer.size}", "weights": str(source) if source else None,
                  "num_images": n, "resolution": size, "unavailable": {}}
+    out["protocol"] = {"images": e.images or f"[data] {cfg.data.source} {cfg.data.path or ''}".strip(),
+                       "images_sha256": _sha256_or_none(e.images), "num_images": n, "resolution": size,
+                       "subset": subset, "quantize": "round", "rfid_reference": f"the {n} originals of the "
+                       "reconstructed images", "evaluator": evaluator_version()}
     for key, chunks in per_image.items():
         values = np.concatenate(chunks)
         finite = values[np.isfinite(values)]
@@ -119,62 +156,134 @@ def reconstruction(cfg: Recipe, rt: Runtime, *, weights: str | None = None) -> d
             out["rfid"] = None
             out["unavailable"]["rfid"] = "rFID needs at least 2 images"
         else:
-            out["rfid"] = frechet_distance(*acc_recon.stats("pool"), *acc_real.stats("pool"))
+            out["rfid"] = paired_rfid(acc_real, acc_recon, ids_real, ids_recon)
     else:
         out["rfid"] = None
         out["unavailable"]["rfid"] = inception_note
     return out
 
 
-def reference_stats(cfg: Recipe, inception, resolution: int):
-    """The FID reference as :class:`ssr_cli.metrics.ReferenceStats`."""
+def evaluator_version() -> str:
+    """What computed the numbers: this package's version and the feature protocol."""
+    from ssr_cli import __version__
+
+    return f"ssr {__version__}: ADM evaluator protocol (TF Inception 2015-12-05, pool_3 + mixed_6/conv, float64 stats)"
+
+
+def _sha256_or_none(path: str | None) -> str | None:
+    from ssr_cli.latents import file_sha256
+
+    return file_sha256(path) if path and Path(path).is_file() else None
+
+
+def reference_stats(cfg: Recipe, inception, resolution: int, sink=None):
+    """The FID reference as :class:`ssr_cli.metrics.ReferenceStats` (``subset`` set on it: the subset record of
+    a folder/tar/[data] reference, None for a .npz). ``sink(uint8 NCHW batch)`` sees every reference image."""
     from ssr_cli.metrics import ReferenceStats, extract_features, load_reference
 
     e = cfg.eval
     if e.reference and e.reference.endswith(".npz"):
         return load_reference(e.reference, extractor=inception, batch_size=e.batch_size)
-    ds, n = image_set(cfg, e.reference, e.reference_split, resolution, e.num_reference_images)
-    feats = extract_features(_uint8_batches(ds, n, e.batch_size, "evaluate: reference features"), inception,
-                             batch_size=e.batch_size, keep=("pool",))
+    ds, n, subset = image_subset(cfg, e.reference, e.reference_split, resolution, e.num_reference_images)
+    batches = _uint8_batches(ds, n, e.batch_size, "evaluate: reference features")
+    if sink is not None:
+        batches = (sink(b) or b for b in batches)
+    feats = extract_features(batches, inception, batch_size=e.batch_size, keep=("pool",), rows_dtype=np.float32)
     return ReferenceStats(mu=feats["mu"], sigma=feats["sigma"], mu_s=feats["mu_s"], sigma_s=feats["sigma_s"],
-                          pool=feats["pool"], num_images=n, source=e.reference or f"[data] {cfg.data.source}")
+                          pool=feats["pool"], num_images=n, source=e.reference or f"[data] {cfg.data.source}",
+                          subset=subset)
 
 
-def generation(cfg: Recipe, rt: Runtime, samples: Path) -> dict:
+SAMPLES_SIDECAR = "samples.json"
+
+
+def samples_protocol(samples: Path, labels: np.ndarray | None) -> dict:
+    """How the samples were made: ``samples.json`` beside the .npz (written by ``ssr sample``), else unknown;
+    the label protocol is checked against ``arr_1`` when the batch carries labels."""
+    sidecar = samples.with_name(SAMPLES_SIDECAR)
+    made = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    keys = ("labels", "sampler", "steps", "shift", "cfg_scale", "cfg_interval", "seed", "quantize")
+    out = {k: made.get(k, "unknown") for k in keys}
+    if labels is not None and len(labels):
+        counts = np.bincount(labels.astype(np.int64))
+        counts = counts[counts > 0]
+        out["label_counts"] = {"classes": int(len(counts)), "min": int(counts.min()), "max": int(counts.max())}
+        if out["labels"] == "unknown":
+            out["labels"] = "balanced" if counts.min() == counts.max() else "uniform"
+    if not made:
+        out["note"] = f"no {SAMPLES_SIDECAR} beside {samples.name}: sampling settings unknown"
+    return out
+
+
+def generation(cfg: Recipe, rt: Runtime, samples: Path, inception=None) -> dict:
+    """Generation metrics of an ADM batch against ``eval.reference``, both streamed in ``eval.batch_size``
+    chunks. ``inception``: a feature extractor like :class:`ssr_cli.metrics.InceptionFeatures` (default: the
+    one of ``eval.inception_weights``)."""
     from ssr_cli.metrics import compute_generation_metrics, extract_features
+    from ssr_cli.npz import check_images, npz_array_info, npz_keys
 
-    inception, note = load_inception(cfg, rt.device)
     if inception is None:
-        raise FileNotFoundError(f"generation metrics need Inception weights: {note}")
-    with np.load(samples) as f:
-        images = f["arr_0"]
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"{samples}: arr_0 must be uint8 NHWC images, got {images.dtype} {images.shape}")
+        inception, note = load_inception(cfg, rt.device)
+        if inception is None:
+            raise FileNotFoundError(f"generation metrics need Inception weights: {note}")
+    samples = Path(samples)
+    shape, dtype = npz_array_info(samples)
+    check_images(samples, shape, dtype)
+    labels = None
+    if "arr_1" in npz_keys(samples):
+        with np.load(samples) as f:
+            labels = f["arr_1"]
     bs = cfg.eval.batch_size
-    batches = (torch.from_numpy(images[i:i + bs]).permute(0, 3, 1, 2) for i in range(0, len(images), bs))
-    fake = extract_features(batches, inception, batch_size=bs)
-    ref = reference_stats(cfg, inception, resolution=images.shape[1])
+    # Rows kept: pool (precision/recall, KID) and logits (IS), float32 (lossless); spatial only as running stats.
+    fake = extract_features(_npz_batches(samples, bs, "evaluate: sample features"), inception, batch_size=bs,
+                            keep=("pool", "logits"), rows_dtype=np.float32)
+    ref = reference_stats(cfg, inception, resolution=shape[1])
     m = compute_generation_metrics(fake, ref, inception.fc_is_zero, kid_subsets=cfg.eval.kid_subsets,
                                    kid_subset_size=cfg.eval.kid_subset_size, seed=cfg.run.seed)
     m["samples"] = str(samples)
     m["reference"] = ref.source
     m["reference_images"] = ref.num_images
+    ref_file = cfg.eval.reference if cfg.eval.reference and Path(cfg.eval.reference).is_file() else None
+    m["protocol"] = {
+        "num_samples": int(shape[0]), "resolution": int(shape[1]), **samples_protocol(samples, labels),
+        "reference": ref.source, "reference_sha256": _sha256_or_none(ref_file), "reference_images": ref.num_images,
+        "reference_subset": ref.subset, "evaluator": evaluator_version(),
+        "inception_weights_sha256": _sha256_or_none(cfg.eval.inception_weights),
+    }
     return m
 
 
 def make_reference(cfg: Recipe, rt: Runtime, out: Path) -> Path:
-    """Compute and save reference statistics (for later `eval.reference = <out>`)."""
-    from ssr_cli.metrics import save_reference_stats
+    """Reference batch for later ``eval.reference = <out>``, in ADM's layout: ``arr_0`` (the reference images,
+    uint8 NHWC, rounding quantisation), ``mu``/``sigma``/``mu_s``/``sigma_s`` (float64) — what ADM's evaluator
+    reads — plus ours: ``pool`` rows (float32, precision/recall/KID), ``num_images``, ``format``, ``subset``."""
+    from ssr_cli.metrics import REFERENCE_FORMAT
+    from ssr_cli.npz import NpzWriter
 
     inception, note = load_inception(cfg, rt.device)
     if inception is None:
         raise FileNotFoundError(f"--make-ref needs Inception weights: {note}")
-    size = cfg.eval.image_size or cfg.data.image_size
-    ref = reference_stats(cfg, inception, resolution=size)
-    path = save_reference_stats(out, {"mu": ref.mu, "sigma": ref.sigma, "mu_s": ref.mu_s, "sigma_s": ref.sigma_s,
-                                      "pool": ref.pool})
-    console.print(f"[green]reference statistics of {ref.num_images} images ({ref.source}, {size}²) written to {path}")
-    return path
+    e = cfg.eval
+    if e.reference and e.reference.endswith(".npz"):
+        raise ValueError(f"--make-ref reads images (a folder, a .tar or [data]); eval.reference is already a "
+                         f"reference batch: {e.reference}")
+    size = e.image_size or cfg.data.image_size
+    n = image_subset(cfg, e.reference, e.reference_split, size, e.num_reference_images)[1]
+    with NpzWriter(out) as writer:
+        writer.add_stream("arr_0", (n, size, size, 3), np.uint8)
+        ref = reference_stats(cfg, inception, resolution=size,
+                              sink=lambda b: writer.write("arr_0", b.permute(0, 2, 3, 1).numpy()))
+        for key in ("mu", "sigma", "mu_s", "sigma_s"):
+            writer.add(key, np.asarray(getattr(ref, key), dtype=np.float64))
+        writer.add("pool", np.asarray(ref.pool, dtype=np.float32))
+        writer.add("num_images", np.asarray(n, dtype=np.int64))
+        writer.add("format", np.asarray(REFERENCE_FORMAT))
+        writer.add("subset", np.asarray(json.dumps({"source": ref.source, "resolution": size, **ref.subset})))
+    from rich.markup import escape
+
+    console.print(f"[green]reference batch of {ref.num_images} images ({escape(ref.source)}, {size}², subset "
+                  f"{ref.subset['rule']}) written to {out}: arr_0 + mu/sigma/mu_s/sigma_s, readable by ADM's evaluator")
+    return Path(out)
 
 
 def run_evaluate(cfg: Recipe, rt: Runtime, *, gfid: bool | None = None, samples: Path | None = None,
@@ -225,6 +334,41 @@ COMPARE_KEYS = {
 }
 
 
+# Recorded but not part of what must match: a different seed is a repeat of the same protocol.
+PROTOCOL_IGNORED = ("seed", "note", "label_counts")
+
+
+def protocol_differences(results: dict[str, dict]) -> list[str]:
+    """Protocol fields (eval.json ``<part>.protocol``) in which the compared runs differ, one line each, for the
+    parts that carry numbers; file paths count only where the files have no hash to compare."""
+    lines = []
+    for part in COMPARE_KEYS:
+        protocols = {label: r[part]["protocol"] for label, r in results.items()
+                     if isinstance(r.get(part), dict) and "protocol" in r[part]}
+        if len(protocols) < 2:
+            continue
+        keys = sorted({k for p in protocols.values() for k in p} - set(PROTOCOL_IGNORED))
+        for key in keys:
+            if key in ("reference", "images") and all(p.get(f"{key}_sha256") for p in protocols.values()):
+                continue
+            values = {label: p.get(key, "unrecorded") for label, p in protocols.items()}
+            if len({json.dumps(_jsonable(v), sort_keys=True) for v in values.values()}) > 1:
+                shown = ", ".join(f"{label}: {json.dumps(_jsonable(v))}" for label, v in values.items())
+                lines.append(f"{part} {key} ({shown})")
+    return lines
+
+
+def check_protocols(results: dict[str, dict], allow_mixed: bool = False) -> list[str]:
+    """Refuse (UserError) to compare runs evaluated under different protocols unless ``allow_mixed``."""
+    from ssr_cli.errors import UserError
+
+    diffs = protocol_differences(results)
+    if diffs and not allow_mixed:
+        raise UserError("the compared runs were evaluated under different protocols: " + "; ".join(diffs)
+                        + ". Re-evaluate them alike, or pass --mixed-protocols to show them side by side anyway")
+    return diffs
+
+
 def print_comparison(results: dict[str, dict]) -> None:
     """One column per run (label -> run_evaluate result): the headline metrics side by side."""
     if all("psnr" in r and "reconstruction" not in r for r in results.values()):
@@ -243,6 +387,9 @@ def print_comparison(results: dict[str, dict]) -> None:
                 continue
             table.add_row(f"{part} {LABELS[key]}",
                           *(f"{v:.4f}" if isinstance(v, float) else "[dim]unavailable" for v in values))
+        rows = [dict(protocol_rows((r.get(part) or {}).get("protocol"))) for r in results.values()]
+        for label in dict.fromkeys(k for row in rows for k in row):
+            table.add_row(f"{part} {label}", *(row.get(label, "[dim]unrecorded") for row in rows))
     console.print(table)
 
 
@@ -265,6 +412,28 @@ LABELS = {
 }
 
 
+def protocol_rows(protocol: dict | None) -> list[tuple[str, str]]:
+    """The protocol facts every table states: labels, quantisation, reference and subset rule."""
+    if not protocol:
+        return []
+    rows = []
+    if "labels" in protocol:
+        rows.append(("sample labels", str(protocol["labels"])))
+    if "quantize" in protocol:
+        rows.append(("quantisation", str(protocol["quantize"])))
+    if "reference" in protocol:
+        sha = protocol.get("reference_sha256")
+        rows.append(("reference", f"{protocol['reference']}" + (f" (sha256 {sha[:12]})" if sha else "")))
+    subset = protocol.get("reference_subset", protocol.get("subset"))
+    if subset:
+        rows.append(("subset", f"{subset['rule']} {subset['count']}/{subset['of']}, {subset['classes']} classes"))
+    if "rfid_reference" in protocol:
+        rows.append(("rFID reference", protocol["rfid_reference"]))
+    from rich.markup import escape
+
+    return [(label, escape(text)) for label, text in rows]  # "[data] ..." is text, not markup
+
+
 def print_table(result: dict) -> None:
     table = Table(title="ssr evaluate")
     table.add_column("set")
@@ -279,6 +448,8 @@ def print_table(result: dict) -> None:
                 table.add_row(part, label, text)
         if "num_images" in metrics:
             table.add_row(part, "images", str(metrics["num_images"]))
+        for label, text in protocol_rows(metrics.get("protocol")):
+            table.add_row(part, label, text)
         if "all" in unavailable:
             table.add_row(part, "-", f"[dim]{unavailable['all']}")
     console.print(table)

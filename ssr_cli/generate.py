@@ -197,22 +197,44 @@ def run_sample(cfg: Recipe, rt: Runtime) -> Path:
             with rt.autocast():
                 images = tokenizer.decode(z)
             for i, img in zip(idx, images.float().clamp(-1, 1).cpu()):
-                save_png(img, out / "png" / f"{i:06d}.png")
+                save_png(img, out / "png" / f"{i:06d}.png", quantize=s.quantize)
             progress.update(task, advance=len(idx))
     rt.barrier()
     if rt.is_main:
-        write_npz(out, s.num_images, labels)
+        write_npz(out, s.num_images, labels, protocol=sampling_protocol(cfg))
     rt.barrier()
     return out / "samples.npz"
 
 
-def write_npz(out: Path, n: int, labels: list[int]) -> Path:
-    """ADM layout: ``arr_0`` uint8 NHWC images, ``arr_1`` int64 labels."""
+def sampling_protocol(cfg: Recipe) -> dict:
+    """How ``ssr sample`` made its images, for ``samples.json`` (and from there every eval.json)."""
+    s = cfg.sample
+    return {"num_images": s.num_images, "labels": s.labels, "sampler": s.sampler, "steps": s.steps,
+            "shift": s.shift, "cfg_scale": s.cfg_scale, "cfg_interval": list(s.cfg_interval), "seed": s.seed,
+            "quantize": s.quantize, "use_ema": s.use_ema, "dit": cfg.dit.model}
+
+
+def write_npz(out: Path, n: int, labels: list[int], protocol: dict | None = None) -> Path:
+    """ADM layout, streamed one PNG at a time: ``arr_0`` uint8 NHWC images, ``arr_1`` int64 labels; with
+    ``protocol`` also ``samples.json`` (the sampling settings) beside it."""
     from PIL import Image
 
-    arr = np.stack([np.asarray(Image.open(out / "png" / f"{i:06d}.png").convert("RGB")) for i in range(n)])
-    tmp = out / ".samples.tmp.npz"
-    np.savez(tmp, arr_0=arr, arr_1=np.asarray(labels[:n], dtype=np.int64))
-    os.replace(tmp, out / "samples.npz")
-    console.print(f"[green]{n} samples in {out / 'png'}, ADM batch {out / 'samples.npz'} {arr.shape}")
+    from ssr_cli.npz import NpzWriter
+
+    def image(i: int) -> np.ndarray:
+        with Image.open(out / "png" / f"{i:06d}.png") as img:
+            return np.asarray(img.convert("RGB"))
+
+    first = image(0)
+    with NpzWriter(out / "samples.npz") as writer:
+        writer.add_stream("arr_0", (n, *first.shape), np.uint8)
+        writer.write("arr_0", first[None])
+        for i in range(1, n):
+            writer.write("arr_0", image(i)[None])
+        writer.add("arr_1", np.asarray(labels[:n], dtype=np.int64))
+    if protocol is not None:
+        tmp = out / ".samples.json.tmp"
+        tmp.write_text(json.dumps(protocol, indent=2))
+        os.replace(tmp, out / "samples.json")
+    console.print(f"[green]{n} samples in {out / 'png'}, ADM batch {out / 'samples.npz'} {(n, *first.shape)}")
     return out / "samples.npz"

@@ -12,18 +12,18 @@ from PIL import Image, ImageDraw
 from ssr_cli.metrics import to_uint8
 
 
-def to_hwc_uint8(x: torch.Tensor) -> np.ndarray:
-    """(3, H, W) or (N, 3, H, W) in [-1, 1] -> uint8 HWC / NHWC numpy."""
-    u8 = to_uint8(x.detach().cpu())
+def to_hwc_uint8(x: torch.Tensor, quantize: str = "round") -> np.ndarray:
+    """(3, H, W) or (N, 3, H, W) in [-1, 1] -> uint8 HWC / NHWC numpy (see metrics.to_uint8 for ``quantize``)."""
+    u8 = to_uint8(x.detach().cpu(), quantize)
     return u8.permute(*range(u8.dim() - 3), -2, -1, -3).numpy()
 
 
-def save_png(x: torch.Tensor, path: str | Path) -> Path:
-    """One image (3, H, W) in [-1, 1] -> PNG, written atomically."""
+def save_png(x: torch.Tensor, path: str | Path, quantize: str = "round") -> Path:
+    """One image (3, H, W) in [-1, 1] -> PNG, written atomically (uint8 by ``quantize``, see metrics.to_uint8)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(to_hwc_uint8(x)).save(tmp, format="PNG")
+    Image.fromarray(to_hwc_uint8(x, quantize)).save(tmp, format="PNG")
     os.replace(tmp, path)
     return path
 

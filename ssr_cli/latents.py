@@ -4,7 +4,7 @@ Layout of ``<latents dir>``:
   shard_00000.safetensors ...  tensors ``latents`` (N, C, h, w) float32, ``latents_flip`` (the latent of
                                the horizontally flipped image, when enabled), ``labels`` (N,) int64,
                                ``indices`` (N,) int64 (data set indices)
-  stats.safetensors            ``mean``, ``std``: per-channel (C,) over the first ``stats_count`` latents
+  stats.safetensors            ``mean``, ``std``: per-channel (C,) over ``stats_count`` latents (seeded, class-stratified)
   manifest.json                tokenizer, weights file and its SHA-256, recipe, shapes, classes, shards
 
 Shards are written atomically and a finished shard is skipped when the command runs again, so an
@@ -148,7 +148,7 @@ def encode_latents(cfg: Recipe, rt: Runtime) -> Path:
     rt.barrier()
     if rt.is_main:
         shards = [out / f"shard_{k:05d}.safetensors" for k in range(n_shards)]
-        stats = compute_stats(shards, lc.stats_count)
+        stats = compute_stats(shards, lc.stats_count, seed=cfg.run.seed)
         _save_atomic(stats, out / STATS)
         first = load_file(str(shards[0]))
         manifest = {
@@ -161,7 +161,8 @@ def encode_latents(cfg: Recipe, rt: Runtime) -> Path:
             "classes": list(getattr(dataset, "classes", [])),
             "num_classes": max(1, len(getattr(dataset, "classes", [])) or 1),
             "shards": [s.name for s in shards],
-            "stats": {"file": STATS, "count": int(min(lc.stats_count, n))},
+            "stats": {"file": STATS, "count": int(min(lc.stats_count, n)),
+                      "subset": "stratified" if lc.stats_count < n else "all", "seed": cfg.run.seed},
             "recipe": dump(cfg),
         }
         tmp = out / f".{MANIFEST}.tmp"
@@ -172,25 +173,36 @@ def encode_latents(cfg: Recipe, rt: Runtime) -> Path:
     return out
 
 
-def compute_stats(shards: list[Path], count: int) -> dict[str, torch.Tensor]:
-    """Per-channel mean and std (float64 accumulation) over the first ``count`` latents (and their flips)."""
-    total = 0
+def compute_stats(shards: list[Path], count: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Per-channel mean and std (float64 accumulation) over ``count`` latents (and their flips): a seeded,
+    class-stratified subset (:func:`ssr_cli.data.subset_indices`) of the cache, every latent when it holds fewer
+    (shards follow the data set's sorted order, so the first ``count`` would be a few classes only)."""
+    from ssr_cli.data import subset_indices
+
+    labels = []
+    for path in shards:
+        with safe_open(str(path), framework="pt") as f:
+            labels.append(f.get_tensor("labels"))
+    labels = torch.cat(labels).numpy()
+    chosen = subset_indices(labels, count, seed=seed, rule="stratified")
     s1 = s2 = None
     pixels = 0
+    start = 0
     for path in shards:
         data = load_file(str(path))
+        rows = data["latents"].shape[0]
+        local = chosen[(chosen >= start) & (chosen < start + rows)] - start
+        start += rows
+        if local.size == 0:
+            continue
+        pick = torch.from_numpy(local)
         for key in ("latents", "latents_flip"):
             if key not in data:
                 continue
-            z = data[key][: max(0, count - total)].double()
-            if z.numel() == 0:
-                continue
+            z = data[key][pick].double()
             s1 = z.sum(dim=(0, 2, 3)) if s1 is None else s1 + z.sum(dim=(0, 2, 3))
             s2 = z.pow(2).sum(dim=(0, 2, 3)) if s2 is None else s2 + z.pow(2).sum(dim=(0, 2, 3))
             pixels += z.shape[0] * z.shape[2] * z.shape[3]
-        total += min(data["latents"].shape[0], max(0, count - total))
-        if total >= count:
-            break
     mean = s1 / pixels
     var = (s2 / pixels - mean.pow(2)).clamp_min(0)
     return {"mean": mean.float(), "std": var.sqrt().clamp_min(1e-6).float()}

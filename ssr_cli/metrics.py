@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import tempfile
 import warnings
@@ -78,9 +79,22 @@ class MetricUnavailable(Exception):
 # ---------------------------------------------------------------------------------------------------
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Quantize images in [-1, 1] (any float dtype, any shape) to uint8: round((x + 1) * 127.5), clamped."""
-    return torch.round((images.detach().to(torch.float32) + 1.0) * 127.5).clamp_(0, 255).to(torch.uint8)
+QUANTIZE_MODES = ("round", "truncate")
+
+
+def to_uint8(images: torch.Tensor, mode: str = "round") -> torch.Tensor:
+    """Quantize images in [-1, 1] (any float dtype, any shape) to uint8, clamped to [0, 255].
+
+    mode "round" (ours, everywhere by default): round((x + 1) * 127.5). "truncate": floor((x + 1) * 127.5),
+    what ADM's sampler writes (``((x + 1) * 127.5).clamp(0, 255).to(uint8)``), about half a grey level lower."""
+    scaled = (images.detach().to(torch.float32) + 1.0) * 127.5
+    if mode == "round":
+        scaled = torch.round(scaled)
+    elif mode == "truncate":
+        scaled = torch.floor(scaled)
+    else:
+        raise ValueError(f"to_uint8: mode must be one of {QUANTIZE_MODES}, got {mode!r}")
+    return scaled.clamp_(0, 255).to(torch.uint8)
 
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor, name: str) -> None:
@@ -398,8 +412,10 @@ class FeatureAccumulator:
     ``spatial`` for sFID), so 50k-image sets stream in bounded memory.
     """
 
-    def __init__(self, keep: Iterable[str] = ("pool", "logits"), stats: Iterable[str] = ("pool", "spatial")):
+    def __init__(self, keep: Iterable[str] = ("pool", "logits"), stats: Iterable[str] = ("pool", "spatial"),
+                 rows_dtype=np.float64):
         self.keep = tuple(keep)
+        self.rows_dtype = np.dtype(rows_dtype)
         if not self.keep and not tuple(stats):
             raise ValueError("FeatureAccumulator: nothing to keep or accumulate")
         self._rows: dict[str, list[np.ndarray]] = {name: [] for name in self.keep}
@@ -412,7 +428,7 @@ class FeatureAccumulator:
         if len(sizes) != 1:
             raise ValueError(f"feature batch has inconsistent row counts {sizes}")
         for name in self.keep:
-            self._rows[name].append(np.asarray(feats[name], dtype=np.float64))
+            self._rows[name].append(np.asarray(feats[name], dtype=self.rows_dtype))
         for name, gaussian in self._gaussians.items():
             gaussian.update(feats[name])
         self.num_images += sizes.pop()
@@ -422,9 +438,9 @@ class FeatureAccumulator:
         return self._gaussians[name].stats()
 
     def features(self) -> dict[str, np.ndarray]:
-        """The kept raw rows, each (N, D) float64."""
+        """The kept raw rows, each (N, D) in ``rows_dtype`` (float64 by default)."""
         return {
-            name: np.concatenate(rows, axis=0) if rows else np.zeros((0, 0), dtype=np.float64)
+            name: np.concatenate(rows, axis=0) if rows else np.zeros((0, 0), dtype=self.rows_dtype)
             for name, rows in self._rows.items()
         }
 
@@ -468,13 +484,15 @@ def extract_features(
     extractor: InceptionFeatures,
     batch_size: int = 50,
     keep: Iterable[str] = ("pool", "logits", "spatial"),
+    rows_dtype=np.float64,
 ) -> dict[str, np.ndarray]:
     """Inception features of uint8 images (a (N, 3, H, W) tensor or an iterable of batches / single images).
 
-    Returns the kept features as float64 arrays (``pool`` (N, 2048), ``logits`` (N, 1008), ``spatial``
+    Returns the kept features as ``rows_dtype`` arrays (``pool`` (N, 2048), ``logits`` (N, 1008), ``spatial``
     (N, 2023)) plus ``mu``, ``sigma``, ``mu_s``, ``sigma_s`` (see :meth:`FeatureAccumulator.result`).
+    ``rows_dtype=np.float32`` halves the kept rows' memory losslessly: the Inception computes in float32.
     """
-    accumulator = FeatureAccumulator(keep=keep)
+    accumulator = FeatureAccumulator(keep=keep, rows_dtype=rows_dtype)
     for batch in _batches_of(images, batch_size):
         accumulator.update(extractor(batch))
     if accumulator.num_images == 0:
@@ -569,20 +587,34 @@ def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.pow(2).sum(1, keepdim=True) - 2.0 * a @ b.T + b.pow(2).sum(1)[None]).clamp_(min=0.0)
 
 
+_CENTER_CHUNK = 8192  # centers per distance block: rows are converted to float64 one block at a time
+
+
+def _center_chunks(centers: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    for start in range(0, centers.shape[0], _CENTER_CHUNK):
+        yield start, centers[start : start + _CENTER_CHUNK].to(torch.float64)
+
+
 def _knn_radii_sq(feats: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
     # k-th nearest neighbour other than the point itself: the (k+1)-th smallest distance (self is at 0).
-    radii = torch.empty(feats.shape[0], dtype=feats.dtype)
+    # Per block of centers keep the k+1 smallest distances; the (k+1)-th of their union is the row's.
+    radii = torch.empty(feats.shape[0], dtype=torch.float64)
     for start in range(0, feats.shape[0], batch_size):
-        block = _squared_distances(feats[start : start + batch_size], feats)
-        radii[start : start + batch_size] = block.kthvalue(k + 1, dim=1).values
+        rows = feats[start : start + batch_size].to(torch.float64)
+        best = torch.cat([_squared_distances(rows, chunk).topk(min(k + 1, chunk.shape[0]), dim=1, largest=False).values
+                          for _, chunk in _center_chunks(feats)], dim=1)
+        radii[start : start + batch_size] = best.kthvalue(k + 1, dim=1).values
     return radii
 
 
 def _fraction_inside(queries: torch.Tensor, centers: torch.Tensor, radii_sq: torch.Tensor, batch_size: int) -> float:
     inside = 0
     for start in range(0, queries.shape[0], batch_size):
-        block = _squared_distances(queries[start : start + batch_size], centers)
-        inside += int((block <= radii_sq[None]).any(dim=1).sum())
+        rows = queries[start : start + batch_size].to(torch.float64)
+        hit = torch.zeros(rows.shape[0], dtype=torch.bool)
+        for c0, chunk in _center_chunks(centers):
+            hit |= (_squared_distances(rows, chunk) <= radii_sq[None, c0 : c0 + chunk.shape[0]]).any(dim=1)
+        inside += int(hit.sum())
     return inside / queries.shape[0]
 
 
@@ -594,11 +626,15 @@ def precision_recall(
     real_feats (N_r, D), fake_feats (N_f, D): e.g. Inception pool features. Each set's manifold is the
     union of balls around its points with radius = distance to the k-th nearest other point. Precision is
     the fraction of fake points inside the real manifold, recall the fraction of real points inside the
-    fake manifold. Distances in float64, in row blocks of ``batch_size`` (memory ~ batch_size * N * 8 B).
+    fake manifold. Distances in float64, in blocks of ``batch_size`` rows by 8192 centers, each converted to
+    float64 when used (float32 inputs, as Inception computes them, are never copied whole).
     Returns (precision, recall) in [0, 1].
     """
-    real = torch.from_numpy(np.ascontiguousarray(real_feats, dtype=np.float64))
-    fake = torch.from_numpy(np.ascontiguousarray(fake_feats, dtype=np.float64))
+    def tensor(a):
+        a = np.asarray(a)
+        return torch.from_numpy(np.ascontiguousarray(a if a.dtype in (np.float32, np.float64) else a.astype(np.float64)))
+
+    real, fake = tensor(real_feats), tensor(fake_feats)
     if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(
             f"precision_recall: expected (N, D) feature sets, got {tuple(real.shape)} and {tuple(fake.shape)}"
@@ -627,8 +663,8 @@ def kid(
     without replacement from each set (as torch-fidelity). ``subset_size`` is capped at the smaller set size.
     Returns (mean, population std) over subsets; float64.
     """
-    real = np.asarray(real_feats, dtype=np.float64)
-    fake = np.asarray(fake_feats, dtype=np.float64)
+    real = np.asarray(real_feats)
+    fake = np.asarray(fake_feats)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(f"kid: expected (N, D) feature sets, got {real.shape} and {fake.shape}")
     m = min(subset_size, real.shape[0], fake.shape[0])
@@ -638,8 +674,8 @@ def kid(
     rng = np.random.default_rng(seed)
     values = np.empty(subsets)
     for i in range(subsets):
-        x = real[rng.choice(real.shape[0], m, replace=False)]
-        y = fake[rng.choice(fake.shape[0], m, replace=False)]
+        x = real[rng.choice(real.shape[0], m, replace=False)].astype(np.float64)  # subsets only, in float64
+        y = fake[rng.choice(fake.shape[0], m, replace=False)].astype(np.float64)
         k_xx = (x @ x.T / dim + 1.0) ** degree
         k_yy = (y @ y.T / dim + 1.0) ** degree
         k_xy = (x @ y.T / dim + 1.0) ** degree
@@ -666,6 +702,7 @@ class ReferenceStats:
     num_images: int | None = None
     source: str = ""
     notes: dict[str, str] = field(default_factory=dict)
+    subset: dict | None = None  # how a folder/tar reference was cut to size (data.subset_record), None: whole
 
 
 def save_reference_stats(path: str | os.PathLike, feats: Mapping[str, np.ndarray]) -> Path:
@@ -717,14 +754,16 @@ def load_reference(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference file not found: {path}")
+    from ssr_cli.npz import check_images, iter_npz_batches, npz_array_info
+
     with np.load(path, allow_pickle=False) as data:
         keys = set(data.files)
-        arrays = {k: data[k] for k in keys if k != "arr_0"}
-        images = data["arr_0"] if "arr_0" in keys else None
+        arrays = {k: data[k] for k in keys if k != "arr_0"}  # arr_0 (the images) is streamed, never loaded whole
     if "format" in arrays and str(arrays["format"]) == REFERENCE_FORMAT:
         return ReferenceStats(
             mu=arrays["mu"], sigma=arrays["sigma"], mu_s=arrays.get("mu_s"), sigma_s=arrays.get("sigma_s"),
-            pool=arrays["pool"].astype(np.float64), num_images=int(arrays["num_images"]), source=f"{path} (ssr)",
+            pool=arrays["pool"], num_images=int(arrays["num_images"]), source=f"{path} (ssr)",
+            subset=json.loads(str(arrays["subset"])) if "subset" in arrays else None,
         )
     # ADM batch
     notes: dict[str, str] = {}
@@ -732,16 +771,13 @@ def load_reference(
     mu, sigma = arrays.get("mu"), arrays.get("sigma")
     mu_s, sigma_s = arrays.get("mu_s"), arrays.get("sigma_s")
     num_images = None
-    if images is not None:
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise ValueError(f"{path}: arr_0 must be uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
-        num_images = images.shape[0]
+    if "arr_0" in keys:
+        shape, dtype = npz_array_info(path)
+        check_images(path, shape, dtype)
+        num_images = shape[0]
         if extractor is not None:
-            nchw = (
-                torch.from_numpy(images[i : i + batch_size]).permute(0, 3, 1, 2)
-                for i in range(0, len(images), batch_size)
-            )
-            feats = extract_features(nchw, extractor, batch_size=batch_size, keep=("pool",))
+            nchw = (torch.from_numpy(rows).permute(0, 3, 1, 2) for rows in iter_npz_batches(path, batch_size=batch_size))
+            feats = extract_features(nchw, extractor, batch_size=batch_size, keep=("pool",), rows_dtype=np.float32)
             pool = feats["pool"]
             if mu is None or sigma is None:
                 mu, sigma = feats["mu"], feats["sigma"]

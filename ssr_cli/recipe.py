@@ -200,6 +200,11 @@ class SampleConfig(Section):
     num_images: int = Field(50000, ge=1)
     batch_size: int = Field(64, ge=1)
     labels: Literal["uniform", "balanced"] = "balanced"
+    """Class of each sample: "balanced" (index mod K: 50 per class at 50K/1000) or "uniform" (drawn at random,
+    seeded, as ADM, DiT and LightningDiT do). Recorded in samples.json and eval.json."""
+    quantize: Literal["round", "truncate"] = "round"
+    """[-1, 1] -> uint8 of the saved samples: "round" (ours, round((x+1)*127.5)) or "truncate" (ADM's sampler,
+    floor((x+1)*127.5), about half a grey level darker)."""
     seed: int = 0
     use_ema: bool = True
     out_dir: str | None = None
@@ -226,7 +231,11 @@ class EvalConfig(Section):
     images_split: str | None = None
     batch_size: int = Field(32, ge=1)
     num_reference_images: int | None = Field(None, ge=2)
-    """Images read from a folder/tar/[data] reference (None: all)."""
+    """Images read from a folder/tar/[data] reference (None: all), chosen by eval.subset."""
+    subset: Literal["stratified", "uniform", "first"] = "stratified"
+    """How num_images / num_reference_images pick their images: "stratified" (seeded, every class keeps its
+    share), "uniform" (seeded, uniformly at random) or "first" (sorted order: few classes of a sorted tar)."""
+    subset_seed: int = 0
     reference: str | None = None
     """FID reference: image folder / tar, ADM .npz batch or stats file from --make-ref. None: the data set."""
     reference_split: str | None = None

@@ -53,3 +53,10 @@ def test_bench_inception_reports_throughput(capsys, shared_data):
                                    "--batches", "1", "--warmup", "0", "--device", "cpu"])
     out = capsys.readouterr().out
     assert re.search(r"throughput: [0-9.]+ img/s", out) and "GiB" in out
+
+
+@pytest.mark.slow  # two child processes that each import torch (~12 s on the 2-core machine)
+def test_bench_eval_memory_reads_the_same_pixels_both_ways(capsys):
+    result = _load("bench_eval_memory").main(["--num", "40", "--resolution", "32", "--batch", "8"])
+    assert result["load-all"]["images"] == result["stream"]["images"] == 40
+    assert "peak RSS" in capsys.readouterr().out

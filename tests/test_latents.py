@@ -54,8 +54,12 @@ def test_shards_round_trip_the_tokenizer_latents_and_stats(tmp_path):
     torch.testing.assert_close(torch.cat([r["latents_flip"] for r in rows]), z_flip, rtol=1e-5, atol=1e-5)
     assert torch.cat([r["labels"] for r in rows]).tolist() == labels
     assert torch.cat([r["indices"] for r in rows]).tolist() == list(range(10))
-    # Stats: the first stats_count latents and their flips, per channel, computed directly.
-    both = torch.cat([z[:6], z_flip[:6]]).double()
+    # Stats: stats_count latents (a seeded class-stratified subset) and their flips, per channel, computed directly.
+    from ssr_cli.data import subset_indices
+
+    pick = torch.from_numpy(subset_indices(labels, 6, seed=0, rule="stratified"))
+    assert len({labels[i] for i in pick.tolist()}) == 6 and pick.tolist() != list(range(6))  # not the first six
+    both = torch.cat([z[pick], z_flip[pick]]).double()
     mean, std = load_stats(out)
     torch.testing.assert_close(mean.double(), both.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(std.double(), both.std(dim=(0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-6)

@@ -157,10 +157,11 @@ def test_evaluate_compares_the_two_vaes_side_by_side(tmp_path):
         metrics = json.loads((cfg.run_dir() / "eval.json").read_text())
         # PSNR of the posterior-mean reconstructions, recomputed here from the exported weights.
         vae = load_tokenizer_for_run(cfg)[0].eval()
-        from ssr_cli.data import build_dataset
+        from ssr_cli.data import build_dataset, subset_indices
 
         ds = build_dataset("builtin", image_size=16, builtin_crops=32, seed=cfg.run.seed)
-        x = torch.stack([ds[(i, None)][0] for i in range(8)])
+        picks = subset_indices(ds.labels, 8, seed=cfg.eval.subset_seed, rule=cfg.eval.subset)  # eval's subset
+        x = torch.stack([ds[(int(i), None)][0] for i in picks])
         with torch.no_grad():
             recon = vae.decode(vae.encode(x).mean).clamp(-1, 1)
         assert metrics["psnr"] == pytest.approx(float(psnr_uint8(recon, x).mean()), abs=1e-3)

@@ -32,15 +32,20 @@ def evaluate(
     ] = None,
     samples: Annotated[Optional[Path], typer.Option("--samples", help="ADM-style .npz to evaluate (default <run>/samples/samples.npz).")] = None,
     weights: Annotated[Optional[str], typer.Option("--weights", help="Evaluate this tokenizer weights file instead of the run's.")] = None,
-    make_ref: Annotated[Optional[Path], typer.Option("--make-ref", help="Only compute reference statistics of eval.reference (or \\[data]) and save them here (.npz).")] = None,
+    make_ref: Annotated[Optional[Path], typer.Option("--make-ref", help="Only write an ADM reference batch of eval.reference (or \\[data]) here (.npz): arr_0 (uint8 NHWC "
+                  "images, eval.subset applies) + mu/sigma/mu_s/sigma_s, readable by ADM's evaluator.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="JSON output (default <run>/eval.json).")] = None,
     compare: CompareOpt = None,
+    mixed_protocols: Annotated[bool, typer.Option("--mixed-protocols", help="With --compare: show runs side by "
+                               "side even when their eval.json protocols differ (samples, labels, sampler, CFG, "
+                               "quantisation, reference, subset, evaluator); the differences are printed.")] = False,
 ) -> None:
     """Reconstruction (PSNR, SSIM, LPIPS, rFID) and generation (FID, sFID, IS, precision, recall, KID) metrics.
 
     Inception (eval.inception_weights) and LPIPS (eval.lpips_weights) weights come from local files; a
     metric that cannot be computed is reported as unavailable with the reason. Prints a table and writes JSON.
-    --compare other recipes' runs, e.g. recipes/s4d_vae.toml --compare recipes/cnn_vae.toml.
+    --compare other recipes' runs, e.g. recipes/s4d_vae.toml --compare recipes/cnn_vae.toml; runs evaluated
+    under different protocols (eval.json "protocol") are refused unless --mixed-protocols.
     """
     cfg = load_recipe(recipe, set_, device)
     if dry_run:
@@ -55,7 +60,10 @@ def evaluate(
             return
         result = run_evaluate(cfg, rt, gfid=gfid, samples=samples, weights=weights, out=out)
         if compare and rt.is_main:
-            from ssr_cli.evaluation import print_comparison
+            from ssr_cli.engine.progress import console
+            from ssr_cli.evaluation import check_protocols, print_comparison
 
             results = compared_results(cfg, result, compare, device, lambda other: run_evaluate(other, rt, gfid=gfid))
+            for line in check_protocols(results, allow_mixed=mixed_protocols):
+                console.print(f"[yellow]protocols differ: {line}")
             print_comparison(results)
