@@ -140,6 +140,8 @@ class TrainConfig(Section):
     ckpt_every_steps: int = Field(500, ge=1)
     keep_last: int = Field(3, ge=1)
     log_every_steps: int = Field(10, ge=1)
+    max_nonfinite_steps: int = Field(20, ge=1)
+    """Consecutive steps with a non-finite loss or gradient (each skipped: no optimizer or EMA update) that stop the run."""
     image_every_steps: int = Field(200, ge=1)
     pretrain_steps: int = Field(0, ge=0)
     """Steps of plain reconstruction training from scratch before fine-tuning (quickstart: no pretrained weights)."""
@@ -189,6 +191,8 @@ class DiTConfig(Section):
     ckpt_every_steps: int = Field(5000, ge=1)
     keep_last: int = Field(3, ge=1)
     log_every_steps: int = Field(50, ge=1)
+    max_nonfinite_steps: int = Field(20, ge=1)
+    """As train.max_nonfinite_steps, for the DiT."""
 
 
 class SampleConfig(Section):

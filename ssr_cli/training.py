@@ -79,6 +79,7 @@ def train_spec(cfg: Recipe, rt: Runtime, *, name: str, model: nn.Module, param_g
         ckpt_every=t.ckpt_every_steps,
         keep_last=t.keep_last,
         log_every=t.log_every_steps,
+        max_nonfinite_steps=t.max_nonfinite_steps,
         seed=cfg.run.seed if seed is None else seed,
         recipe_text=dump(cfg),
         compile=cfg.run.compile,

@@ -87,7 +87,9 @@ class start_run:
             self.rt.shutdown()
         from ssr_cli.errors import UserError
 
-        if exc is not None and (isinstance(exc, UserError) or exc_type in (FileNotFoundError, ValueError, KeyError)):
+        # User errors (and the standard types our checks raise for bad input, subclasses included) become one line
+        # and exit 2; anything else is a bug and keeps its traceback.
+        if exc is not None and (isinstance(exc, (UserError, FileNotFoundError, ValueError)) or exc_type is KeyError):
             fail(str(exc).strip("'\""))
         return False
 
