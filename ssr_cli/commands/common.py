@@ -69,8 +69,10 @@ class start_run:
     def __init__(self, cfg) -> None:
         self.cfg = cfg
         self.rt = None
+        self.lock = None
 
     def __enter__(self):
+        from ssr_cli.engine.lock import RunLock, RunLocked
         from ssr_cli.engine.runtime import setup_runtime
         from ssr_cli.recipe import write_resolved
 
@@ -78,11 +80,20 @@ class start_run:
             self.rt = setup_runtime(self.cfg.run.device, self.cfg.run.precision)
         except RuntimeError as exc:
             fail(str(exc))
-        if self.rt.is_main:
+        if self.rt.is_main:  # one writer per run folder; the other ranks of this job share rank 0's lock
+            try:
+                self.lock = RunLock(self.cfg.run_dir()).acquire()
+            except RunLocked as exc:
+                self.rt.shutdown()
+                fail(str(exc))
+            if self.lock.note:
+                err_console.print(f"[yellow]{self.lock.path}: {self.lock.note}")
             write_resolved(self.cfg, self.cfg.run_dir())
         return self.rt
 
     def __exit__(self, exc_type, exc, tb):
+        if self.lock is not None:
+            self.lock.release()
         if self.rt is not None:
             self.rt.shutdown()
         from ssr_cli.errors import UserError

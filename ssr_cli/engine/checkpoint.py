@@ -87,6 +87,7 @@ class Checkpointer:
             raise ValueError("keep_last must be >= 1")
         self.directory = Path(directory)
         self.keep_last = keep_last
+        self._verified: dict[tuple[str, int, int], bool] = {}
 
     def path_for(self, step: int) -> Path:
         return self.directory / f"step_{step:08d}.pt"
@@ -102,7 +103,7 @@ class Checkpointer:
         return sorted(found)
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
-        """Write step ``step``; prune to the newest ``keep_last`` only once it reads back and verifies."""
+        """Write step ``step`` (CheckpointWriteError when that fails, older ones untouched), then prune."""
         path = self.path_for(step)
         try:
             atomic_torch_save({**state, "step": step}, path, checksum=True)
@@ -112,16 +113,25 @@ class Checkpointer:
                 f"could not write checkpoint {path} ({exc.strerror or exc}); the previous checkpoints are intact "
                 f"({', '.join(previous) or 'none yet'}); free space in {self.directory} and run again to resume"
             ) from exc
-        try:
-            if _verified_payload(path) is None:
-                raise ValueError("header missing")
-        except (OSError, ValueError) as exc:  # unverifiable: keep every older checkpoint
-            warnings.warn(f"checkpoint {path} does not read back ({exc}); keeping all older ones", stacklevel=2)
-            return path
-        for _, old in self.list()[: -self.keep_last]:
-            if old != path:
-                old.unlink(missing_ok=True)
+        # Prune: keep the newest ``keep_last`` checkpoints that verify (and anything newer than the oldest of
+        # them), so damaged files never push the last valid one out.
+        valid = 0
+        for _, p in reversed(self.list()):
+            if valid >= self.keep_last:
+                p.unlink(missing_ok=True)
+            elif self._verifies(p):
+                valid += 1
         return path
+
+    def _verifies(self, path: Path) -> bool:
+        st = path.stat()
+        memo = (str(path), st.st_size, st.st_mtime_ns)
+        if memo not in self._verified:
+            try:
+                self._verified[memo] = _verified_payload(path) is not None
+            except (OSError, ValueError):
+                self._verified[memo] = False
+        return self._verified[memo]
 
     def load_latest(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
         """The newest checkpoint that loads and verifies (on the CPU; ``map_location`` is kept for callers and

@@ -65,6 +65,39 @@ class TrainSpec:
     """Consecutive steps with a non-finite loss or gradient (each skipped) after which the run stops."""
 
 
+class Preempted(SystemExit):
+    """SIGTERM arrived: a checkpoint was written at the step boundary; the process exits 0 (re-run to resume)."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+
+
+class _StopFlag:
+    """Set by SIGTERM while training; checked at every step boundary (the previous handler is restored after)."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self.previous = None
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.set = True
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
+
+
 class DivergenceError(UserError):
     """Training diverged (too many non-finite steps, or non-finite weights); no checkpoint was written with them."""
 
@@ -148,7 +181,7 @@ def train(spec: TrainSpec, rt: Runtime) -> TrainResult:
     meter = RateMeter()
     batches = spec.batches(start_step)
     model.train()
-    with make_progress(disable=not rt.is_main) as progress:
+    with make_progress(disable=not rt.is_main) as progress, _StopFlag() as stop:
         task = progress.add_task(spec.name, total=spec.steps, completed=start_step, status="", rate="")
         for step in range(start_step, spec.steps):
             torch.manual_seed(step_seed(spec.seed, "torch", rt.rank, step))
@@ -209,7 +242,8 @@ def train(spec: TrainSpec, rt: Runtime) -> TrainResult:
                 progress.update(task, status=status, rate=speed)
             progress.update(task, completed=done)
 
-            if done % spec.ckpt_every == 0 or done == spec.steps:
+            stopping = rt.all_reduce_mean(torch.tensor(float(stop.set), device=rt.device)).item() > 0 and done < spec.steps
+            if done % spec.ckpt_every == 0 or done == spec.steps or stopping:
                 if not all_finite([model, *(ema.shadow for ema, _ in spec.emas.values())]):
                     raise DivergenceError(
                         f"{spec.name}: the weights became non-finite by step {done}; not checkpointing them "
@@ -223,6 +257,11 @@ def train(spec: TrainSpec, rt: Runtime) -> TrainResult:
                         model.eval()
                         fn(done)
                         model.train()
+            if stopping:  # every rank saw the same flag (all-reduced), so all stop at this step
+                if rt.is_main:
+                    console.print(f"[yellow]{spec.name}: SIGTERM: checkpoint written at step {done} "
+                                  f"({ckpt.path_for(done)}); run the same command again to resume")
+                raise Preempted()
     if rt.is_main:
         _plot_curves(spec)
     return TrainResult(spec.steps, resumed_from, last)
