@@ -411,8 +411,14 @@ def _format_errors(exc: ValidationError, source: str) -> str:
 
 
 def from_dict(data: dict, source: str = "<recipe>") -> Recipe:
+    """Validate strictly, as JSON values: no coercion (``run.seed = true`` or ``steps = "150"`` is an error; an
+    integer is still a valid float and an array a valid pair)."""
     try:
-        return Recipe.model_validate(data)
+        text = json.dumps(data)
+    except (TypeError, ValueError):  # values TOML cannot hold (a caller's Path, …): the lenient check
+        text = None
+    try:
+        return Recipe.model_validate(data) if text is None else Recipe.model_validate_json(text, strict=True)
     except ValidationError as exc:
         raise RecipeError(_format_errors(exc, source)) from None
 

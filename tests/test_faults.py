@@ -352,3 +352,16 @@ def test_a_garbage_safetensors_file_is_a_user_error_naming_it(tmp_path):
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header at all")
     with pytest.raises(UserError, match="tok.safetensors"):
         load_state_dict_file(path)
+
+
+@pytest.mark.parametrize("override, key", [("run.seed=true", "run.seed"), ('train.steps="150"', "train.steps")])
+def test_recipe_values_are_not_coerced(override, key, tmp_path):
+    from ssr_cli.recipe import RecipeError, load
+
+    with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
+        load(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.toml", [override])
+
+
+def test_derive_a_refuses_a_grid_whose_matrices_would_not_fit():
+    result = CliRunner().invoke(app, ["derive-a", "--size", "200"])
+    assert result.exit_code == 2 and "4096 channels" in " ".join(result.output.split())
