@@ -365,3 +365,10 @@ def test_recipe_values_are_not_coerced(override, key, tmp_path):
 def test_derive_a_refuses_a_grid_whose_matrices_would_not_fit():
     result = CliRunner().invoke(app, ["derive-a", "--size", "200"])
     assert result.exit_code == 2 and "4096 channels" in " ".join(result.output.split())
+
+
+def test_plain_progress_lines_when_the_output_is_not_a_terminal(tmp_path, capsys):
+    train(_toy(tmp_path, 40, log_every=5), setup_runtime("cpu", "fp32"))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("toy | ")]
+    assert [line.split(" | ")[1] for line in lines] == [f"{s}/40" for s in range(2, 41, 2)]
+    assert "loss " in lines[-1] and "it/s" in lines[-1] and "ETA" in lines[-1]
