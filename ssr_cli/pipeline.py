@@ -97,6 +97,29 @@ def _recorded(cfg: Recipe, stage: str) -> dict | None:
         return None
 
 
+def check_builds(cfg: Recipe, stages: tuple[str, ...] = STAGES) -> list[str]:
+    """What ``--dry-run`` checks: build the models these stages would build (no data, no weights files), so a
+    mismatch between tokenizer, regularizer and DiT fails here as it would in the run. Returns what was built."""
+    import torch
+
+    from ssr_cli.finetune import build_regularizer, build_tokenizer
+    from ssr_cli.generate import _dit_kwargs, build_dit_from
+    from ssr_cli.vae_train import is_vae_family
+
+    tok = build_tokenizer(cfg, weights=None)
+    built = [f"tokenizer {cfg.tokenizer.family}/{cfg.tokenizer.size}"]
+    if "finetune" in stages and not is_vae_family(cfg):
+        build_regularizer(cfg, cfg.regularizer.kind, tok.latent_channels, None)
+        built.append(f"regularizer {cfg.regularizer.kind} on {tok.latent_channels} channels")
+    if {"train-dit", "sample"} & set(stages):
+        with torch.no_grad():
+            z = tok.eval().encode_latent(torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size))
+        kwargs = _dit_kwargs(cfg, {"latent_shape": list(z.shape[1:]), "num_classes": cfg.dit.num_classes or 1})
+        build_dit_from(kwargs)
+        built.append(f"DiT {cfg.dit.model} on latents {tuple(z.shape[1:])}")
+    return built
+
+
 def run_pipeline(cfg: Recipe, rt: Runtime, stages: tuple[str, ...] = STAGES) -> dict:
     from ssr_cli.evaluation import run_evaluate
     from ssr_cli.finetune import run_finetune

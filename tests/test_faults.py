@@ -372,3 +372,11 @@ def test_plain_progress_lines_when_the_output_is_not_a_terminal(tmp_path, capsys
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("toy | ")]
     assert [line.split(" | ")[1] for line in lines] == [f"{s}/40" for s in range(2, 41, 2)]
     assert "loss " in lines[-1] and "it/s" in lines[-1] and "ETA" in lines[-1]
+
+
+@pytest.mark.parametrize("override, message", [('regularizer.grid="8x8"', "regularizer.grid"),
+                                               ('dit.model="DiT-Q/9"', "unknown DiT model")])
+def test_dry_run_fails_where_the_run_would(override, message):
+    quickstart = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.toml"
+    result = CliRunner().invoke(app, ["pipeline", str(quickstart), "--dry-run", "--set", override])
+    assert result.exit_code == 2 and message in " ".join(result.output.split())

@@ -28,7 +28,9 @@ SetOpt = Annotated[
         show_default=False,
     ),
 ]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and exit.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and exit (finetune, train-dit "
+                                         "and pipeline also build their models, without data or weights, and fail "
+                                         "where the run would).")]
 DeviceOpt = Annotated[
     Optional[str],
     typer.Option("--device", help="cpu, cuda or auto (overrides run.device).", show_default=False),
@@ -54,6 +56,20 @@ def load_recipe(recipe: Path | None, sets: list[str] | None, device: str | None 
         return load(recipe, overrides)
     except RecipeError as exc:
         fail(str(exc))
+
+
+def run_dry(cfg, stages: tuple[str, ...]) -> None:
+    """``--dry-run``: print the resolved recipe, then build the models the run would build (see
+    :func:`ssr_cli.pipeline.check_builds`); a failure there exits 2 as the run would."""
+    from ssr_cli.errors import UserError
+    from ssr_cli.pipeline import check_builds
+
+    print_recipe(cfg)
+    try:
+        built = check_builds(cfg, stages)
+    except (UserError, ValueError, KeyError) as exc:
+        fail(str(exc).strip("'\""))
+    console.print("dry run: built " + "; ".join(built))
 
 
 def print_recipe(recipe) -> None:

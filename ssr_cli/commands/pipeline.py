@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ssr_cli.commands.common import DeviceOpt, DryRunOpt, RecipeArg, SetOpt, fail, load_recipe, print_recipe, start_run
+from ssr_cli.commands.common import DeviceOpt, DryRunOpt, RecipeArg, SetOpt, fail, load_recipe, run_dry, start_run
 
 
 def pipeline(
@@ -32,7 +32,7 @@ def pipeline(
     if unknown:
         fail(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
     if dry_run:
-        print_recipe(cfg)
+        run_dry(cfg, stages)
         return
     with start_run(cfg) as rt:
         run_pipeline(cfg, rt, stages)
