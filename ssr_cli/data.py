@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ssr_cli.engine.runtime import step_seed
+from ssr_cli.errors import UserError
 
 log = logging.getLogger("ssr.data")
 
@@ -129,6 +130,9 @@ class ImageDataset(Dataset):
         self.labels: list[int] = []
         self.classes: list[str] = []
         self.bad: set[int] = set()
+        self.max_bad_fraction = 1.0
+        self.bad_log: Path | None = None
+        """Where each unreadable image is listed (one line each), when set."""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -168,7 +172,16 @@ class ImageDataset(Dataset):
                 if name not in _REPORTED:  # one warning per file and process, however many data sets read it
                     _REPORTED.add(name)
                     warnings.warn(f"skipping unreadable image {name}: {exc}", stacklevel=2)
-        raise RuntimeError("no readable image in the data set")
+                    if self.bad_log is not None:
+                        self.bad_log.parent.mkdir(parents=True, exist_ok=True)
+                        with open(self.bad_log, "a") as fh:
+                            fh.write(f"{name}\t{exc}\n")
+                if len(self.bad) > self.max_bad_fraction * len(self):
+                    where = f"; the list is in {self.bad_log}" if self.bad_log is not None else ""
+                    raise UserError(f"{len(self.bad)} of {len(self)} images are unreadable (more than "
+                                    f"data.max_unreadable_fraction = {self.max_bad_fraction}), e.g. {name}{where}; "
+                                    "fix or remove them, or raise the fraction")
+        raise UserError("no readable image in the data set (check data.path)")
 
 
 class ImageFolder(ImageDataset):
@@ -304,8 +317,11 @@ def build_dataset(
     max_images: int | None = None,
     builtin_crops: int = 256,
     seed: int = 0,
+    max_unreadable_fraction: float = 1.0,
+    unreadable_log: str | Path | None = None,
 ) -> ImageDataset:
-    """Make the data set a recipe's ``[data]`` section describes."""
+    """Make the data set a recipe's ``[data]`` section describes; more than ``max_unreadable_fraction`` of its
+    images proving unreadable stops the run (UserError), each one listed in ``unreadable_log``."""
     kw = dict(resize=resize, random_crop=random_crop, random_flip=random_flip)
     if source == "builtin":
         ds: ImageDataset = BuiltinPhotos(image_size, length=builtin_crops, seed=seed, **kw)
@@ -319,6 +335,8 @@ def build_dataset(
         # An even subsample keeps every class represented.
         keep = np.linspace(0, len(ds) - 1, max_images).round().astype(int)
         ds = Subset(ds, keep.tolist())
+    ds.max_bad_fraction = max_unreadable_fraction
+    ds.bad_log = Path(unreadable_log) if unreadable_log is not None else None
     return ds
 
 

@@ -52,6 +52,8 @@ class DataConfig(Section):
     builtin_crops: int = Field(256, ge=1)
     """Number of random crops drawn from the built-in photographs (the built-in dataset's length)."""
     num_workers: int = Field(0, ge=0)
+    max_unreadable_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    """Stop (exit 2) once more than this fraction of the images proved unreadable; listed in <run>/unreadable_images.txt."""
 
     @model_validator(mode="after")
     def _path_needed(self) -> "DataConfig":

@@ -39,7 +39,8 @@ def image_dataset(cfg: Recipe, *, augment: bool = True, image_size: int | None =
     extra = {"random_crop": d.random_crop, "random_flip": d.random_flip} if augment else {}
     return build_dataset(d.source, path=d.path, split=d.split, image_size=image_size or d.image_size,
                          resize=d.resize, max_images=d.max_images, builtin_crops=d.builtin_crops, seed=cfg.run.seed,
-                         **extra)
+                         max_unreadable_fraction=d.max_unreadable_fraction,
+                         unreadable_log=cfg.run_dir() / "unreadable_images.txt", **extra)
 
 
 def fixed_images(cfg: Recipe, n: int) -> torch.Tensor:

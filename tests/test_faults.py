@@ -380,3 +380,31 @@ def test_dry_run_fails_where_the_run_would(override, message):
     quickstart = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.toml"
     result = CliRunner().invoke(app, ["pipeline", str(quickstart), "--dry-run", "--set", override])
     assert result.exit_code == 2 and message in " ".join(result.output.split())
+
+
+def test_unreadable_images_warn_once_each_and_stop_above_the_fraction(tmp_path):
+    import warnings
+
+    from ssr_cli.training import image_dataset
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for k in range(3):
+        Image.fromarray(np.full((20, 20, 3), 40 * k, dtype=np.uint8)).save(folder / f"ok{k}.png")
+    for k in range(2):
+        (folder / f"bad{k}.png").write_bytes(b"not a png")
+    cfg = _recipe(tmp_path, data={"source": "folder", "path": str(folder), "max_unreadable_fraction": 0.5})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):  # two data sets over the same files (e.g. training and its progress grids)
+            ds = image_dataset(cfg, augment=False)
+            assert [ds[(i, None)][1] for i in range(len(ds))] == [0] * 5  # bad ones replaced by readable ones
+    assert sorted(str(w.message).split(":")[0] for w in caught if "unreadable image" in str(w.message)) == [
+        f"skipping unreadable image {folder / 'bad0.png'}", f"skipping unreadable image {folder / 'bad1.png'}"]
+    log = cfg.run_dir() / "unreadable_images.txt"
+    assert len(log.read_text().splitlines()) == 2
+    strict = _recipe(tmp_path, data={"source": "folder", "path": str(folder), "max_unreadable_fraction": 0.3})
+    ds = image_dataset(strict, augment=False)
+    with pytest.raises(UserError, match=r"2 of 5 images are unreadable.*unreadable_images\.txt"):
+        for i in range(len(ds)):
+            ds[(i, None)]
