@@ -21,7 +21,8 @@ def pipeline(
 ) -> None:
     """finetune → encode-latents → train-dit → sample → evaluate → probe-channels, skipping complete stages.
 
-    Re-running resumes: finished stages are skipped and training stages continue from their newest
+    Re-running resumes: finished stages whose inputs (tokenizer, latents, DiT weights by content hash, and
+    their settings) are unchanged are skipped, others are redone, training stages continue from their newest
     checkpoint. Ends with a summary table (also <run>/summary.json).
     """
     from ssr_cli.pipeline import STAGES, run_pipeline
