@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ssr_cli.engine.runtime import step_seed
+from ssr_cli.errors import UserError
 
 log = logging.getLogger("ssr.data")
 
@@ -44,9 +45,38 @@ BUILTIN_PHOTOS = (
 )
 
 
+_REPORTED: set[str] = set()
+"""Unreadable images already warned about in this process."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB, by value range rather than by clipping: 16-bit greyscale (``I;16*``, or ``I``
+    holding 0…65535) is scaled by 255/65535, 32-bit float (``F``) is read as 0…1 when it lies there (else as
+    0…255), and transparency (RGBA, LA, PA, P with a transparent colour) is composited onto white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or arr.max(initial=0) > 255:
+            arr = arr * (255.0 / 65535.0)
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
+            arr = arr * 255.0
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL RGB image -> float tensor (3, H, W) in [-1, 1]."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.float32)
+    """PIL image (any mode, see :func:`to_rgb`) -> float tensor (3, H, W) in [-1, 1]."""
+    arr = np.asarray(to_rgb(img), dtype=np.float32)
     return torch.from_numpy(arr).permute(2, 0, 1).div_(127.5).sub_(1.0)
 
 
@@ -61,7 +91,7 @@ def transform_image(
 ) -> torch.Tensor:
     """Resize the short side to ``size`` (bicubic, with box pre-filtering when shrinking a lot, as ADM
     does), crop ``size``×``size`` (center or random), optionally flip; -> (3, size, size) in [-1, 1]."""
-    img = img.convert("RGB")
+    img = to_rgb(img)
     if resize:
         while min(img.size) >= 2 * size:
             img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
@@ -100,6 +130,9 @@ class ImageDataset(Dataset):
         self.labels: list[int] = []
         self.classes: list[str] = []
         self.bad: set[int] = set()
+        self.max_bad_fraction = 1.0
+        self.bad_log: Path | None = None
+        """Where each unreadable image is listed (one line each), when set."""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -135,8 +168,20 @@ class ImageDataset(Dataset):
                 return self.load(i, aug_seed)
             except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
                 self.bad.add(i)
-                warnings.warn(f"skipping unreadable image {self.describe(i)}: {exc}", stacklevel=2)
-        raise RuntimeError("no readable image in the data set")
+                name = self.describe(i)
+                if name not in _REPORTED:  # one warning per file and process, however many data sets read it
+                    _REPORTED.add(name)
+                    warnings.warn(f"skipping unreadable image {name}: {exc}", stacklevel=2)
+                    if self.bad_log is not None:
+                        self.bad_log.parent.mkdir(parents=True, exist_ok=True)
+                        with open(self.bad_log, "a") as fh:
+                            fh.write(f"{name}\t{exc}\n")
+                if len(self.bad) > self.max_bad_fraction * len(self):
+                    where = f"; the list is in {self.bad_log}" if self.bad_log is not None else ""
+                    raise UserError(f"{len(self.bad)} of {len(self)} images are unreadable (more than "
+                                    f"data.max_unreadable_fraction = {self.max_bad_fraction}), e.g. {name}{where}; "
+                                    "fix or remove them, or raise the fraction")
+        raise UserError("no readable image in the data set (check data.path)")
 
 
 class ImageFolder(ImageDataset):
@@ -272,8 +317,11 @@ def build_dataset(
     max_images: int | None = None,
     builtin_crops: int = 256,
     seed: int = 0,
+    max_unreadable_fraction: float = 1.0,
+    unreadable_log: str | Path | None = None,
 ) -> ImageDataset:
-    """Make the data set a recipe's ``[data]`` section describes."""
+    """Make the data set a recipe's ``[data]`` section describes; more than ``max_unreadable_fraction`` of its
+    images proving unreadable stops the run (UserError), each one listed in ``unreadable_log``."""
     kw = dict(resize=resize, random_crop=random_crop, random_flip=random_flip)
     if source == "builtin":
         ds: ImageDataset = BuiltinPhotos(image_size, length=builtin_crops, seed=seed, **kw)
@@ -287,6 +335,8 @@ def build_dataset(
         # An even subsample keeps every class represented.
         keep = np.linspace(0, len(ds) - 1, max_images).round().astype(int)
         ds = Subset(ds, keep.tolist())
+    ds.max_bad_fraction = max_unreadable_fraction
+    ds.bad_log = Path(unreadable_log) if unreadable_log is not None else None
     return ds
 
 

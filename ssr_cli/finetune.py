@@ -19,18 +19,21 @@ from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import console
 from ssr_cli.engine.runtime import Runtime
 from ssr_cli.recipe import Recipe
-from ssr_cli.training import fixed_images, image_dataset, train_spec
+from ssr_cli.training import fixed_images, fixed_seed, image_dataset, train_spec
 
 EXPORT_NAME = "tokenizer.safetensors"
 
 
 def build_tokenizer(cfg: Recipe, weights: str | Path | None = "recipe"):
-    """The recipe's tokenizer, with the recipe's weights (or ``weights`` when given; None: random)."""
+    """The recipe's tokenizer, with the recipe's weights (or ``weights`` when given; None: a random
+    initialisation drawn from ``run.seed`` alone, so two runs of one recipe start from the same weights)."""
+    from ssr_cli.engine.runtime import step_seed
     from ssr_cli.models.registry import build_tokenizer as build
 
     tok = cfg.tokenizer
     path = tok.weights if weights == "recipe" else weights
-    model = build(tok.family, tok.size, weights=path, strict=tok.strict, **tok.overrides)
+    with fixed_seed(step_seed(cfg.run.seed, "tokenizer-init")):
+        model = build(tok.family, tok.size, weights=path, strict=tok.strict, **tok.overrides)
     if tok.grad_checkpointing and hasattr(model, "grad_checkpointing"):
         model.grad_checkpointing = True
     return model
@@ -41,14 +44,17 @@ def finetuned_weights(cfg: Recipe) -> Path:
 
 
 def load_tokenizer_for_run(cfg: Recipe):
-    """The run's fine-tuned tokenizer when it exists, else the recipe's weights (with a note)."""
+    """The run's fine-tuned tokenizer when it exists, else the recipe's weights (with a note); a UserError when
+    there is neither (a later stage never runs on a randomly initialised tokenizer)."""
+    from ssr_cli.errors import UserError
+
     path = finetuned_weights(cfg)
     if path.is_file():
         return build_tokenizer(cfg, weights=path), path
-    console.print(
-        f"[yellow]no fine-tuned tokenizer at {path}; using "
-        f"{cfg.tokenizer.weights or 'randomly initialised weights'} (run `ssr finetune` first)"
-    )
+    if not cfg.tokenizer.weights:
+        raise UserError(f"no tokenizer for run {cfg.run.name!r}: {path} does not exist and tokenizer.weights is not set; "
+                        "run `ssr finetune` with this recipe first (or check run.name and run.out_dir)")
+    console.print(f"[yellow]no fine-tuned tokenizer at {path}; using {cfg.tokenizer.weights} (run `ssr finetune` first)")
     return build_tokenizer(cfg), cfg.tokenizer.weights
 
 

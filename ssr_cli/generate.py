@@ -20,7 +20,9 @@ from ssr_cli.engine import EMA, TrainSpec, train
 from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import console, make_progress
 from ssr_cli.engine.runtime import Runtime, step_seed
-from ssr_cli.latents import LatentShards, latents_dir, load_stats, read_manifest
+from ssr_cli.engine.checkpoint import Checkpointer
+from ssr_cli.inputs import file_sha256, refresh, settings
+from ssr_cli.latents import LatentShards, latents_dir, latents_fingerprint, load_stats, read_manifest
 from ssr_cli.recipe import Recipe, dump
 
 DIT_DIR = "dit"
@@ -71,6 +73,24 @@ class DiTTask(nn.Module):
         return flow_loss(self.model, x1, y, t=t, cosine_weight=self.cosine_weight)
 
 
+def dit_inputs(cfg: Recipe) -> dict:
+    """What the DiT's training depends on (more steps continue a run; other latents or settings restart it)."""
+    return {"latents": latents_fingerprint(latents_dir(cfg)), "seed": cfg.run.seed,
+            "dit": settings(cfg.dit, "steps", "ckpt_every_steps", "keep_last", "log_every_steps", "max_nonfinite_steps")}
+
+
+def sample_inputs(cfg: Recipe, tokenizer_weights) -> dict:
+    """What the sample PNGs depend on (more images extend the set; other weights or settings redo it)."""
+    out = cfg.run_dir() / DIT_DIR
+    if cfg.sample.use_ema:
+        dit = file_sha256(out / EMA_FILE)
+    else:
+        newest = Checkpointer(out / "checkpoints").list()
+        dit = file_sha256(newest[-1][1]) if newest else None
+    return {"dit": dit, "latents": latents_fingerprint(latents_dir(cfg)), "tokenizer": file_sha256(tokenizer_weights),
+            "sample": settings(cfg.sample, "num_images", "batch_size", "out_dir")}
+
+
 def run_train_dit(cfg: Recipe, rt: Runtime) -> Path:
     from ssr_cli.models.weights import save_weights
 
@@ -78,7 +98,10 @@ def run_train_dit(cfg: Recipe, rt: Runtime) -> Path:
     manifest = read_manifest(lat_dir)
     mean, std = load_stats(lat_dir)
     kwargs = _dit_kwargs(cfg, manifest)
-    model = build_dit_from(kwargs)
+    from ssr_cli.training import fixed_seed
+
+    with fixed_seed(step_seed(cfg.run.seed, "dit-init")):  # the starting weights depend on run.seed alone
+        model = build_dit_from(kwargs)
     task = DiTTask(model, mean, std, cosine_weight=1.0 if cfg.dit.cosine_loss else 0.0,
                    t_mean=cfg.dit.t_mean, t_std=cfg.dit.t_std)
     ema = EMA(model, cfg.dit.ema_decay)
@@ -87,6 +110,10 @@ def run_train_dit(cfg: Recipe, rt: Runtime) -> Path:
     if d.batch_size % rt.world_size:
         raise ValueError(f"dit.batch_size ({d.batch_size}) must be divisible by the number of ranks ({rt.world_size})")
     out = cfg.run_dir() / DIT_DIR
+    if rt.is_main:  # checkpoints of a DiT trained on other latents or settings are not resumed from
+        refresh(out / ".inputs.json", dit_inputs(cfg), [out / "checkpoints", out / "metrics.jsonl", out / EMA_FILE,
+                                                       out / CONFIG_FILE, out / "curves.png"], "train-dit", console)
+    rt.barrier()
     n_params = sum(p.numel() for p in model.parameters())
     if rt.is_main:
         console.print(f"train-dit: {kwargs['name']} ({n_params / 1e6:.2f}M parameters) on {len(dataset)} latents "
@@ -110,6 +137,7 @@ def run_train_dit(cfg: Recipe, rt: Runtime) -> Path:
         ckpt_every=d.ckpt_every_steps,
         keep_last=d.keep_last,
         log_every=d.log_every_steps,
+        max_nonfinite_steps=d.max_nonfinite_steps,
         seed=step_seed(cfg.run.seed, "dit"),
         recipe_text=dump(cfg),
         compile=cfg.run.compile,
@@ -129,8 +157,6 @@ def run_train_dit(cfg: Recipe, rt: Runtime) -> Path:
 
 def load_trained_dit(cfg: Recipe, use_ema: bool = True) -> tuple[nn.Module, dict]:
     from safetensors.torch import load_file
-
-    from ssr_cli.engine.checkpoint import Checkpointer
 
     out = cfg.run_dir() / DIT_DIR
     if not (out / CONFIG_FILE).is_file():
@@ -172,10 +198,15 @@ def run_sample(cfg: Recipe, rt: Runtime) -> Path:
     lat_dir = latents_dir(cfg)
     mean, std = load_stats(lat_dir)
     mean, std = mean.reshape(1, -1, 1, 1).to(rt.device), std.reshape(1, -1, 1, 1).to(rt.device)
-    tokenizer, _ = load_tokenizer_for_run(cfg)
+    tokenizer, tokenizer_weights = load_tokenizer_for_run(cfg)
     tokenizer = tokenizer.to(rt.device).eval()
     out = samples_dir(cfg)
     (out / "png").mkdir(parents=True, exist_ok=True)
+    if rt.is_main:  # PNGs drawn with another DiT, tokenizer or sampler setting are redrawn
+        refresh(out / ".inputs.json", sample_inputs(cfg, tokenizer_weights), [out / "png", out / "samples.npz"],
+                "sample", console)
+        (out / "png").mkdir(parents=True, exist_ok=True)
+    rt.barrier()
     num_classes = kwargs["num_classes"]
     labels = image_labels(s.num_images, num_classes, s.labels, s.seed)
     shape = (kwargs["in_channels"], kwargs["input_size"], kwargs["input_size"])

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from ssr_cli.engine.progress import console, make_progress
 from ssr_cli.engine.runtime import Runtime, generator_for
+from ssr_cli.inputs import file_sha256, refresh, settings
 from ssr_cli.recipe import Recipe, dump
 from ssr_cli.training import image_dataset
 
@@ -35,16 +36,6 @@ STATS = "stats.safetensors"
 
 def latents_dir(cfg: Recipe) -> Path:
     return Path(cfg.latents.out_dir) if cfg.latents.out_dir else cfg.run_dir() / "latents"
-
-
-def file_sha256(path: str | Path | None) -> str | None:
-    if path is None or not Path(path).is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _shard_ok(path: Path, expected_rows: int) -> bool:
@@ -65,25 +56,26 @@ def _cache_key(cfg: Recipe, weights_sha256: str | None, n: int) -> dict:
     """What the shards depend on; a cache made with anything else is not reused."""
     return {"family": cfg.tokenizer.family, "size": cfg.tokenizer.size, "weights_sha256": weights_sha256,
             "num_images": n, "shard_size": cfg.latents.shard_size, "posterior": cfg.latents.sample_posterior,
-            "flip": cfg.latents.flip, "seed": cfg.run.seed}
+            "flip": cfg.latents.flip, "seed": cfg.run.seed, "data": settings(cfg.data, "num_workers", "random_crop", "random_flip")}
 
 
 def _discard_stale(out: Path, cfg: Recipe, weights_sha256: str | None, n: int) -> None:
-    """Drop shards left by an encode with another tokenizer, data size or latent setting (warning loudly)."""
-    key = _cache_key(cfg, weights_sha256, n)
-    marker = out / ".cache_key.json"
-    if marker.is_file():
-        old = json.loads(marker.read_text())
-        if old != key:
-            changed = sorted(k for k in key if old.get(k) != key[k])
-            stale = sorted(out.glob("shard_*.safetensors"))
-            console.print(f"[bold yellow]encode-latents: the cache in {out} was made with other settings "
-                          f"({', '.join(changed)} changed); re-encoding {len(stale)} shard(s)")
-            for path in stale + [out / MANIFEST, out / STATS]:
-                path.unlink(missing_ok=True)
-    tmp = out / ".cache_key.json.tmp"
-    tmp.write_text(json.dumps(key, indent=2))
-    os.replace(tmp, marker)
+    """Drop shards left by an encode with another tokenizer, data set or latent setting (warning loudly)."""
+    refresh(out / ".cache_key.json", _cache_key(cfg, weights_sha256, n),
+            [*sorted(out.glob("shard_*.safetensors")), out / MANIFEST, out / STATS], "encode-latents", console)
+
+
+def latents_fingerprint(directory: Path) -> str | None:
+    """A hash of what a latent cache holds (its manifest, less the recipe text and file paths, and its statistics
+    file); None when there is no complete cache. What the DiT's checkpoints and samples are made from."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    manifest.pop("recipe", None)
+    manifest.get("tokenizer", {}).pop("weights", None)
+    text = json.dumps(manifest, sort_keys=True) + str(file_sha256(Path(directory) / STATS))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @torch.no_grad()

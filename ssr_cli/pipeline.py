@@ -1,8 +1,10 @@
 """``ssr pipeline``: finetune → encode-latents → train-dit → sample → evaluate → probe-channels.
 
-All stages share one run folder. A stage whose output is already there and complete is skipped
-(training stages also resume from their newest checkpoint), so re-running after an interruption picks
-up where the run stopped. The run ends with a summary table (also in ``summary.json``).
+All stages share one run folder. A stage whose output is already there, complete and made from the
+inputs it would read now (content hashes of the tokenizer, latents and DiT files and the settings that
+shape it, recorded in ``.pipeline_<stage>.json``) is skipped; any other is redone (training stages also
+resume from their newest checkpoint), so re-running after an interruption picks up where the run
+stopped, and a changed tokenizer redoes everything after it. The run ends with a summary table (also in ``summary.json``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ STAGES = ("finetune", "encode-latents", "train-dit", "sample", "evaluate", "prob
 
 
 def _complete(cfg: Recipe, stage: str) -> bool:
+    """A stage is complete when its output is there and was made from the inputs it would read now."""
     from ssr_cli.engine.checkpoint import Checkpointer
     from ssr_cli.finetune import finetuned_weights
     from ssr_cli.generate import DIT_DIR, EMA_FILE, samples_dir
@@ -31,40 +34,55 @@ def _complete(cfg: Recipe, stage: str) -> bool:
         done = Checkpointer(run / "finetune" / "checkpoints").list()
         return finetuned_weights(cfg).is_file() and bool(done) and done[-1][0] >= cfg.train.steps
     if stage == "encode-latents":
-        return (latents_dir(cfg) / MANIFEST).is_file()
-    if stage == "train-dit":
+        present = (latents_dir(cfg) / MANIFEST).is_file()
+    elif stage == "train-dit":
         done = Checkpointer(run / DIT_DIR / "checkpoints").list()
-        return (run / DIT_DIR / EMA_FILE).is_file() and bool(done) and done[-1][0] >= cfg.dit.steps
-    if stage == "sample":
+        present = (run / DIT_DIR / EMA_FILE).is_file() and bool(done) and done[-1][0] >= cfg.dit.steps
+    elif stage == "sample":
         npz = samples_dir(cfg) / "samples.npz"
-        if not npz.is_file():
-            return False
-        import numpy as np
+        present = npz.is_file()
+        if present:
+            import numpy as np
 
-        with np.load(npz) as f:
-            return f["arr_0"].shape[0] == cfg.sample.num_images
-    if stage == "evaluate":
-        return (run / "eval.json").is_file() and _recorded(cfg, stage) == stage_inputs(cfg, stage)
-    if stage == "probe-channels":
-        return (run / "probe" / "probe.json").is_file() and _recorded(cfg, stage) == stage_inputs(cfg, stage)
-    raise ValueError(stage)
+            with np.load(npz) as f:
+                present = f["arr_0"].shape[0] == cfg.sample.num_images
+    elif stage == "evaluate":
+        present = (run / "eval.json").is_file()
+    elif stage == "probe-channels":
+        present = (run / "probe" / "probe.json").is_file()
+    else:
+        raise ValueError(stage)
+    return present and _recorded(cfg, stage) == stage_inputs(cfg, stage)
 
 
-def _stamp(path: Path) -> list | None:
-    """Size and modification time of a file (None when absent): enough to notice it was rewritten."""
-    return [path.stat().st_size, path.stat().st_mtime_ns] if path.is_file() else None
+def _tokenizer_sha256(cfg: Recipe) -> str | None:
+    """The hash of the tokenizer the later stages read: the run's fine-tuned one, else the recipe's weights."""
+    from ssr_cli.finetune import finetuned_weights
+    from ssr_cli.inputs import file_sha256
+
+    return file_sha256(finetuned_weights(cfg)) or file_sha256(cfg.tokenizer.weights)
 
 
 def stage_inputs(cfg: Recipe, stage: str) -> dict:
-    """What an evaluate / probe result depends on; a result made with other inputs is redone."""
-    from ssr_cli.finetune import finetuned_weights
-    from ssr_cli.generate import samples_dir
+    """What a stage's result depends on (content hashes of the files it reads, the settings that shape it); a
+    result recorded with other inputs is redone."""
+    from ssr_cli.generate import DIT_DIR, EMA_FILE, dit_inputs, samples_dir
+    from ssr_cli.inputs import file_sha256, settings
+    from ssr_cli.latents import latents_fingerprint, latents_dir
 
+    tokenizer = _tokenizer_sha256(cfg)
+    if stage == "encode-latents":
+        return {"tokenizer": tokenizer, "latents": settings(cfg.latents), "seed": cfg.run.seed,
+                "data": settings(cfg.data, "num_workers", "random_crop", "random_flip")}
+    if stage == "train-dit":
+        return {**dit_inputs(cfg), "steps": cfg.dit.steps}
+    if stage == "sample":
+        return {"tokenizer": tokenizer, "dit": file_sha256(cfg.run_dir() / DIT_DIR / EMA_FILE),
+                "latents": latents_fingerprint(latents_dir(cfg)), "sample": settings(cfg.sample, "batch_size")}
     if stage == "evaluate":
-        return {"eval": cfg.eval.model_dump(mode="json"), "tokenizer": _stamp(finetuned_weights(cfg)),
-                "samples": _stamp(samples_dir(cfg) / "samples.npz")}
-    return {"probe": cfg.probe.model_dump(mode="json"), "regularizer": cfg.regularizer.model_dump(mode="json"),
-            "tokenizer": _stamp(finetuned_weights(cfg))}
+        return {"eval": settings(cfg.eval), "tokenizer": tokenizer,
+                "samples": file_sha256(samples_dir(cfg) / "samples.npz")}
+    return {"probe": settings(cfg.probe), "regularizer": settings(cfg.regularizer), "tokenizer": tokenizer}
 
 
 def _record_path(cfg: Recipe, stage: str) -> Path:
@@ -77,6 +95,29 @@ def _recorded(cfg: Recipe, stage: str) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def check_builds(cfg: Recipe, stages: tuple[str, ...] = STAGES) -> list[str]:
+    """What ``--dry-run`` checks: build the models these stages would build (no data, no weights files), so a
+    mismatch between tokenizer, regularizer and DiT fails here as it would in the run. Returns what was built."""
+    import torch
+
+    from ssr_cli.finetune import build_regularizer, build_tokenizer
+    from ssr_cli.generate import _dit_kwargs, build_dit_from
+    from ssr_cli.vae_train import is_vae_family
+
+    tok = build_tokenizer(cfg, weights=None)
+    built = [f"tokenizer {cfg.tokenizer.family}/{cfg.tokenizer.size}"]
+    if "finetune" in stages and not is_vae_family(cfg):
+        build_regularizer(cfg, cfg.regularizer.kind, tok.latent_channels, None)
+        built.append(f"regularizer {cfg.regularizer.kind} on {tok.latent_channels} channels")
+    if {"train-dit", "sample"} & set(stages):
+        with torch.no_grad():
+            z = tok.eval().encode_latent(torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size))
+        kwargs = _dit_kwargs(cfg, {"latent_shape": list(z.shape[1:]), "num_classes": cfg.dit.num_classes or 1})
+        build_dit_from(kwargs)
+        built.append(f"DiT {cfg.dit.model} on latents {tuple(z.shape[1:])}")
+    return built
 
 
 def run_pipeline(cfg: Recipe, rt: Runtime, stages: tuple[str, ...] = STAGES) -> dict:
@@ -106,7 +147,7 @@ def run_pipeline(cfg: Recipe, rt: Runtime, stages: tuple[str, ...] = STAGES) -> 
         t0 = time.perf_counter()
         actions[stage]()
         rt.barrier()
-        if rt.is_main and stage in ("evaluate", "probe-channels"):
+        if rt.is_main and stage != "finetune":
             _record_path(cfg, stage).write_text(json.dumps(stage_inputs(cfg, stage)))
         timings[stage] = f"{time.perf_counter() - t0:.1f} s"
     summary = summarize(cfg, timings)

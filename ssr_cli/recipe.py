@@ -52,6 +52,8 @@ class DataConfig(Section):
     builtin_crops: int = Field(256, ge=1)
     """Number of random crops drawn from the built-in photographs (the built-in dataset's length)."""
     num_workers: int = Field(0, ge=0)
+    max_unreadable_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    """Stop (exit 2) once more than this fraction of the images proved unreadable; listed in <run>/unreadable_images.txt."""
 
     @model_validator(mode="after")
     def _path_needed(self) -> "DataConfig":
@@ -140,6 +142,8 @@ class TrainConfig(Section):
     ckpt_every_steps: int = Field(500, ge=1)
     keep_last: int = Field(3, ge=1)
     log_every_steps: int = Field(10, ge=1)
+    max_nonfinite_steps: int = Field(20, ge=1)
+    """Consecutive steps with a non-finite loss or gradient (each skipped: no optimizer or EMA update) that stop the run."""
     image_every_steps: int = Field(200, ge=1)
     pretrain_steps: int = Field(0, ge=0)
     """Steps of plain reconstruction training from scratch before fine-tuning (quickstart: no pretrained weights)."""
@@ -189,6 +193,8 @@ class DiTConfig(Section):
     ckpt_every_steps: int = Field(5000, ge=1)
     keep_last: int = Field(3, ge=1)
     log_every_steps: int = Field(50, ge=1)
+    max_nonfinite_steps: int = Field(20, ge=1)
+    """As train.max_nonfinite_steps, for the DiT."""
 
 
 class SampleConfig(Section):
@@ -416,8 +422,14 @@ def _format_errors(exc: ValidationError, source: str) -> str:
 
 
 def from_dict(data: dict, source: str = "<recipe>") -> Recipe:
+    """Validate strictly, as JSON values: no coercion (``run.seed = true`` or ``steps = "150"`` is an error; an
+    integer is still a valid float and an array a valid pair)."""
     try:
-        return Recipe.model_validate(data)
+        text = json.dumps(data)
+    except (TypeError, ValueError):  # values TOML cannot hold (a caller's Path, …): the lenient check
+        text = None
+    try:
+        return Recipe.model_validate(data) if text is None else Recipe.model_validate_json(text, strict=True)
     except ValidationError as exc:
         raise RecipeError(_format_errors(exc, source)) from None
 

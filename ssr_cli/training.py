@@ -39,7 +39,8 @@ def image_dataset(cfg: Recipe, *, augment: bool = True, image_size: int | None =
     extra = {"random_crop": d.random_crop, "random_flip": d.random_flip} if augment else {}
     return build_dataset(d.source, path=d.path, split=d.split, image_size=image_size or d.image_size,
                          resize=d.resize, max_images=d.max_images, builtin_crops=d.builtin_crops, seed=cfg.run.seed,
-                         **extra)
+                         max_unreadable_fraction=d.max_unreadable_fraction,
+                         unreadable_log=cfg.run_dir() / "unreadable_images.txt", **extra)
 
 
 def fixed_images(cfg: Recipe, n: int) -> torch.Tensor:
@@ -79,6 +80,7 @@ def train_spec(cfg: Recipe, rt: Runtime, *, name: str, model: nn.Module, param_g
         ckpt_every=t.ckpt_every_steps,
         keep_last=t.keep_last,
         log_every=t.log_every_steps,
+        max_nonfinite_steps=t.max_nonfinite_steps,
         seed=cfg.run.seed if seed is None else seed,
         recipe_text=dump(cfg),
         compile=cfg.run.compile,

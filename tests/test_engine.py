@@ -15,6 +15,7 @@ from torch import nn
 
 from ssr_cli.data import StepSampler
 from ssr_cli.engine import EMA, Checkpointer, TrainSpec, lr_lambda, setup_runtime, train
+from ssr_cli.engine.checkpoint import load_checkpoint_file
 from ssr_cli.engine.optim import ParamGroup, build_optimizer
 from ssr_cli.engine.progress import read_metrics
 
@@ -149,7 +150,7 @@ def test_interrupted_run_resumes_bit_for_bit(tmp_path):
     records = read_metrics(tmp_path / "cut" / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 9))  # no duplicate records after resume
     assert [r["loss"] for r in records] == losses_full
-    ckpt = torch.load(Checkpointer(tmp_path / "cut" / "checkpoints").path_for(8), weights_only=True)
+    ckpt = load_checkpoint_file(Checkpointer(tmp_path / "cut" / "checkpoints").path_for(8))
     assert set(ckpt) >= {"model", "optimizer", "scheduler", "ema", "rng", "recipe", "step"}
     # Re-running a finished run does nothing.
     assert train(_toy_spec(tmp_path / "cut", 8), rt).resumed_from == 8

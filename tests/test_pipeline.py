@@ -20,6 +20,7 @@ from scipy.stats import spearmanr
 from typer.testing import CliRunner
 
 from ssr_cli.cli import app
+from ssr_cli.engine.checkpoint import load_checkpoint_file
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.toml"
@@ -139,7 +140,7 @@ def test_interrupted_finetune_resumes_to_identical_weights(run, tmp_path):
 
 def test_interrupted_train_dit_resumes_with_optimizer_state(run, tmp_path):
     copy = _interrupt(run, tmp_path, "dit", 200, ["dit/dit_ema.safetensors"])
-    state = torch.load(copy / "dit" / "checkpoints" / "step_00000200.pt", weights_only=True)
+    state = load_checkpoint_file(copy / "dit" / "checkpoints" / "step_00000200.pt")
     assert state["step"] == 200 and state["optimizer"]["state"]  # Adam moments are in the checkpoint
     result = ssr("train-dit", QUICKSTART, "--set", f'run.out_dir="{tmp_path}"')
     assert result.exit_code == 0, result.output

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from ssr_cli.engine.checkpoint import load_checkpoint_file
 from ssr_cli.engine.runtime import setup_runtime
 from ssr_cli.finetune import finetuned_weights, load_tokenizer_for_run
 from ssr_cli.models.s4d import CNN_VAE_SIZES, CNNVAE, PosteriorCollapseWarning, nelbo
@@ -117,7 +118,7 @@ def test_interrupted_run_resumes_bit_exactly(tmp_path):
     out = run_vae_train(cfg, rt)
     reference = load_file(str(out))
     ckpts = cfg.run_dir() / STAGE_DIR / "checkpoints"
-    final = torch.load(ckpts / "step_00000020.pt", weights_only=True)
+    final = load_checkpoint_file(ckpts / "step_00000020.pt")
     assert final["model"]["alarm_state"].tolist() == [20, 20, 0]
     assert int(final["model"]["micro_steps"]) == 20
     records = _metrics(cfg)
@@ -129,7 +130,7 @@ def test_interrupted_run_resumes_bit_exactly(tmp_path):
     resumed = load_file(str(out))
     assert resumed.keys() == reference.keys()
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
-    again = torch.load(ckpts / "step_00000020.pt", weights_only=True)
+    again = load_checkpoint_file(ckpts / "step_00000020.pt")
     assert again["model"]["alarm_state"].tolist() == [20, 20, 0]
     timing = {"steps_per_s", "img_per_s"}
     strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]  # noqa: E731

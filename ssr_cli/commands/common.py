@@ -28,7 +28,9 @@ SetOpt = Annotated[
         show_default=False,
     ),
 ]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and exit.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and exit (finetune, train-dit "
+                                         "and pipeline also build their models, without data or weights, and fail "
+                                         "where the run would).")]
 DeviceOpt = Annotated[
     Optional[str],
     typer.Option("--device", help="cpu, cuda or auto (overrides run.device).", show_default=False),
@@ -56,6 +58,20 @@ def load_recipe(recipe: Path | None, sets: list[str] | None, device: str | None 
         fail(str(exc))
 
 
+def run_dry(cfg, stages: tuple[str, ...]) -> None:
+    """``--dry-run``: print the resolved recipe, then build the models the run would build (see
+    :func:`ssr_cli.pipeline.check_builds`); a failure there exits 2 as the run would."""
+    from ssr_cli.errors import UserError
+    from ssr_cli.pipeline import check_builds
+
+    print_recipe(cfg)
+    try:
+        built = check_builds(cfg, stages)
+    except (UserError, ValueError, KeyError) as exc:
+        fail(str(exc).strip("'\""))
+    console.print("dry run: built " + "; ".join(built))
+
+
 def print_recipe(recipe) -> None:
     from ssr_cli.recipe import dump
 
@@ -69,8 +85,10 @@ class start_run:
     def __init__(self, cfg) -> None:
         self.cfg = cfg
         self.rt = None
+        self.lock = None
 
     def __enter__(self):
+        from ssr_cli.engine.lock import RunLock, RunLocked
         from ssr_cli.engine.runtime import setup_runtime
         from ssr_cli.recipe import write_resolved
 
@@ -78,16 +96,27 @@ class start_run:
             self.rt = setup_runtime(self.cfg.run.device, self.cfg.run.precision)
         except RuntimeError as exc:
             fail(str(exc))
-        if self.rt.is_main:
+        if self.rt.is_main:  # one writer per run folder; the other ranks of this job share rank 0's lock
+            try:
+                self.lock = RunLock(self.cfg.run_dir()).acquire()
+            except RunLocked as exc:
+                self.rt.shutdown()
+                fail(str(exc))
+            if self.lock.note:
+                err_console.print(f"[yellow]{self.lock.path}: {self.lock.note}")
             write_resolved(self.cfg, self.cfg.run_dir())
         return self.rt
 
     def __exit__(self, exc_type, exc, tb):
+        if self.lock is not None:
+            self.lock.release()
         if self.rt is not None:
             self.rt.shutdown()
         from ssr_cli.errors import UserError
 
-        if exc is not None and (isinstance(exc, UserError) or exc_type in (FileNotFoundError, ValueError, KeyError)):
+        # User errors (and the standard types our checks raise for bad input, subclasses included) become one line
+        # and exit 2; anything else is a bug and keeps its traceback.
+        if exc is not None and (isinstance(exc, (UserError, FileNotFoundError, ValueError)) or exc_type is KeyError):
             fail(str(exc).strip("'\""))
         return False
 

@@ -29,11 +29,25 @@ def _basis_cb(value: Optional[str]) -> Optional[str]:
         raise typer.BadParameter(str(exc)) from None
 
 
+MAX_CHANNELS = 4096
+"""Largest W·H derive-a accepts: A, Ā and the discretization's intermediates are dense (W·H)² float64 matrices
+(about six at once), 128 MiB each at 4096 channels (64×64), so under 1 GiB; 200×200 would need about 72 GiB."""
+
+
+def check_grid_size(w: int, h: int) -> None:
+    n = w * h
+    if n > MAX_CHANNELS:
+        gib = 6 * 8 * n * n / 2**30
+        raise ValueError(f"a {w}x{h} grid has {n} channels: its dense {n}x{n} float64 matrices would need about "
+                         f"{gib:.0f} GiB; derive-a accepts at most {MAX_CHANNELS} channels (e.g. 64x64)")
+
+
 def _size_cb(value: Optional[str]) -> Optional[str]:
     if value is None:
         return None
     try:
         w, h = bases.parse_grid(value)
+        check_grid_size(w, h)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     return f"{w}x{h}"
@@ -111,6 +125,10 @@ def derive_a(
                           "Pass --size to choose.")
         size = "4x4"
     W, H = bases.parse_grid(size)
+    try:
+        check_grid_size(W, H)
+    except ValueError as exc:
+        fail(str(exc))
     orthonormal = orthonormal or bool(reg and reg.orthonormal)
     discretization = discretization or (reg.discretization if reg else "zoh")
     delta = delta if delta is not None else (reg.delta_init if reg else 0.1)

@@ -33,8 +33,11 @@ def finetune(recipe: RecipeArg, set_: SetOpt = None, dry_run: DryRunOpt = False,
         from ssr_cli.finetune import build_tokenizer
         from ssr_cli.models.registry import parameter_counts
 
+        from ssr_cli.pipeline import check_builds
+
         print_recipe(cfg)
         try:
+            check_builds(cfg, ("finetune",))  # the tokenizer and the regularizer that must fit it
             tok = build_tokenizer(cfg, weights=None)
         except (ValueError, KeyError) as exc:
             fail(str(exc))

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ssr_cli.commands.common import DeviceOpt, DryRunOpt, RecipeArg, SetOpt, fail, load_recipe, print_recipe, start_run
+from ssr_cli.commands.common import DeviceOpt, DryRunOpt, RecipeArg, SetOpt, fail, load_recipe, run_dry, start_run
 
 
 def pipeline(
@@ -21,7 +21,8 @@ def pipeline(
 ) -> None:
     """finetune → encode-latents → train-dit → sample → evaluate → probe-channels, skipping complete stages.
 
-    Re-running resumes: finished stages are skipped and training stages continue from their newest
+    Re-running resumes: finished stages whose inputs (tokenizer, latents, DiT weights by content hash, and
+    their settings) are unchanged are skipped, others are redone, training stages continue from their newest
     checkpoint. Ends with a summary table (also <run>/summary.json).
     """
     from ssr_cli.pipeline import STAGES, run_pipeline
@@ -32,7 +33,7 @@ def pipeline(
     if unknown:
         fail(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
     if dry_run:
-        print_recipe(cfg)
+        run_dry(cfg, stages)
         return
     with start_run(cfg) as rt:
         run_pipeline(cfg, rt, stages)

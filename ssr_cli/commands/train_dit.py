@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ssr_cli.commands.common import DeviceOpt, DryRunOpt, RecipeArg, SetOpt, load_recipe, print_recipe, start_run
+from ssr_cli.commands.common import DeviceOpt, DryRunOpt, RecipeArg, SetOpt, load_recipe, run_dry, start_run
 
 
 def train_dit(recipe: RecipeArg, set_: SetOpt = None, dry_run: DryRunOpt = False, device: DeviceOpt = None) -> None:
@@ -13,7 +13,7 @@ def train_dit(recipe: RecipeArg, set_: SetOpt = None, dry_run: DryRunOpt = False
     """
     cfg = load_recipe(recipe, set_, device)
     if dry_run:
-        print_recipe(cfg)
+        run_dry(cfg, ("train-dit",))
         return
     from ssr_cli.generate import run_train_dit
 

@@ -12,7 +12,6 @@ a checkpoint repeats an uninterrupted one bit for bit on CPU.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from ssr_cli.engine.ema import EMA
 from ssr_cli.engine.optim import ParamGroup, build_optimizer
 from ssr_cli.engine.progress import MetricsLog, RateMeter, console, make_progress
 from ssr_cli.engine.runtime import Runtime, generator_for, rng_state, set_rng_state, step_seed
+from ssr_cli.errors import UserError
 
 
 @dataclass
@@ -61,6 +61,45 @@ class TrainSpec:
     images_per_step: int = 0
     """For the img/s readout; 0 hides it."""
     ckpt_subdir: str = "checkpoints"
+    max_nonfinite_steps: int = 20
+    """Consecutive steps with a non-finite loss or gradient (each skipped) after which the run stops."""
+
+
+class Preempted(SystemExit):
+    """SIGTERM arrived: a checkpoint was written at the step boundary; the process exits 0 (re-run to resume)."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+
+
+class _StopFlag:
+    """Set by SIGTERM while training; checked at every step boundary (the previous handler is restored after)."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self.previous = None
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.set = True
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
+
+
+class DivergenceError(UserError):
+    """Training diverged (too many non-finite steps, or non-finite weights); no checkpoint was written with them."""
 
 
 @dataclass
@@ -130,18 +169,25 @@ def train(spec: TrainSpec, rt: Runtime) -> TrainResult:
             "recipe": spec.recipe_text,
         }
 
+    def all_finite(modules: list[nn.Module]) -> bool:
+        return all(bool(torch.isfinite(t).all()) for m in modules for t in m.state_dict().values()
+                   if t.is_floating_point())
+
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
     sums: dict[str, torch.Tensor] = {}
     count = 0
+    skipped = consecutive = 0
     last: dict[str, float] = {}
     meter = RateMeter()
     batches = spec.batches(start_step)
     model.train()
-    with make_progress(disable=not rt.is_main) as progress:
+    with make_progress(disable=not rt.is_main) as progress, _StopFlag() as stop:
         task = progress.add_task(spec.name, total=spec.steps, completed=start_step, status="", rate="")
         for step in range(start_step, spec.steps):
             torch.manual_seed(step_seed(spec.seed, "torch", rt.rank, step))
             step_rng = generator_for(spec.seed, "step", step)
             optimizer.zero_grad(set_to_none=True)
+            step_sums: dict[str, torch.Tensor] = {}
             for micro in range(spec.grad_accum):
                 batch = _to_device(next(batches), rt.device)
                 sync = micro == spec.grad_accum - 1 or not rt.distributed
@@ -153,41 +199,55 @@ def train(spec: TrainSpec, rt: Runtime) -> TrainResult:
                 for key, value in out.items():
                     if isinstance(value, torch.Tensor) and value.numel() == 1:
                         v = value.detach().float().reshape(())
-                        sums[key] = sums[key] + v if key in sums else v.clone()
-                count += 1
-            if spec.grad_clip is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for g in optimizer.param_groups for p in g["params"]], spec.grad_clip
-                )
-                sums["grad_norm"] = sums.get("grad_norm", torch.zeros((), device=grad_norm.device)) + grad_norm.detach().float() * spec.grad_accum
-            optimizer.step()
-            scheduler.step()
-            for ema, source in spec.emas.values():
-                ema.update(source())
+                        step_sums[key] = step_sums[key] + v if key in step_sums else v.clone()
+            # The total gradient norm is finite exactly when every gradient is; clipping at +inf changes nothing.
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, spec.grad_clip or float("inf"))
+            bad = (~torch.isfinite(step_sums["loss"] + grad_norm)).float()
+            if rt.all_reduce_mean(bad).item() > 0:  # any rank's non-finite step is every rank's skip
+                skipped += 1
+                consecutive += 1
+                optimizer.zero_grad(set_to_none=True)
+                if consecutive >= spec.max_nonfinite_steps:
+                    raise DivergenceError(
+                        f"{spec.name}: {consecutive} consecutive steps (up to step {step + 1}) had a non-finite loss or "
+                        f"gradient and were skipped; lower the learning rate or check the data (no checkpoint holds "
+                        f"non-finite weights; the newest good one is in {ckpt.directory})")
+            else:
+                consecutive = 0
+                for key, v in step_sums.items():
+                    sums[key] = sums[key] + v if key in sums else v
+                count += spec.grad_accum
+                if spec.grad_clip is not None:
+                    sums["grad_norm"] = sums.get("grad_norm", torch.zeros((), device=grad_norm.device)) \
+                        + grad_norm.detach().float() * spec.grad_accum
+                optimizer.step()
+                for ema, source in spec.emas.values():
+                    ema.update(source())
+            scheduler.step()  # the LR stays a function of the step index, skipped steps included
             done = step + 1
             meter.tick()
 
             if done % spec.log_every == 0 or done == spec.steps:
-                record = {k: rt.all_reduce_mean(v / count).item() for k, v in sorted(sums.items())}
-                if not math.isfinite(record.get("loss", 0.0)):
-                    raise FloatingPointError(
-                        f"{spec.name}: loss became {record['loss']} around step {done}; lower the learning rate "
-                        f"or check the data (the last good checkpoint is kept in {ckpt.directory})"
-                    )
+                record = {k: rt.all_reduce_mean(v / count).item() for k, v in sorted(sums.items())} if count else {}
                 rate = meter.rate()
-                record.update(step=done, lr=optimizer.param_groups[0]["lr"], steps_per_s=rate)
+                record.update(step=done, lr=optimizer.param_groups[0]["lr"], steps_per_s=rate, skipped_steps=skipped)
                 if spec.images_per_step:
                     record["img_per_s"] = rate * spec.images_per_step
                 metrics.write(record)
                 last = record
-                sums, count = {}, 0
+                sums, count, skipped = {}, 0, 0
                 meter.reset()
-                status = f"loss {record['loss']:.4g}"
+                status = f"loss {record['loss']:.4g}" if "loss" in record else "all steps skipped (non-finite)"
                 speed = f"{rate:.2f} it/s" + (f" · {record['img_per_s']:.1f} img/s" if spec.images_per_step else "")
                 progress.update(task, status=status, rate=speed)
             progress.update(task, completed=done)
 
-            if done % spec.ckpt_every == 0 or done == spec.steps:
+            stopping = rt.all_reduce_mean(torch.tensor(float(stop.set), device=rt.device)).item() > 0 and done < spec.steps
+            if done % spec.ckpt_every == 0 or done == spec.steps or stopping:
+                if not all_finite([model, *(ema.shadow for ema, _ in spec.emas.values())]):
+                    raise DivergenceError(
+                        f"{spec.name}: the weights became non-finite by step {done}; not checkpointing them "
+                        f"(the newest good checkpoint is kept in {ckpt.directory}); lower the learning rate")
                 if rt.is_main:
                     ckpt.save(done, checkpoint_state(done))
                 rt.barrier()
@@ -197,6 +257,11 @@ def train(spec: TrainSpec, rt: Runtime) -> TrainResult:
                         model.eval()
                         fn(done)
                         model.train()
+            if stopping:  # every rank saw the same flag (all-reduced), so all stop at this step
+                if rt.is_main:
+                    console.print(f"[yellow]{spec.name}: SIGTERM: checkpoint written at step {done} "
+                                  f"({ckpt.path_for(done)}); run the same command again to resume")
+                raise Preempted()
     if rt.is_main:
         _plot_curves(spec)
     return TrainResult(spec.steps, resumed_from, last)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -20,8 +21,68 @@ from rich.progress import (
 console = Console(stderr=True)
 
 
-def make_progress(disable: bool = False) -> Progress:
-    """A progress bar showing step/total, a free-text status (loss), it/s and ETA."""
+class PlainProgress:
+    """What :func:`make_progress` gives when the output is not a terminal (a log file, a scheduler): one plain
+    line per task every ``1/lines`` of its total and at its end — done/total, the status (loss), the rate, ETA."""
+
+    def __init__(self, stream=None, lines: int = 20, disable: bool = False) -> None:
+        self.stream = stream
+        self.lines = lines
+        self.disable = disable
+        self.tasks: dict[int, dict] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, description: str, total: int | None = None, completed: int = 0, **fields) -> int:
+        key = len(self.tasks)
+        every = max(1, (total or 0) // self.lines)
+        self.tasks[key] = {"name": description, "total": total, "done": completed, "start": completed,
+                           "t0": time.perf_counter(), "every": every, "next": (completed // every + 1) * every,
+                           "fields": dict(fields)}
+        return key
+
+    def update(self, key: int, *, advance: int | None = None, completed: int | None = None, **fields) -> None:
+        task = self.tasks[key]
+        task["fields"].update(fields)
+        if completed is not None:
+            task["done"] = completed
+        if advance is not None:
+            task["done"] += advance
+        total = task["total"]
+        if task["done"] >= task["next"] or (total is not None and task["done"] >= total and not task.get("ended")):
+            task["next"] = (task["done"] // task["every"] + 1) * task["every"]
+            task["ended"] = total is not None and task["done"] >= total
+            self._line(task)
+
+    def _line(self, task: dict) -> None:
+        if self.disable:
+            return
+        elapsed = time.perf_counter() - task["t0"]
+        moved = task["done"] - task["start"]
+        parts = [task["name"], f"{task['done']}/{task['total']}" if task["total"] is not None else str(task["done"])]
+        parts += [str(v) for v in task["fields"].values() if v]
+        if moved > 0 and task["total"] is not None:
+            eta = (task["total"] - task["done"]) * elapsed / moved
+            if not task["fields"].get("rate"):  # the caller's own rate readout wins
+                parts.append(f"{moved / elapsed:.2f} it/s" if elapsed > 0 else "")
+            parts.append(f"elapsed {_hms(elapsed)} ETA {_hms(eta)}")
+        print(" | ".join(p for p in parts if p), file=self.stream or sys.stdout, flush=True)
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def make_progress(disable: bool = False) -> Progress | PlainProgress:
+    """A progress bar showing step/total, a free-text status (loss), it/s and ETA; plain lines
+    (:class:`PlainProgress`) when the output is not a terminal."""
+    if not console.is_terminal:
+        return PlainProgress(stream=console.file, disable=disable)
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(bar_width=16),

@@ -89,7 +89,10 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path), device="cpu")
+        try:
+            state = load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own error types for a damaged or foreign file
+            raise WeightsError(f"{path}: not a readable .safetensors file ({exc})") from exc
     elif suffix in _TORCH_SUFFIXES:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
