@@ -685,13 +685,13 @@ def print_summary(results: dict[str, dict], out: Path, name: str = "ranking.md")
     for label in results:
         table.add_column(label, justify="right")
     ranks = ranking(results)
-    for key, name, _ in RANKED:
+    for key, proxy, _ in RANKED:
         cells = []
         for label, r in results.items():
             v = r["summary"].get(key)
             cells.append("—" if v is None else (f"{v:.4g}" + (f" (#{ranks[key].index(label) + 1})"
                                                                if len(results) > 1 else "")))
-        table.add_row(name, *cells)
+        table.add_row(proxy, *cells)
     console.print(table)
     path = Path(out) / name
     path.write_text(ranking_markdown(results))
