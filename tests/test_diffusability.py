@@ -168,3 +168,27 @@ def test_flow_probe_resumes_where_it_stopped(tmp_path):
     assert resumed["flow_loss"] == whole["flow_loss"]
     again, _ = flow_probe(z[:64], z[64:], tmp_path / "split", rt, steps=6, ckpt_every=3, **PROBE)  # complete: reloads
     assert again["flow_loss"] == whole["flow_loss"]
+
+
+def test_command_compares_two_runs_side_by_side(tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    from ssr_cli.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    toy = Path(__file__).resolve().parents[1] / "studies" / "diffusability" / "toy.toml"
+    other = tmp_path / "other.toml"
+    other.write_text(toy.read_text().replace('name = "dfz-toy"', 'name = "dfz-other"')
+                     .replace("[diffusability]", '[diffusability]\nproxies = ["stats", "spectrum"]'))
+    out = tmp_path / "main"
+    code = app(["diffusability", str(toy), "--out", str(out), "--set", 'diffusability.proxies=["stats","spectrum"]',
+                "--compare", str(other)], standalone_mode=False)
+    assert code in (None, 0)
+    compared = json.loads((out / "compare_diffusability.json").read_text())
+    assert set(compared["runs"]) == {"dfz-toy", "dfz-other"}
+    assert sorted(compared["ranking"]["latent_hf_fraction"]) == ["dfz-other", "dfz-toy"]
+    assert compared["ranking"]["flow_loss_mean"] == []  # not computed: no rank
+    assert (out / "compare_diffusability.png").is_file() and "| iFID |" in (out / "compare_ranking.md").read_text()
+    single = json.loads((out / "diffusability.json").read_text())
+    assert set(single["proxies"]) == {"stats", "spectrum"} and single["summary"]["ifid"] is None
