@@ -8,6 +8,7 @@ from ssr_cli import __version__
 from ssr_cli.commands import (
     denoise,
     derive_a,
+    diffusability,
     encode_latents,
     evaluate,
     finetune,
@@ -23,7 +24,7 @@ app = typer.Typer(
         "Structured state-space regularization (SSR) of image tokenizers: derive the A matrix, fine-tune a "
         "tokenizer, cache its latents, train a LightningDiT, sample, evaluate and probe channels; train the "
         "S4D-VAE / CNN-VAE from scratch (finetune with tokenizer.family s4d-vae / cnn-vae) and a denoiser "
-        "with and without SSR (denoise). Every "
+        "with and without SSR (denoise); score how generation-friendly a latent space is (diffusability). Every "
         "command reads one TOML recipe (see recipes/); override any value with --set section.key=value."
     ),
     no_args_is_help=True,
@@ -41,6 +42,7 @@ app.command("evaluate")(evaluate.evaluate)
 app.command("probe-channels")(probe_channels.probe_channels)
 app.command("pipeline")(pipeline.pipeline)
 app.command("denoise")(denoise.denoise)
+app.command("diffusability")(diffusability.diffusability)
 
 
 def _version(value: bool) -> None:

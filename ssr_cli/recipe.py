@@ -320,6 +320,61 @@ class DenoiseConfig(Section):
     """Held-out images in the synthetic-noise evaluation."""
 
 
+class DiffusabilityConfig(Section):
+    """``ssr diffusability``: cheap proxies of how well a DiT can model the tokenizer's latents."""
+
+    proxies: list[Literal["stats", "spectrum", "equivariance", "ifid", "viv", "flow_probe"]] = Field(
+        default_factory=lambda: ["stats", "spectrum", "equivariance", "ifid", "viv", "flow_probe"])
+    """Which proxies to compute (each is cached in <out>/parts/ and skipped when it is already done)."""
+    num_images: int = Field(512, ge=4)
+    """Images (spread over the data set) behind statistics, spectra, equivariance, iFID and the FID reference."""
+    num_latents: int = Field(5000, ge=8)
+    """Latents (posterior means, spread over the data set) the flow probe trains on and the VIV estimate reads."""
+    holdout: int = Field(256, ge=2)
+    """Of these, the last ones held out: the flow probe's test set and the VIV queries."""
+    batch_size: int = Field(64, ge=1)
+    """Encode / decode / sampling batch size."""
+    spectrum: Literal["fft", "dct"] = "fft"
+    """Transform of the radially averaged power spectrum (FFT: periodic; DCT-II orthonormal: reflective)."""
+    down_factors: list[int] = Field(default_factory=lambda: [2, 4])
+    """Equivariance: 2×2 / 4×4 average-pool downsampling factors (skipped where the latent is not divisible)."""
+    ifid_weight: float = Field(0.5, ge=0.0, le=1.0)
+    """iFID: z = (1 − w)·z_i + w·z_nn(i); w = 0 is the rFID of the same images."""
+    t_grid: list[float] = Field(default_factory=lambda: [0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95])
+    """Times (0 = noise, 1 = data) of the held-out flow loss and the velocity-variance estimate."""
+    probe_model: str = "DiT-S/2"
+    probe_depth: int = Field(4, ge=1)
+    probe_hidden: int = Field(128, ge=8)
+    probe_heads: int = Field(4, ge=1)
+    probe_steps: int = Field(2000, ge=1)
+    """Fixed training budget of the flow probe (steps of probe_batch latents)."""
+    probe_batch: int = Field(64, ge=1)
+    probe_lr: float = Field(5e-4, gt=0.0)
+    probe_ckpt_every: int = Field(250, ge=1)
+    """Checkpoint interval: an interrupted probe resumes from the last one."""
+    probe_samples: int = Field(256, ge=0)
+    """Probe samples for its FID against the num_images data images (needs eval.inception_weights; 0: none)."""
+    sample_steps: int = Field(50, ge=1)
+    """Euler steps of the probe's sampler."""
+    latent_transform: Literal["none", "noise", "permute", "mix"] = "none"
+    """Controlled degradation applied after the encoder (inverted before the decoder, except noise): additive
+    Gaussian noise, a fixed permutation of latent positions, or a random orthogonal mixing of channels."""
+    transform_strength: float = Field(0.0, ge=0.0)
+    """noise: its std in units of each channel's std over the batch."""
+    transform_seed: int = 0
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "DiffusabilityConfig":
+        if self.holdout >= self.num_latents:
+            raise ValueError(f"diffusability.holdout ({self.holdout}) must be smaller than diffusability.num_latents "
+                             f"({self.num_latents})")
+        if not all(0.0 <= t < 1.0 for t in self.t_grid) or not self.t_grid:
+            raise ValueError(f"diffusability.t_grid must be non-empty times in [0, 1), got {self.t_grid}")
+        if any(f < 2 for f in self.down_factors):
+            raise ValueError(f"diffusability.down_factors must be >= 2, got {self.down_factors}")
+        return self
+
+
 class Recipe(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -334,6 +389,7 @@ class Recipe(Section):
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     vae: VAEConfig = Field(default_factory=VAEConfig)
     denoise: DenoiseConfig = Field(default_factory=DenoiseConfig)
+    diffusability: DiffusabilityConfig = Field(default_factory=DiffusabilityConfig)
 
     @model_validator(mode="after")
     def _cross_section(self) -> "Recipe":

@@ -36,6 +36,12 @@ DeviceOpt = Annotated[
     typer.Option("--device", help="cpu, cuda or auto (overrides run.device).", show_default=False),
 ]
 
+WeightsOpt = Annotated[
+    Optional[str],
+    typer.Option("--weights", help="Use this tokenizer weights file instead of the run's fine-tuned one "
+                 "(e.g. the pretrained weights, to compare).", show_default=False),
+]
+
 
 def fail(message: str, code: int = 2) -> None:
     """Print a one-line (or short) error and exit with ``code``."""

@@ -1,0 +1,271 @@
+"""Validation study of ``ssr diffusability``: do its proxies rank latent spaces the way a DiT's FID does?
+
+Run from the project root:
+
+    python studies/diffusability/study.py            # CIFAR-10, the full study (many CPU hours)
+    python studies/diffusability/study.py --toy      # the same plumbing on a toy size, seconds
+    python studies/diffusability/study.py --report   # only (re)write the report from the finished jsons
+
+Every number comes from the committed commands, run in-process in this order, each resumable:
+1. tokenizers: ``ssr finetune`` for the KL-AE from scratch and its fine-tunes (none / ssr / eq_vae / scale);
+   TAEF2 is pretrained (../shared/data/taesd). A finished tokenizer (its tokenizer.safetensors) is skipped.
+2. proxies: ``ssr diffusability`` per latent space and seed (the KL-AE spaces, TAEF2, and controlled
+   degradations of the ``none`` fine-tune: additive noise of growing strength, a fixed spatial permutation,
+   a random orthogonal channel mixing). Each proxy is cached, the flow probe resumes from its checkpoints.
+3. ground truth: ``ssr diffusability`` with only the flow probe at a larger budget (LightningDiT-S/1, 50K
+   steps, FID of 5000 samples; toy: its held-out loss) per space.
+4. report: Spearman ρ between each proxy and the ground truth over the spaces, per seed, mean ± std, with a
+   figure, in ``<out>/report.md`` (``report.json``, ``report.png``, ``spaces.png``).
+Interrupt it at any point and run the same command again: it continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+
+
+@dataclass
+class Space:
+    name: str
+    sets: list[str] = field(default_factory=list)
+    """--set overrides of ``ssr diffusability`` (tokenizer, degradation)."""
+    weights: str | None = None
+    """--weights: the tokenizer file this space scores."""
+    prepare: list[str] | None = None
+    """An ``ssr finetune`` call producing ``weights`` (skipped once the file exists)."""
+
+
+def _finetune(recipe: str, run: str, sets: list[str]) -> list[str]:
+    return ["finetune", recipe, "--set", f'run.name="{run}"', *sum((["--set", s] for s in sets), [])]
+
+
+def full_spaces(recipe: str) -> list[Space]:
+    runs = Path("runs")
+    scratch = str(runs / "dfz-klae" / "tokenizer.safetensors")
+    spaces = [Space("klae-scratch", weights=scratch,
+                    prepare=_finetune(recipe, "dfz-klae", ['regularizer.kind="none"', "train.steps=1"]))]
+    for kind in ("none", "ssr", "eq_vae", "scale"):
+        spaces.append(Space(f"ft-{kind}", weights=str(runs / f"dfz-ft-{kind}" / "tokenizer.safetensors"),
+                            prepare=_finetune(recipe, f"dfz-ft-{kind}", [f'tokenizer.weights="{scratch}"',
+                                                                         "train.pretrain_steps=0",
+                                                                         f'regularizer.kind="{kind}"'])))
+    spaces.append(Space("taef2", sets=['tokenizer.family="taesd"', 'tokenizer.size="taef2"',
+                                       'tokenizer.weights="../shared/data/taesd/taef2_encoder.pth"',
+                                       'regularizer.grid="8x4"']))
+    base = spaces[1].weights
+    for strength in (0.25, 0.5, 1.0, 2.0):
+        spaces.append(Space(f"noise-{strength}", weights=base, sets=['diffusability.latent_transform="noise"',
+                                                                     f"diffusability.transform_strength={strength}"]))
+    spaces.append(Space("permute", weights=base, sets=['diffusability.latent_transform="permute"']))
+    spaces.append(Space("mix", weights=base, sets=['diffusability.latent_transform="mix"']))
+    return spaces
+
+
+FULL_GT = ['diffusability.proxies=["flow_probe"]', "diffusability.probe_depth=12", "diffusability.probe_hidden=384",
+           "diffusability.probe_heads=6", "diffusability.probe_steps=50000", "diffusability.probe_batch=128",
+           "diffusability.probe_lr=2e-4", "diffusability.probe_ckpt_every=1000", "diffusability.num_latents=50000",
+           "diffusability.holdout=1000", "diffusability.num_images=5000", "diffusability.probe_samples=5000"]
+TOY_GT = ['diffusability.proxies=["flow_probe"]', "diffusability.probe_steps=12", "diffusability.probe_hidden=32"]
+
+
+def toy_spaces(out: Path) -> list[Space]:
+    """A random-init KL-AE (saved once, so every space shares it) and its degradations."""
+    weights = out / "toy_klae.safetensors"
+    if not weights.is_file():
+        from ssr_cli.models.registry import build_tokenizer
+        from ssr_cli.models.weights import save_weights
+        from ssr_cli.training import fixed_seed
+
+        with fixed_seed(0):
+            save_weights(build_tokenizer("kl-ae", "tiny").state_dict(), weights)
+    w = str(weights)
+    return [Space("klae-random", weights=w),
+            Space("noise-0.5", weights=w, sets=['diffusability.latent_transform="noise"',
+                                                "diffusability.transform_strength=0.5"]),
+            Space("noise-2", weights=w, sets=['diffusability.latent_transform="noise"',
+                                              "diffusability.transform_strength=2.0"]),
+            Space("permute", weights=w, sets=['diffusability.latent_transform="permute"']),
+            Space("mix", weights=w, sets=['diffusability.latent_transform="mix"'])]
+
+
+def run_cli(args: list[str]) -> None:
+    """One ``ssr`` command, in this process; a non-zero exit stops the study with the command named."""
+    from ssr_cli.cli import app
+
+    print("$ ssr " + " ".join(args), flush=True)
+    code = app(args, standalone_mode=False)
+    if code not in (None, 0):
+        raise SystemExit(f"study: `ssr {' '.join(args)}` exited with {code}")
+
+
+def diffusability_args(recipe: str, space: Space, seed: int, out: Path, extra: list[str], device: str | None):
+    args = ["diffusability", recipe, "--out", str(out), "--set", f'run.name="dfz-{space.name}"',
+            "--set", f"run.seed={seed}"]
+    for s in space.sets + extra:
+        args += ["--set", s]
+    if space.weights:
+        args += ["--weights", space.weights]
+    if device:
+        args += ["--device", device]
+    return args
+
+
+def run_study(out: Path, *, toy: bool, seeds: list[int], device: str | None) -> None:
+    recipe = str(HERE / ("toy.toml" if toy else "cifar10.toml"))
+    spaces = toy_spaces(out) if toy else full_spaces(recipe)
+    for space in spaces:
+        if space.prepare and not Path(space.weights).is_file():
+            run_cli(space.prepare + (["--device", device] if device else []))
+    for space in spaces:
+        for seed in seeds:
+            run_cli(diffusability_args(recipe, space, seed, out / space.name / f"seed{seed}", [], device))
+        run_cli(diffusability_args(recipe, space, 0, out / space.name / "gt", TOY_GT if toy else FULL_GT, device))
+    write_report(out, [s.name for s in spaces], seeds, toy=toy)
+
+
+# --------------------------------------------------------------------------------------------- report
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def spearman_agreement(proxy: list[float], truth: list[float], lower_is_better: bool) -> float:
+    """Spearman ρ between proxy and ground truth, signed so that +1 means the proxy ranks the spaces as the
+    ground truth does (NaN with fewer than 3 spaces or a constant column)."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    if len(proxy) < 3 or np.ptp(proxy) == 0 or np.ptp(truth) == 0:
+        return float("nan")
+    rho = float(spearmanr(proxy, truth).statistic)
+    return rho if lower_is_better else -rho
+
+
+def write_report(out: Path, names: list[str], seeds: list[int], *, toy: bool) -> Path:
+    import numpy as np
+
+    from ssr_cli.diffusability import RANKED, plot_diffusability
+
+    gts = {n: _load(out / n / "gt" / "diffusability.json") for n in names}
+    missing = [n for n, g in gts.items() if g is None]
+    if missing:
+        raise SystemExit(f"study: no ground truth yet for {', '.join(missing)}; run the study first")
+    fids = [g["summary"].get("flow_fid") for g in gts.values()]
+    truth_key = "flow_fid" if all(f is not None for f in fids) else "flow_loss_mean"
+    truth = {n: g["summary"][truth_key] for n, g in gts.items()}
+    per_seed = {s: {n: _load(out / n / f"seed{s}" / "diffusability.json") for n in names} for s in seeds}
+    rows = {}
+    for key, label, lower in RANKED:
+        rhos = []
+        for s in seeds:
+            have = [(r["summary"].get(key), truth[n]) for n, r in per_seed[s].items()
+                    if r is not None and r["summary"].get(key) is not None]
+            if have:
+                rhos.append(spearman_agreement([p for p, _ in have], [t for _, t in have], lower))
+        finite = [r for r in rhos if not math.isnan(r)]
+        mean = float(np.mean(finite)) if finite else float("nan")
+        std = float(np.std(finite)) if len(finite) > 1 else float("nan")
+        verdict = ("not computed" if not finite else "predicts" if mean >= 0.7 else
+                   "weak" if mean >= 0.4 else "fails to predict")
+        rows[key] = {"label": label, "lower_is_better": lower, "rho_per_seed": rhos, "mean": mean, "std": std,
+                     "verdict": verdict}
+    first = {n: r for n, r in per_seed[seeds[0]].items() if r is not None}
+    spaces_png = plot_diffusability(first, out / "spaces.png")
+    report_png = _plot_rhos(rows, out / "report.png")
+    result = {"toy": toy, "ground_truth": truth_key, "truth": truth, "seeds": seeds, "proxies": rows,
+              "figures": [str(spaces_png), str(report_png)]}
+    (out / "report.json").write_text(json.dumps(_no_nan(result), indent=2))
+    lines = [f"# `ssr diffusability` validation{' (TOY: plumbing only, the numbers mean nothing)' if toy else ''}",
+             "", f"Generated by `python studies/diffusability/study.py{' --toy' if toy else ''}` from the jsons in "
+             f"this folder. Ground truth per space: `{truth_key}` of the large-budget flow-probe run (`gt/`).",
+             "Agreement ρ = Spearman rank correlation between proxy and ground truth over the spaces, signed so "
+             "that +1 means the proxy orders the spaces as the ground truth does; mean ± std over seeds "
+             f"{seeds}. Verdict: ≥ 0.7 predicts, ≥ 0.4 weak, else fails to predict.", "",
+             "| proxy | agreement ρ (mean ± std) | per seed | verdict |", "|---|---|---|---|"]
+    for row in rows.values():
+        per = ", ".join(_num(r) for r in row["rho_per_seed"]) or "—"
+        lines.append(f"| {row['label']} | {_num(row['mean'])} ± {_num(row['std'])} | {per} | {row['verdict']} |")
+    lines += ["", f"| space | ground truth ({truth_key}) | " + " | ".join(r["label"] for r in rows.values()) + " |",
+              "|---|---|" + "---|" * len(rows)]
+    for n in names:
+        cells = []
+        for key in rows:
+            v = (first.get(n) or {}).get("summary", {}).get(key)
+            cells.append("—" if v is None else f"{v:.4g}")
+        lines.append(f"| {n} | {truth[n]:.4g} | " + " | ".join(cells) + " |")
+    lines += ["", f"![spectra and per-t losses of the spaces (seed {seeds[0]})](spaces.png)", "",
+              "![agreement of each proxy with the ground truth](report.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    print(f"study: report in {path}")
+    return path
+
+
+def _no_nan(obj):
+    """NaN (no correlation computable) as JSON null."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _no_nan(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_no_nan(v) for v in obj]
+    return obj
+
+
+def _num(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value:.2f}"
+
+
+def _plot_rhos(rows: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = [r["label"] for r in rows.values()]
+    means = [0.0 if math.isnan(r["mean"]) else r["mean"] for r in rows.values()]
+    stds = [0.0 if math.isnan(r["std"]) else r["std"] for r in rows.values()]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.barh(np.arange(len(labels)), means, xerr=stds, color="C0", alpha=0.8)
+    ax.set_yticks(np.arange(len(labels)), labels, fontsize=8)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlim(-1, 1)
+    ax.set_xlabel("agreement ρ with the ground truth (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--toy", action="store_true", help="toy size (seconds): plumbing only")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default studies/diffusability/"
+                        "results, toy: runs/dfz-toy-study)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="proxy seeds (default 0 1 2; toy 0 1)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or auto")
+    parser.add_argument("--report", action="store_true", help="only write the report from finished runs")
+    args = parser.parse_args(argv)
+    out = args.out or (Path("runs/dfz-toy-study") if args.toy else HERE / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = args.seeds or ([0, 1] if args.toy else [0, 1, 2])
+    if args.report:
+        names = [s.name for s in (toy_spaces(out) if args.toy else full_spaces(str(HERE / "cifar10.toml")))]
+        write_report(out, names, seeds, toy=args.toy)
+    else:
+        run_study(out, toy=args.toy, seeds=seeds, device=args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    raise SystemExit(main())

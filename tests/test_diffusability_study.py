@@ -1,0 +1,47 @@
+"""The validation driver of `ssr diffusability` on its toy size (the full study is not run in tests)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
+
+
+def _study():
+    spec = importlib.util.spec_from_file_location("dfz_study", ROOT / "studies" / "diffusability" / "study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_toy_study_writes_a_report_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    study = _study()
+    out = tmp_path / "study"
+    assert study.main(["--toy", "--out", str(out), "--seeds", "0", "1"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["truth"]) == {"klae-random", "noise-0.5", "noise-2", "permute", "mix"}
+    assert report["ground_truth"] == "flow_loss_mean"  # no Inception weights in the toy recipe
+    probe = report["proxies"]["flow_loss_mean"]
+    assert len(probe["rho_per_seed"]) == 2 and all(-1 <= r <= 1 for r in probe["rho_per_seed"])
+    assert report["proxies"]["ifid"]["verdict"] == "not computed"
+    text = (out / "report.md").read_text()
+    assert "agreement ρ" in text and (out / "report.png").is_file() and (out / "spaces.png").is_file()
+    # The spatial permutation only moves positions: the per-channel statistics cannot see it.
+    base = json.loads((out / "klae-random" / "seed0" / "diffusability.json").read_text())
+    perm = json.loads((out / "permute" / "seed0" / "diffusability.json").read_text())
+    assert perm["summary"]["effective_rank"] == pytest.approx(base["summary"]["effective_rank"], rel=1e-5)
+    assert perm["proxies"]["stats"]["kurtosis_mean"] == pytest.approx(base["proxies"]["stats"]["kurtosis_mean"],
+                                                                      rel=1e-5, abs=1e-6)
+    # Running it again recomputes nothing: every part is kept as it was.
+    parts = sorted(out.glob("*/*/parts/*.json"))
+    stamps = [p.stat().st_mtime_ns for p in parts]
+    assert study.main(["--toy", "--out", str(out), "--seeds", "0", "1"]) == 0
+    assert [p.stat().st_mtime_ns for p in parts] == stamps
