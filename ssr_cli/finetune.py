@@ -30,7 +30,7 @@ def build_tokenizer(cfg: Recipe, weights: str | Path | None = "recipe"):
 
     tok = cfg.tokenizer
     path = tok.weights if weights == "recipe" else weights
-    model = build(tok.family, tok.size, weights=path, strict=tok.strict, **tok.overrides)
+    model = build(tok.family, tok.size, weights=path, strict=tok.strict, architecture=tok.weights, **tok.overrides)
     if tok.grad_checkpointing and hasattr(model, "grad_checkpointing"):
         model.grad_checkpointing = True
     return model
