@@ -162,7 +162,7 @@ def test_cosmos_autoencoder_jit_loads_strictly_and_reports_missing_keys(tmp_path
     torch.manual_seed(6)
     source = build_tokenizer("cosmos-ci", "tiny").eval()
     x = torch.zeros(1, 3, 16, 16)
-    torch.jit.trace(lambda_module(source), x).save(str(tmp_path / "autoencoder.jit"))
+    torch.jit.trace(traceable_autoencoder(source), x).save(str(tmp_path / "autoencoder.jit"))
     _same_state(source, build_tokenizer("cosmos-ci", "tiny", weights=tmp_path / "autoencoder.jit"))
     half = torch.nn.Sequential(OrderedDict(encoder=source.encoder, quant_conv=source.quant_conv))
     torch.jit.trace(half, torch.zeros(1, 48, 8, 8)).save(str(tmp_path / "lonely_encoder.jit"))
@@ -170,7 +170,7 @@ def test_cosmos_autoencoder_jit_loads_strictly_and_reports_missing_keys(tmp_path
         build_tokenizer("cosmos-ci", "tiny", weights=tmp_path / "lonely_encoder.jit")
 
 
-def lambda_module(model):
+def traceable_autoencoder(model):
     """A traceable wrapper returning the reconstruction of ``model`` (TorchScript needs tensor outputs)."""
 
     class Reconstruct(torch.nn.Module):
