@@ -6,6 +6,7 @@ import typer
 
 from ssr_cli import __version__
 from ssr_cli.commands import (
+    convert,
     denoise,
     derive_a,
     diffusability,
@@ -43,6 +44,9 @@ app.command("probe-channels")(probe_channels.probe_channels)
 app.command("pipeline")(pipeline.pipeline)
 app.command("denoise")(denoise.denoise)
 app.command("diffusability")(diffusability.diffusability)
+app.command("import-dit")(convert.import_dit)
+app.command("export-dit")(convert.export_dit)
+app.command("export-tokenizer")(convert.export_tokenizer)
 
 
 def _version(value: bool) -> None:

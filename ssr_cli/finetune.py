@@ -33,7 +33,8 @@ def build_tokenizer(cfg: Recipe, weights: str | Path | None = "recipe"):
     tok = cfg.tokenizer
     path = tok.weights if weights == "recipe" else weights
     with fixed_seed(step_seed(cfg.run.seed, "tokenizer-init")):
-        model = build(tok.family, tok.size, weights=path, strict=tok.strict, **tok.overrides)
+        model = build(tok.family, tok.size, weights=path, strict=tok.strict, architecture=tok.weights,
+                      **tok.overrides)
     if tok.grad_checkpointing and hasattr(model, "grad_checkpointing"):
         model.grad_checkpointing = True
     return model

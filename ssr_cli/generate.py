@@ -28,6 +28,8 @@ from ssr_cli.recipe import Recipe, dump
 DIT_DIR = "dit"
 EMA_FILE = "dit_ema.safetensors"
 CONFIG_FILE = "dit_config.json"
+STATS_FILE = "latent_stats.safetensors"
+"""The per-channel (mean, std) the DiT's inputs were normalised with; it travels with the DiT's weights."""
 
 
 def _dit_kwargs(cfg: Recipe, manifest: dict) -> dict:
@@ -41,6 +43,7 @@ def _dit_kwargs(cfg: Recipe, manifest: dict) -> dict:
         "num_classes": cfg.dit.num_classes or manifest["num_classes"],
         "qk_norm": cfg.dit.qk_norm,
         "class_dropout": cfg.dit.class_dropout,
+        "time_scale": cfg.dit.time_scale,
         **overrides,
     }
 
@@ -149,6 +152,7 @@ def run_train_dit(cfg: Recipe, rt: Runtime) -> Path:
         tmp = out / f".{CONFIG_FILE}.tmp"
         tmp.write_text(json.dumps({**kwargs, "latents": str(lat_dir)}, indent=2))
         os.replace(tmp, out / CONFIG_FILE)
+        save_weights({"mean": mean, "std": std}, out / STATS_FILE)
         save_weights(ema.shadow, out / EMA_FILE)
         console.print(f"[green]DiT EMA weights written to {out / EMA_FILE}")
     rt.barrier()
@@ -163,6 +167,7 @@ def load_trained_dit(cfg: Recipe, use_ema: bool = True) -> tuple[nn.Module, dict
         raise FileNotFoundError(f"no trained DiT in {out} (missing {CONFIG_FILE}); run `ssr train-dit` first")
     kwargs = json.loads((out / CONFIG_FILE).read_text())
     kwargs.pop("latents", None)
+    kwargs.pop("imported_from", None)
     model = build_dit_from(kwargs)
     if use_ema:
         model.load_state_dict(load_file(str(out / EMA_FILE)))
@@ -172,6 +177,18 @@ def load_trained_dit(cfg: Recipe, use_ema: bool = True) -> tuple[nn.Module, dict
             raise FileNotFoundError(f"no readable checkpoint under {out / 'checkpoints'}")
         model.load_state_dict({k[len("model."):]: v for k, v in state["model"].items() if k.startswith("model.")})
     return model.eval(), kwargs
+
+
+def dit_latent_stats(cfg: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std), each (C,), of the run's DiT: its own copy (written by train-dit and import-dit), else the
+    latent cache's (DiTs trained before the copy existed)."""
+    from safetensors.torch import load_file
+
+    path = cfg.run_dir() / DIT_DIR / STATS_FILE
+    if path.is_file():
+        stats = load_file(str(path))
+        return stats["mean"], stats["std"]
+    return load_stats(latents_dir(cfg))
 
 
 def samples_dir(cfg: Recipe) -> Path:
@@ -195,8 +212,7 @@ def run_sample(cfg: Recipe, rt: Runtime) -> Path:
     s = cfg.sample
     model, kwargs = load_trained_dit(cfg, use_ema=s.use_ema)
     model = model.to(rt.device)
-    lat_dir = latents_dir(cfg)
-    mean, std = load_stats(lat_dir)
+    mean, std = dit_latent_stats(cfg)
     mean, std = mean.reshape(1, -1, 1, 1).to(rt.device), std.reshape(1, -1, 1, 1).to(rt.device)
     tokenizer, tokenizer_weights = load_tokenizer_for_run(cfg)
     tokenizer = tokenizer.to(rt.device).eval()

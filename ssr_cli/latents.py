@@ -4,8 +4,15 @@ Layout of ``<latents dir>``:
   shard_00000.safetensors ...  tensors ``latents`` (N, C, h, w) float32, ``latents_flip`` (the latent of
                                the horizontally flipped image, when enabled), ``labels`` (N,) int64,
                                ``indices`` (N,) int64 (data set indices)
-  stats.safetensors            ``mean``, ``std``: per-channel (C,) over ``stats_count`` latents (seeded, class-stratified)
+  latents_stats.pt             ``mean``, ``std``: per-channel, shape (1, C, 1, 1), over ``stats_count`` latents
+                               (seeded, class-stratified); LightningDiT's file name and format; older caches have
+                               stats.safetensors
   manifest.json                tokenizer, weights file and its SHA-256, recipe, shapes, classes, shards
+
+The folder is also a LightningDiT latent folder: its ``ImgLatentDataset`` reads every ``*.safetensors`` shard
+(``latents``, ``latents_flip``, ``labels``) and ``latents_stats.pt`` (set latent_norm: true, latent_multiplier: 1.0;
+it needs latents.flip = true). The other way round, a LightningDiT folder without manifest.json is read as a
+cache (``latents.out_dir`` = that folder): shards in sorted name order, its statistics, labels 0..max.
 
 Shards are written atomically and a finished shard is skipped when the command runs again, so an
 interrupted encode resumes. Under torchrun shard k is written by rank k mod world_size.
@@ -31,7 +38,8 @@ from ssr_cli.recipe import Recipe, dump
 from ssr_cli.training import image_dataset
 
 MANIFEST = "manifest.json"
-STATS = "stats.safetensors"
+STATS = "latents_stats.pt"
+LEGACY_STATS = "stats.safetensors"
 
 
 def latents_dir(cfg: Recipe) -> Path:
@@ -62,7 +70,8 @@ def _cache_key(cfg: Recipe, weights_sha256: str | None, n: int) -> dict:
 def _discard_stale(out: Path, cfg: Recipe, weights_sha256: str | None, n: int) -> None:
     """Drop shards left by an encode with another tokenizer, data set or latent setting (warning loudly)."""
     refresh(out / ".cache_key.json", _cache_key(cfg, weights_sha256, n),
-            [*sorted(out.glob("shard_*.safetensors")), out / MANIFEST, out / STATS], "encode-latents", console)
+            [*sorted(out.glob("shard_*.safetensors")), out / MANIFEST, out / STATS, out / LEGACY_STATS],
+            "encode-latents", console)
 
 
 def latents_fingerprint(directory: Path) -> str | None:
@@ -141,7 +150,7 @@ def encode_latents(cfg: Recipe, rt: Runtime) -> Path:
     if rt.is_main:
         shards = [out / f"shard_{k:05d}.safetensors" for k in range(n_shards)]
         stats = compute_stats(shards, lc.stats_count, seed=cfg.run.seed)
-        _save_atomic(stats, out / STATS)
+        _save_stats(stats, out / STATS)
         first = load_file(str(shards[0]))
         manifest = {
             "tokenizer": {"family": cfg.tokenizer.family, "size": cfg.tokenizer.size,
@@ -200,16 +209,56 @@ def compute_stats(shards: list[Path], count: int, seed: int = 0) -> dict[str, to
     return {"mean": mean.float(), "std": var.sqrt().clamp_min(1e-6).float()}
 
 
+def _save_stats(stats: dict[str, torch.Tensor], path: Path) -> None:
+    from ssr_cli.models.lightningdit import write_stats
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write_stats(tmp, stats["mean"], stats["std"])
+    os.replace(tmp, path)
+
+
 def read_manifest(directory: Path) -> dict:
     path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"no latent cache at {directory} (missing {MANIFEST}); run `ssr encode-latents` first")
-    return json.loads(path.read_text())
+    if path.is_file():
+        return json.loads(path.read_text())
+    shards = sorted(Path(directory).glob("*.safetensors")) if Path(directory).is_dir() else []
+    if shards and (Path(directory) / STATS).is_file():
+        return _lightningdit_manifest(Path(directory), shards)
+    raise FileNotFoundError(f"no latent cache at {directory}: expected {MANIFEST} (run `ssr encode-latents` first) "
+                            f"or a LightningDiT latent folder (*.safetensors shards and {STATS}), found neither")
+
+
+def _lightningdit_manifest(directory: Path, shards: list[Path]) -> dict:
+    """The manifest of a LightningDiT latent folder, read from its shards."""
+    from ssr_cli.models.weights import WeightsError
+
+    labels, flips, shape = [], [], None
+    for path in shards:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            if not {"latents", "labels"} <= keys:
+                raise WeightsError(f"{path}: expected a LightningDiT latent shard with 'latents' and 'labels' "
+                                   f"(and 'latents_flip'), found {sorted(keys)}")
+            labels.append(f.get_tensor("labels"))
+            flips.append("latents_flip" in keys)
+            shape = shape or list(f.get_slice("latents").get_shape()[1:])
+    all_labels = torch.cat(labels)
+    return {"tokenizer": None, "source": "lightningdit", "num_images": int(all_labels.numel()),
+            "latent_shape": shape, "posterior": "unknown", "flip_copies": all(flips), "classes": [],
+            "num_classes": int(all_labels.max()) + 1, "shards": [p.name for p in shards],
+            "stats": {"file": STATS}}
 
 
 def load_stats(directory: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    stats = load_file(str(Path(directory) / STATS))
-    return stats["mean"], stats["std"]
+    """Per-channel (mean, std), each (C,), of a cache (ours or LightningDiT's)."""
+    from ssr_cli.models.lightningdit import read_stats
+
+    if (Path(directory) / STATS).is_file():
+        return read_stats(Path(directory) / STATS)
+    if (Path(directory) / LEGACY_STATS).is_file():
+        stats = load_file(str(Path(directory) / LEGACY_STATS))
+        return stats["mean"], stats["std"]
+    raise FileNotFoundError(f"no latent statistics in {directory} (expected {STATS}); run `ssr encode-latents`")
 
 
 class LatentShards(Dataset):

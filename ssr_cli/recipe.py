@@ -180,6 +180,8 @@ class DiTConfig(Section):
     class_dropout: float = Field(0.1, ge=0.0, le=1.0)
     num_classes: int | None = Field(None, ge=1)
     """None: taken from the dataset."""
+    time_scale: float = Field(1000.0, gt=0.0)
+    """The timestep sinusoid sees time_scale·t; 1 is LightningDiT's convention (needed to export to its layout)."""
     steps: int = Field(80000, ge=1)
     batch_size: int = Field(1024, ge=1)
     lr: float = Field(2e-4, gt=0.0)

@@ -113,3 +113,64 @@ def test_resume_keeps_finished_shards_and_redoes_stale_ones(tmp_path):
     encode_latents(cfg, rt)
     fresh = load_file(str(latents_dir(cfg) / "shard_00000.safetensors"))
     assert not torch.allclose(fresh["latents"], data_before["shard_00000.safetensors"]["latents"])
+
+
+def _lightningdit_dataset_rows(directory, mean, std):
+    """What LightningDiT's ImgLatentDataset hands its DiT, in a few lines following its code: every *.safetensors
+    in sorted order, row i of each, normalised with latents_stats.pt ((1, C, 1, 1) mean and std, multiplier 1)."""
+    import glob
+    import os
+
+    from safetensors import safe_open
+
+    rows, flips, labels = [], [], []
+    for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            n = f.get_slice("labels").get_shape()[0]
+            for i in range(n):
+                rows.append(((f.get_slice("latents")[i:i + 1] - mean) / std).squeeze(0))
+                flips.append(((f.get_slice("latents_flip")[i:i + 1] - mean) / std).squeeze(0))
+                labels.append(int(f.get_slice("labels")[i:i + 1].squeeze(0)))
+    return torch.stack(rows), torch.stack(flips), labels
+
+
+def test_our_cache_is_a_lightningdit_latent_folder(tmp_path):
+    cfg = _recipe(tmp_path, sample_posterior=False)
+    out = encode_latents(cfg, setup_runtime("cpu", "fp32"))
+    stats = torch.load(out / "latents_stats.pt", weights_only=True)
+    assert stats["mean"].shape == (1, 16, 1, 1) and stats["std"].shape == (1, 16, 1, 1)
+    rows, flips, labels = _lightningdit_dataset_rows(str(out), stats["mean"], stats["std"])
+    ours = LatentShards(out, random_flip=False)
+    mean, std = load_stats(out)
+    expected = torch.stack([(ours[i][0] - mean.view(-1, 1, 1)) / std.view(-1, 1, 1) for i in range(len(ours))])
+    torch.testing.assert_close(rows, expected)
+    assert labels == ours.labels.tolist() and flips.shape == rows.shape
+
+
+def test_a_lightningdit_latent_folder_reads_as_a_cache(tmp_path):
+    from safetensors.torch import save_file
+
+    from ssr_cli.latents import read_manifest
+    from ssr_cli.models.lightningdit import write_stats
+
+    # Written the way LightningDiT's extract_features does: shards of latents / latents_flip / labels, then stats.
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(7, 8, 4, 4, generator=gen)
+    labels = torch.tensor([3, 0, 1, 4, 2, 1, 0])
+    for k, (lo, hi) in enumerate([(0, 4), (4, 7)]):
+        save_file({"latents": z[lo:hi], "latents_flip": z[lo:hi].flip(-1), "labels": labels[lo:hi]},
+                  str(tmp_path / f"latents_rank00_shard{k:03d}.safetensors"))
+    write_stats(tmp_path / "latents_stats.pt", z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3)))
+    manifest = read_manifest(tmp_path)
+    assert manifest["latent_shape"] == [8, 4, 4] and manifest["num_classes"] == 5 and manifest["flip_copies"]
+    data = LatentShards(tmp_path, random_flip=True)
+    assert len(data) == 7 and data.labels.tolist() == labels.tolist()
+    assert torch.equal(data[5][0], z[5])
+    flipped = [seed for seed in range(20) if not torch.equal(data[(5, seed)][0], z[5])]
+    assert flipped and all(torch.equal(data[(5, s)][0], z[5].flip(-1)) for s in flipped)
+    mean, std = load_stats(tmp_path)
+    torch.testing.assert_close(mean, z.mean(dim=(0, 2, 3)))
+    # A folder that is neither says what was expected.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="expected manifest.json .* or a LightningDiT latent folder"):
+        read_manifest(tmp_path / "empty")

@@ -155,3 +155,31 @@ def test_taef2_reconstructs_kodak(shared_data):
     mse = ((out.astype(np.float64) - ref.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
     psnr = 10 * np.log10(255.0**2 / mse)
     assert psnr.mean() >= 29.0, psnr
+
+
+def test_cosmos_autoencoder_jit_loads_strictly_and_reports_missing_keys(tmp_path):
+    """autoencoder.jit (the whole traced model) loads strictly; a half without its partner names the missing keys."""
+    torch.manual_seed(6)
+    source = build_tokenizer("cosmos-ci", "tiny").eval()
+    x = torch.zeros(1, 3, 16, 16)
+    torch.jit.trace(traceable_autoencoder(source), x).save(str(tmp_path / "autoencoder.jit"))
+    _same_state(source, build_tokenizer("cosmos-ci", "tiny", weights=tmp_path / "autoencoder.jit"))
+    half = torch.nn.Sequential(OrderedDict(encoder=source.encoder, quant_conv=source.quant_conv))
+    torch.jit.trace(half, torch.zeros(1, 48, 8, 8)).save(str(tmp_path / "lonely_encoder.jit"))
+    with pytest.raises(WeightsError, match=r"missing from the file: (decoder|post_quant_conv)\."):
+        build_tokenizer("cosmos-ci", "tiny", weights=tmp_path / "lonely_encoder.jit")
+
+
+def traceable_autoencoder(model):
+    """A traceable wrapper returning the reconstruction of ``model`` (TorchScript needs tensor outputs)."""
+
+    class Reconstruct(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder, self.decoder = model.encoder, model.decoder
+            self.quant_conv, self.post_quant_conv = model.quant_conv, model.post_quant_conv
+
+        def forward(self, x):
+            return model.decode(model.encode(x))
+
+    return Reconstruct()

@@ -100,18 +100,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ----------------------------------------------------------------------------- embeddings
 
 class TimestepEmbedder(nn.Module):
-    """t in [0, 1] (N,) → (N, D): sinusoid of 1000·t (256 frequencies) through Linear-SiLU-Linear."""
+    """t in [0, 1] (N,) → (N, D): sinusoid of time_scale·t (256 frequencies) through Linear-SiLU-Linear.
 
-    def __init__(self, hidden_size: int, freq_dim: int = TIME_FREQ_DIM) -> None:
+    time_scale is 1000 for models trained here and 1 for imported LightningDiT checkpoints, whose sinusoid sees
+    t itself (see ``ssr_cli.models.lightningdit``).
+    """
+
+    def __init__(self, hidden_size: int, freq_dim: int = TIME_FREQ_DIM, time_scale: float = TIME_SCALE) -> None:
         super().__init__()
         self.freq_dim = freq_dim
+        self.time_scale = float(time_scale)
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
         half = freq_dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
         self.register_buffer("freqs", freqs, persistent=False)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        args = (t.float() * TIME_SCALE)[:, None] * self.freqs[None]
+        args = (t.float() * self.time_scale)[:, None] * self.freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(emb)
 
@@ -217,6 +222,7 @@ class DiT(nn.Module):
         num_heads: int = 12,
         qk_norm: bool = False,
         class_dropout: float = 0.1,
+        time_scale: float = TIME_SCALE,
     ) -> None:
         super().__init__()
         if input_size % patch_size:
@@ -227,12 +233,12 @@ class DiT(nn.Module):
             raise ValueError(f"hidden_size must be divisible by 4 (2D sin-cos embedding), got {hidden_size}")
         self.input_size, self.in_channels, self.num_classes = input_size, in_channels, num_classes
         self.patch_size, self.hidden_size, self.depth, self.num_heads = patch_size, hidden_size, depth, num_heads
-        self.qk_norm, self.class_dropout = qk_norm, class_dropout
+        self.qk_norm, self.class_dropout, self.time_scale = qk_norm, class_dropout, float(time_scale)
         self.grid = input_size // patch_size
         patch_dim = patch_size * patch_size * in_channels
 
         self.x_embedder = nn.Linear(patch_dim, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout)
         # Fixed sin-cos table, kept as a frozen parameter like DiT/LightningDiT (so it is part of the
         # reported parameter count and of the state dict, but never trained).
@@ -295,6 +301,7 @@ def build_dit(
     depth: int | None = None,
     hidden_size: int | None = None,
     num_heads: int | None = None,
+    time_scale: float = TIME_SCALE,
 ) -> DiT:
     """A DiT of a named size (``DIT_SIZES``); depth/hidden_size/num_heads override the size's values."""
     if name not in DIT_SIZES:
@@ -310,6 +317,7 @@ def build_dit(
         num_heads=num_heads if num_heads is not None else size.num_heads,
         qk_norm=qk_norm,
         class_dropout=class_dropout,
+        time_scale=time_scale,
     )
 
 

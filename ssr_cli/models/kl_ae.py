@@ -317,12 +317,33 @@ class KLAutoEncoder(Tokenizer):
         return stage_prefixes(len(self.encoder.down), len(self.decoder.up), encoder, decoder)
 
     def adapt_state_dict(self, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-        """Accept full LDM/SD checkpoints whose VAE keys sit under ``first_stage_model.``."""
-        del source
+        """Accept full LDM/SD checkpoints whose VAE keys sit under ``first_stage_model.``, and the diffusers
+        ``AutoencoderKL`` layout (renamed exactly; its config.json must describe this architecture)."""
+        if any(".down_blocks." in k or ".mid_block." in k for k in state):
+            from ssr_cli.models import diffusers_vae
+
+            folder = diffusers_vae.diffusers_folder(source)
+            if folder is not None:
+                self._check_diffusers_config(diffusers_vae.read_config(folder), folder)
+            return diffusers_vae.from_diffusers(state, self, source)
         prefix = "first_stage_model."
         if not any(k.startswith(("encoder.", "decoder.")) for k in state) and any(k.startswith(prefix) for k in state):
             return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         return state
+
+    def _check_diffusers_config(self, config: dict, folder) -> None:
+        """The folder's config.json must give this model's architecture and latent scale/shift."""
+        from ssr_cli.models.diffusers_vae import CONFIG, params_from_config
+        from ssr_cli.models.weights import WeightsError
+
+        theirs = asdict(params_from_config(config, folder / CONFIG))
+        ours = asdict(self.params)
+        ours["ch_mult"] = tuple(int(m) for m in ours["ch_mult"])
+        differ = {k: (ours[k], theirs[k]) for k in ours if ours[k] != theirs[k]}
+        if differ:
+            listed = ", ".join(f"{k}: model {a!r} vs config {b!r}" for k, (a, b) in differ.items())
+            raise WeightsError(f"{folder / CONFIG} describes another kl-ae ({listed}); set tokenizer.size = "
+                               '"diffusers" to build the architecture and scale/shift from it')
 
 
 def stage_prefixes(encoder_levels: int, decoder_levels: int, encoder: int, decoder: int) -> list[str]:

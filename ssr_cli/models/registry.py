@@ -52,8 +52,28 @@ def sizes_of(family: str) -> dict[str, dict[str, Any]]:
     raise ValueError(f"tokenizer.family = {family!r} is unknown; choose one of {families()}")
 
 
+DIFFUSERS_SIZE = "diffusers"
+"""kl-ae pseudo-size: the architecture and latent scale/shift come from a diffusers folder's config.json."""
+
+
+def _kl_ae_from_diffusers(folder: str | Path | None, overrides: dict[str, Any]) -> Tokenizer:
+    from dataclasses import replace
+
+    from ssr_cli.models.diffusers_vae import CONFIG, diffusers_folder, params_from_config, read_config
+    from ssr_cli.models.kl_ae import KLAutoEncoder
+    from ssr_cli.models.weights import WeightsError
+
+    found = diffusers_folder(folder) if folder is not None else None
+    if found is None:
+        raise WeightsError(f'tokenizer.size = "{DIFFUSERS_SIZE}" expects tokenizer.weights to be a diffusers VAE '
+                           f"folder (config.json + diffusion_pytorch_model.safetensors), found {folder!r}")
+    grad_checkpointing = bool(overrides.pop("grad_checkpointing", False))
+    params = replace(params_from_config(read_config(found), found / CONFIG), **overrides)
+    return KLAutoEncoder(params, grad_checkpointing=grad_checkpointing)
+
+
 def build_tokenizer(family: str, size: str, *, weights: str | Path | None = None, strict: bool = True,
-                    **overrides: Any) -> Tokenizer:
+                    architecture: str | Path | None = None, **overrides: Any) -> Tokenizer:
     """Build a tokenizer and (when ``weights`` is given) load its weights.
 
     family: "kl-ae" | "cosmos-ci" | "taesd" | "s4d-vae" | "cnn-vae"; size: a key of ``TOKENIZER_SIZES[family]``.
@@ -61,8 +81,18 @@ def build_tokenizer(family: str, size: str, *, weights: str | Path | None = None
     strict: raise on any missing, unexpected or mis-shaped key (the error names them).
     overrides: architecture fields replacing the size's (``ch``, ``ch_mult``, ``z_channels``, …) plus
     ``grad_checkpointing`` for the KL-AE and Cosmos families.
+    architecture: for kl-ae size "diffusers", the diffusers folder whose config.json gives the architecture
+    (default: ``weights``; a fine-tuned export in our layout passes the original folder here).
     """
     sizes = sizes_of(family)
+    if family == "kl-ae" and size == DIFFUSERS_SIZE:
+        try:
+            model = _kl_ae_from_diffusers(architecture if architecture is not None else weights, dict(overrides))
+        except TypeError as exc:
+            raise ValueError(f"tokenizer.overrides {overrides} do not fit kl-ae/{size}: {exc}") from exc
+        if weights is not None:
+            load_weights(model, weights, strict=strict)
+        return model
     if size not in sizes:
         raise ValueError(f"tokenizer.size = {size!r} is not a {family} size; choose one of {sorted(sizes)}")
     try:
@@ -85,7 +115,9 @@ def build_tokenizer(family: str, size: str, *, weights: str | Path | None = None
 WEIGHTS_SOURCES = {
     ("kl-ae", "flux"): "the Flux AE is the `ae.safetensors` file of the FLUX.1 model repositories "
                        "(black-forest-labs); download it and set tokenizer.weights to its path",
-    ("kl-ae", "sd"): "use an SD-VAE checkpoint in the original LDM key layout (e.g. a `vae-ft-mse` .safetensors)",
+    ("kl-ae", "sd"): "use an SD-VAE checkpoint in the original LDM key layout (e.g. a `vae-ft-mse` .safetensors) "
+                     'or its diffusers folder with tokenizer.size = "diffusers"',
+    ("kl-ae", "diffusers"): "give the diffusers VAE folder (config.json + diffusion_pytorch_model.safetensors)",
     ("cosmos-ci", "ci16x16"): "the NVIDIA Cosmos-Tokenizer CI16x16 release ships TorchScript encoder/decoder "
                               "files; pass one of them (or a state dict saved from them)",
     ("cosmos-ci", "ci8x8"): "the NVIDIA Cosmos-Tokenizer CI8x8 release ships TorchScript encoder/decoder files",

@@ -4,7 +4,9 @@ Sources (``tokenizer.weights`` in a recipe):
   ``*.safetensors``                 safetensors file;
   ``*.pt`` / ``*.pth`` / ``*.ckpt`` / ``*.bin``   ``torch.load(weights_only=True)`` of a dict of tensors (a
                                     Lightning-style ``{"state_dict": {...}}`` is unwrapped);
-  ``*.jit``                         a TorchScript archive (how Cosmos ships); only its state_dict is used.
+  ``*.jit``                         a TorchScript archive (how Cosmos ships); only its state_dict is used;
+  a folder                          a diffusers model folder (``config.json`` + ``diffusion_pytorch_model.*``,
+                                    or a pipeline folder with them in ``vae/``): its weights file is read.
 Files are local: nothing is downloaded at run time (a URL is refused with that explanation).
 Loading is strict by default; a :class:`KeyReport` lists missing, unexpected and mis-shaped keys.
 """
@@ -81,6 +83,14 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{RECIPE_KEY} = {str(path)!r}: weights are read from local files only (nothing is "
                            "downloaded at run time); download the file yourself and give its path")
     path = Path(path).expanduser()
+    if path.is_dir():
+        from ssr_cli.models.diffusers_vae import WEIGHT_FILES, diffusers_folder, weights_file
+
+        folder = diffusers_folder(path)
+        if folder is None:
+            raise WeightsError(f"{path}: expected a weights file or a diffusers folder (config.json + "
+                               f"{WEIGHT_FILES[0]}, or vae/ holding them), found a folder without them")
+        path = weights_file(folder)
     if not path.is_file():
         raise FileNotFoundError(
             f"weights file not found: {path} (check {RECIPE_KEY}, or leave it unset for random init)"
@@ -110,7 +120,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             state = torch.jit.load(str(path), map_location="cpu").state_dict()
     else:
         raise WeightsError(
-            f"{path}: unsupported weights format {suffix!r}; use .safetensors, .pt/.pth/.ckpt/.bin or .jit"
+            f"{path}: unsupported weights format {suffix!r}; use .safetensors, .pt/.pth/.ckpt/.bin, .jit or a "
+            "diffusers folder"
         )
     if not isinstance(state, dict):
         raise WeightsError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
