@@ -103,6 +103,7 @@ def build_regularizer(cfg: Recipe, kind: str, latent_channels: int, lpips_fn):
         delta_init=r.delta_init,
         learn_a=r.learn_a,
         mean_centering=r.mean_centering,
+        latent_loss=r.latent_loss,
         tau_max=r.tau_max,
         delta_tau=r.delta_tau,
         eq_probability=r.eq_probability,

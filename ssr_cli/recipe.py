@@ -35,6 +35,11 @@ class RunConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 autocast on CUDA, fp32 on CPU."""
     compile: bool = False
+    threads: int = Field(0, ge=0)
+    """CPU threads for torch's intra-op work. 0 (default) = auto: the cores of this process's CPU set that are
+    idle when the run starts (sampled from /proc/stat over 0.2 s; at least 1, divided among the torchrun
+    ranks on one host), so a run sharing the machine with other jobs does not oversubscribe the cores
+    (two 2-thread jobs on 2 cores run each several times slower than two 1-thread jobs)."""
 
 
 class DataConfig(Section):
@@ -92,6 +97,11 @@ class RegularizerConfig(Section):
     learn_a: bool = True
     a_lr_mult: float = Field(0.1, ge=0.0)
     mean_centering: bool = True
+    """Predict ẑ2 = mean(z1) + Ā·C(z1) (paper eq. 24; C = minus the spatial mean per channel); off: ẑ2 = Ā·z1."""
+    latent_loss: Literal["centred", "carried_mean"] = "centred"
+    """With mean_centering: "centred" = MSE(C(z2), Ā·C(z1)), eq. 24 read literally (default; channel means may move
+    under blur, as in the paper's Fig. 5); "carried_mean" = MSE(z2, mean(z1) + Ā·C(z1)), which adds a penalty on
+    the channel means moving (the behaviour before 0.2). The decoder sees mean(z1) + Ā·C(z1) in both."""
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     tau_max: float = Field(10.0, gt=0.0)
     """Largest blur variance, pixels² at the training resolution."""

@@ -232,18 +232,41 @@ class SSRDynamics(nn.Module):
         return torch.eye(self.channels, dtype=torch.float64, device=a.device) + delta * a
 
     def predict(self, z1: torch.Tensor, mean_centering: bool = True) -> torch.Tensor:
-        """ẑ2 from z1 (B, C, h, w): mean(z1) + Ā·C(z1) with centering (paper eq. 24), else Ā·z1.
+        """ẑ2 from z1 (B, C, h, w), float32: mean(z1) + Ā·C(z1) with centering (paper eq. 24), else Ā·z1.
 
         "Ā·z" is the mode-1 product: the C channels are mixed by Ā at every latent pixel. C(z) = z − spatial
         mean per image and channel; the channel means are carried over unchanged.
         """
         if z1.ndim != 4 or z1.shape[1] != self.channels:
             raise ValueError(f"latent must be (B, {self.channels}, h, w) to match A, got {tuple(z1.shape)}")
-        abar = self.a_bar().to(z1.dtype)
-        if not mean_centering:
-            return torch.einsum("kc,bchw->bkhw", abar, z1)
-        mean = z1.mean(dim=(-2, -1), keepdim=True)
-        return mean + torch.einsum("kc,bchw->bkhw", abar, z1 - mean)
+        # fp32 outside autocast, whatever z1's dtype: in bf16 the decay 1 − Ā of the slowest mode (≈ 0.0055 for
+        # the Table-3 A and Δ) rounds to 0.0039, and the rounding of ẑ2 is as large as the low channels' signal.
+        with torch.autocast(device_type=z1.device.type, enabled=False):
+            abar = self.a_bar().float()
+            z = z1.float()
+            if not mean_centering:
+                return torch.einsum("kc,bchw->bkhw", abar, z)
+            mean = z.mean(dim=(-2, -1), keepdim=True)
+            return mean + torch.einsum("kc,bchw->bkhw", abar, z - mean)
+
+
+LATENT_LOSSES = ("centred", "carried_mean")
+
+
+def latent_mse(z2_hat: torch.Tensor, z2: torch.Tensor, reading: str = "centred") -> torch.Tensor:
+    """The SSR latent term between ẑ2 = mean(z1) + Ā·C(z1) and the target z2, (B, C, h, w).
+
+    ``centred`` (paper eq. 24 read literally): MSE(C(z2), Ā·C(z1)) = MSE(C(z2), C(ẑ2)) — channel means are free to
+    move under blur (as the paper's Fig. 5 shows they do). ``carried_mean``: MSE(z2, ẑ2), which equals the centred
+    loss plus the mean of ‖mean(z2) − mean(z1)‖² over channels (Ā·C(z1) has zero spatial mean): it also pins
+    the channel means to their sharp values.
+    """
+    if reading == "carried_mean":
+        return F.mse_loss(z2_hat.float(), z2.float())
+    if reading != "centred":
+        raise ValueError(f"latent loss reading must be one of {', '.join(LATENT_LOSSES)}, got {reading!r}")
+    centre = lambda z: z.float() - z.float().mean(dim=(-2, -1), keepdim=True)  # noqa: E731
+    return F.mse_loss(centre(z2_hat), centre(z2))
 
 
 # ----------------------------------------------------------------------------------------------- regularizers
@@ -318,11 +341,14 @@ class SSRRegularizer(Regularizer):
         lambda_mae_ssr: float = 1.0,
         lambda_lpips_ssr: float = 0.1,
         mean_centering: bool = True,
+        latent_loss: str = "centred",
         tau_max: float = 10.0,
         delta_tau: float = 4.0,
         **recon_kwargs,
     ) -> None:
         super().__init__(**recon_kwargs)
+        if latent_loss not in LATENT_LOSSES:
+            raise ValueError(f"regularizer.latent_loss must be one of {', '.join(LATENT_LOSSES)}, got {latent_loss!r}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"regularizer.alpha must be in [0, 1], got {alpha}")
         if not 0 < delta_tau <= tau_max:
@@ -334,6 +360,7 @@ class SSRRegularizer(Regularizer):
         self.lambda_mae_ssr = lambda_mae_ssr
         self.lambda_lpips_ssr = lambda_lpips_ssr
         self.mean_centering = mean_centering
+        self.latent_loss = latent_loss
         self.tau_max = tau_max
         self.delta_tau = delta_tau
 
@@ -352,7 +379,8 @@ class SSRRegularizer(Regularizer):
             z2 = target_encoder(i2) if target_encoder is not None else tokenizer.encode_latent(i2)
         z2 = z2.detach()
         z2_hat = self.dynamics.predict(z1, mean_centering=self.mean_centering)
-        latent = F.mse_loss(z2_hat.float(), z2.float())
+        latent = latent_mse(z2_hat, z2.float(), "centred" if self.mean_centering and self.latent_loss == "centred"
+                            else "carried_mean")
         x2_hat = tokenizer.decode(z2_hat)
         mae = (x2_hat.float() - i2.float()).abs().mean()
         lpips = _zero(x)
@@ -512,6 +540,7 @@ def build_regularizer(
     learn_a: bool = True,
     learn_delta: bool | None = None,
     mean_centering: bool = True,
+    latent_loss: str = "centred",
     tau_max: float = 10.0,
     delta_tau: float = 4.0,
     lambda_mae: float = 1.0,
@@ -527,7 +556,7 @@ def build_regularizer(
     lambda_mae / lambda_lpips / kl_weight: the reconstruction loss (``[loss]``), used by every kind.
     SSR only: basis and grid (W·H must equal latent_channels, else ValueError naming ``regularizer.grid``),
     the A matrix normalised to max|A| = 1, discretization, delta_init, learn_a (learn_delta follows it unless
-    given), alpha, the λ's of eq. 23, mean_centering, tau_max, delta_tau. EQ-VAE: eq_probability.
+    given), alpha, the λ's of eq. 23, mean_centering, latent_loss (:func:`latent_mse`), tau_max, delta_tau. EQ-VAE: eq_probability.
     FT-SE: se_weight, se_factors.
     """
     recon = dict(lambda_mae=lambda_mae, lambda_lpips=lambda_lpips, kl_weight=kl_weight, lpips_fn=lpips_fn)
@@ -543,7 +572,8 @@ def build_regularizer(
                                           discretization=discretization, learn_a=learn_a, learn_delta=learn_delta)
         return SSRRegularizer(dynamics, alpha=alpha, lambda_latent=lambda_latent, lambda_image=lambda_image,
                               lambda_mae_ssr=lambda_mae_ssr, lambda_lpips_ssr=lambda_lpips_ssr,
-                              mean_centering=mean_centering, tau_max=tau_max, delta_tau=delta_tau, **recon)
+                              mean_centering=mean_centering, latent_loss=latent_loss, tau_max=tau_max,
+                              delta_tau=delta_tau, **recon)
     raise ValueError(f"regularizer.kind must be one of {', '.join(KINDS)}, got {kind!r}")
 
 

@@ -65,6 +65,7 @@ def run(tmp_path, monkeypatch):
     return invoke
 
 
+@pytest.mark.slow
 def test_compare_both_arms_beat_the_noisy_input(run, tmp_path):
     pairs = SIDD if SIDD.is_dir() else None  # the real pairs when ../shared/data is there (CI has it)
     result = run("--set", "denoise.compare=true", *(["--set", f'denoise.eval_pairs="{pairs}"'] if pairs else []))
@@ -108,6 +109,7 @@ def test_dry_run_and_grid_mismatch(run):
     assert wrong_kind.exit_code == 2 and "regularizer.kind" in wrong_kind.output
 
 
+@pytest.mark.slow
 def test_interrupted_arm_resumes_bit_exactly(run, tmp_path):
     args = ("--set", "train.steps=20", "--set", "train.ckpt_every_steps=10", "--set", "train.keep_last=5")
     first = run(*args)

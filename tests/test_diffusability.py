@@ -181,6 +181,13 @@ def test_command_compares_two_runs_side_by_side(tmp_path, monkeypatch):
     other = tmp_path / "other.toml"
     other.write_text(toy.read_text().replace('name = "dfz-toy"', 'name = "dfz-other"')
                      .replace("[diffusability]", '[diffusability]\nproxies = ["stats", "spectrum"]'))
+    from ssr_cli.finetune import EXPORT_NAME, build_tokenizer
+    from ssr_cli.models.weights import save_weights
+    from ssr_cli.recipe import load
+
+    for recipe in (toy, other):  # a run needs its tokenizer: a seeded from-scratch one, as `ssr finetune` would start
+        cfg = load(recipe)
+        save_weights(build_tokenizer(cfg, weights=None), cfg.run_dir() / EXPORT_NAME)
     out = tmp_path / "main"
     code = app(["diffusability", str(toy), "--out", str(out), "--set", 'diffusability.proxies=["stats","spectrum"]',
                 "--compare", str(other)], standalone_mode=False)

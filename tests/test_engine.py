@@ -192,6 +192,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     rt.shutdown()
 
 
+@pytest.mark.slow
 def test_ddp_gloo_two_processes_end_identical(tmp_path):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     s0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
@@ -202,3 +203,39 @@ def test_ddp_gloo_two_processes_end_identical(tmp_path):
     assert not all(torch.equal(s0[k], start[k]) for k in s0)  # it did train
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]  # rank 0 alone writes
+
+
+STAT = """cpu  300 0 300 400 0 0 0 0 0 0
+cpu0 100 0 100 200 0 0 0 0 0 0
+cpu1 200 0 200 200 0 0 0 0 0 0
+intr 12345
+"""
+STAT_LATER = """cpu  400 0 300 700 0 0 0 0 0 0
+cpu0 100 0 100 400 0 0 0 0 0 0
+cpu1 300 0 200 300 0 0 0 0 0 0
+intr 12399
+"""
+
+
+def test_cpu_times_read_the_cpus_of_the_set_only():
+    from ssr_cli.engine.runtime import cpu_times
+
+    assert cpu_times({0}, STAT) == (200, 400) and cpu_times({0, 1}, STAT) == (400, 1000)
+    # over the interval cpu0 was idle throughout (200 of 200 jiffies), cpu1 half the time (100 of 200)
+    (i0, t0), (i1, t1) = cpu_times({0, 1}, STAT), cpu_times({0, 1}, STAT_LATER)
+    assert (i1 - i0) / (t1 - t0) == 0.75
+    assert cpu_times({5}, STAT) is None
+
+
+def test_run_threads_sets_torch_threads_and_auto_stays_within_the_cpu_set():
+    from ssr_cli.engine.runtime import free_cores, set_cpu_threads
+
+    previous = torch.get_num_threads()
+    try:
+        assert set_cpu_threads(3) == 3 and torch.get_num_threads() == 3
+        cores = len(os.sched_getaffinity(0))
+        assert 1 <= free_cores() <= cores
+        assert set_cpu_threads(0) == free_cores()
+        assert set_cpu_threads(0, local_world_size=cores + 1) == 1  # ranks share the free cores, never 0 threads
+    finally:
+        torch.set_num_threads(previous)

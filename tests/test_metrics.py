@@ -424,6 +424,7 @@ def generation_results(real_image_features, inception, tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 def test_fid_cifar_halves_small_and_cifar_vs_kodak_large(generation_results):
     same, far = generation_results["same"], generation_results["far"]
     print(f"\nn={N_PER_SET}: CIFAR-10 half vs half: {same}\nCIFAR-10 vs Kodak crops: {far}")
@@ -435,6 +436,7 @@ def test_fid_cifar_halves_small_and_cifar_vs_kodak_large(generation_results):
     assert same["precision"] > far["precision"] and same["recall"] > far["recall"]
 
 
+@pytest.mark.slow
 def test_generation_metrics_fields_and_references(generation_results, real_image_features, inception, tmp_path):
     f, ref, same = real_image_features, generation_results["ref"], generation_results["same"]
     # Our reference file round trip.

@@ -25,7 +25,7 @@ from ssr_cli.engine.checkpoint import load_checkpoint_file
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.toml"
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # the quickstart pipeline: minutes
 
 
 def ssr(*args: str):

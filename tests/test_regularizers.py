@@ -379,3 +379,63 @@ def test_eq_vae_branch_frequency_and_reproducibility():
     a = reg.loss(tok, x, step_rng=torch.Generator().manual_seed(3))
     b = reg.loss(tok, x, step_rng=torch.Generator().manual_seed(3))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dynamics_prediction_is_fp32_under_bf16_autocast():
+    """Ā·z is computed in fp32 outside autocast: under CPU bf16 autocast ẑ2 agrees with an fp64 computation
+    to fp32 rounding (in bf16 the slowest decay 1 − Ā would be off by tens of percent)."""
+    from ssr_cli.regularizers import SSRDynamics
+
+    dyn = SSRDynamics.from_basis("fourier", 4, 4, delta_init=0.1)
+    z1 = torch.randn(3, 16, 5, 5, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pred = dyn.predict(z1)
+    assert pred.dtype == torch.float32
+    abar = dyn.a_bar().detach()  # float64
+    z = z1.double()
+    mean = z.mean(dim=(-2, -1), keepdim=True)
+    exact = mean + torch.einsum("kc,bchw->bkhw", abar, z - mean)
+    err = (pred.double() - exact).abs().max().item()
+    assert err < 1e-5 * exact.abs().max().item()
+    # the change Ā makes (ẑ2 − z1) is the signal SSR trains on: it keeps fp32 accuracy too
+    change, exact_change = pred.double() - z, exact - z
+    assert (change - exact_change).norm() < 1e-4 * exact_change.norm()
+
+
+def test_kl_of_scaled_shifted_posterior_is_the_raw_posteriors_closed_form():
+    """KL is taken on the raw posterior (as LDM / EQ-VAE), not on scale·(μ − shift), logvar + 2 log scale."""
+    from ssr_cli.models.registry import build_tokenizer
+
+    tok = build_tokenizer("kl-ae", "tiny", scale_factor=0.3611, shift_factor=0.1159).eval()
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        post = tok.encode(x)
+        mu, logvar = tok.raw_moments(x)
+    mu, logvar = mu.double(), logvar.double().clamp(-30.0, 20.0)
+    closed = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3))
+    torch.testing.assert_close(post.kl().double(), closed, rtol=1e-5, atol=1e-4)
+    # the scaled moments' KL is a different number (what was logged before)
+    scaled = 0.5 * (post.mean.double().pow(2) + post.logvar.double().exp() - 1.0 - post.logvar.double()).sum(dim=(1, 2, 3))
+    assert not torch.allclose(scaled, closed, rtol=1e-2)
+
+
+def test_carried_mean_loss_is_the_centred_loss_plus_the_channel_mean_penalty():
+    """MSE(z2, mean(z1) + Ā·C(z1)) = MSE(C(z2), Ā·C(z1)) + mean over (b, c) of (mean(z2) − mean(z1))² / 1 —
+    exactly, since Ā·C(z1) has zero spatial mean (the per-element MSE divides both sides by B·C·h·w)."""
+    from ssr_cli.regularizers import SSRDynamics, latent_mse
+
+    g = torch.Generator().manual_seed(3)
+    dyn = SSRDynamics.from_basis("fourier", 4, 4, delta_init=0.3)
+    z1 = torch.randn(2, 16, 6, 5, generator=g, dtype=torch.float64).float() + 0.7
+    z2 = torch.randn(2, 16, 6, 5, generator=g).float() - 0.4
+    with torch.no_grad():
+        z2_hat = dyn.predict(z1)
+    carried = latent_mse(z2_hat, z2, "carried_mean").double()
+    centred = latent_mse(z2_hat, z2, "centred").double()
+    means_moved = (z2.double().mean(dim=(-2, -1)) - z1.double().mean(dim=(-2, -1))).pow(2).mean()
+    assert abs(carried - (centred + means_moved)) < 1e-5 * carried
+    # the centred reading does not see a shift of the target's channel means at all
+    shifted = z2 + torch.randn(2, 16, 1, 1, generator=g)
+    assert abs(latent_mse(z2_hat, shifted, "centred") - centred) < 1e-5
+    with pytest.raises(ValueError, match="latent_loss|latent loss"):
+        latent_mse(z2_hat, z2, "literal")

@@ -70,6 +70,7 @@ def test_ssr_term_needs_matching_channels_and_trains_a_and_delta():
     assert float(baseline["branch"]) == 0.0 and float(baseline["ssr_latent"]) == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_ssr", [False, True])
 def test_short_cpu_training_improves_psnr_over_noisy_input(with_ssr):
     torch.manual_seed(0)

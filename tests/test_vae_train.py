@@ -57,6 +57,7 @@ def _metrics(cfg) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["cnn-vae", "s4d-vae"])
 def test_nelbo_decreases_alarm_silent_and_files(tmp_path, family):
     cfg = _cfg(tmp_path, family)
@@ -109,6 +110,7 @@ def test_collapse_alarm_fires_through_the_trainer(tmp_path, capsys):
     assert "POSTERIOR COLLAPSE" in err and "step 5" in err
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_bit_exactly(tmp_path):
     # threshold above any KL: every dim counts as collapsed, so the alarm's streak grows every step;
     # patience beyond the run keeps it from firing. The streak must survive the resume (20, not 10).
@@ -137,6 +139,7 @@ def test_interrupted_run_resumes_bit_exactly(tmp_path):
     assert strip(_metrics(cfg)) == strip(records)
 
 
+@pytest.mark.slow
 def test_evaluate_compares_the_two_vaes_side_by_side(tmp_path):
     from typer.testing import CliRunner
 

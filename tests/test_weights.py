@@ -133,6 +133,7 @@ def test_shipped_taef2_loads_strictly(shared_data):
         assert torch.equal(model.decoder.state_dict()[key], value.float()), key
 
 
+@pytest.mark.slow
 def test_taef2_reconstructs_kodak(shared_data):
     """Encode → decode all 24 Kodak images, centre-cropped to 192² for speed; mean uint8 PSNR ≥ 29 dB.
 

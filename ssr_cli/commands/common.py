@@ -7,7 +7,6 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.syntax import Syntax
 
 console = Console()
 err_console = Console(stderr=True)
@@ -79,6 +78,8 @@ def run_dry(cfg, stages: tuple[str, ...]) -> None:
 
 
 def print_recipe(recipe) -> None:
+    from rich.syntax import Syntax
+
     from ssr_cli.recipe import dump
 
     console.print(Syntax(dump(recipe), "toml", theme="ansi_dark", background_color="default"))
@@ -99,9 +100,14 @@ class start_run:
         from ssr_cli.recipe import write_resolved
 
         try:
-            self.rt = setup_runtime(self.cfg.run.device, self.cfg.run.precision)
+            self.rt = setup_runtime(self.cfg.run.device, self.cfg.run.precision, self.cfg.run.threads)
         except RuntimeError as exc:
             fail(str(exc))
+        if self.rt.is_main and self.rt.device.type == "cpu":
+            import torch
+
+            how = "run.threads" if self.cfg.run.threads else "auto: the cores free at start; set run.threads to fix"
+            console.print(f"[dim]cpu: {torch.get_num_threads()} thread(s) ({how})[/]")
         if self.rt.is_main:  # one writer per run folder; the other ranks of this job share rank 0's lock
             try:
                 self.lock = RunLock(self.cfg.run_dir()).acquire()

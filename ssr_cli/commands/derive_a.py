@@ -5,22 +5,25 @@ All mathematics lives in ``ssr_cli.bases``; this module parses options, prints a
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
-import numpy as np
 import typer
-from rich.panel import Panel
-from rich.table import Table
 
-from ssr_cli import bases
+# numpy, scipy (through bases) and rich tables load when the command runs, not for `ssr --help`.
 from ssr_cli.commands.common import OptionalRecipeArg, SetOpt, console, fail
+
+if TYPE_CHECKING:
+    import numpy as np
 
 OUT_SUFFIXES = (".npy", ".pt", ".safetensors")
 
 
 def _basis_cb(value: Optional[str]) -> Optional[str]:
+    from ssr_cli import bases
+
     if value is None:
         return None
     try:
@@ -43,6 +46,8 @@ def check_grid_size(w: int, h: int) -> None:
 
 
 def _size_cb(value: Optional[str]) -> Optional[str]:
+    from ssr_cli import bases
+
     if value is None:
         return None
     try:
@@ -54,6 +59,8 @@ def _size_cb(value: Optional[str]) -> Optional[str]:
 
 
 def _disc_cb(value: Optional[str]) -> Optional[str]:
+    from ssr_cli import bases
+
     if value is None:
         return None
     name = value.strip().lower()
@@ -63,7 +70,7 @@ def _disc_cb(value: Optional[str]) -> Optional[str]:
 
 
 def _delta_cb(value: Optional[float]) -> Optional[float]:
-    if value is not None and not (np.isfinite(value) and value > 0):
+    if value is not None and not (math.isfinite(value) and value > 0):
         raise typer.BadParameter(f"delta must be a positive number, got {value}")
     return value
 
@@ -109,6 +116,10 @@ def derive_a(
 
     Example: ssr derive-a --basis legendre --size 8 --plot
     """
+    import numpy as np
+
+    from ssr_cli import bases
+
     reg = None
     if recipe is not None:
         from ssr_cli.commands.common import load_recipe
@@ -174,6 +185,11 @@ def derive_a(
 
 
 def _print_summary(basis, W, H, orthonormal, normalization, scale, discretization, delta, info) -> None:
+    from rich.panel import Panel
+    from rich.table import Table
+
+    from ssr_cli import bases
+
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold cyan")
     table.add_column()
@@ -197,6 +213,8 @@ def _print_summary(basis, W, H, orthonormal, normalization, scale, discretizatio
 
 def _save(path: Path, A: np.ndarray, A_bar: np.ndarray, meta: dict[str, str]) -> Path:
     """Write atomically by extension; .npy holds A only."""
+    import numpy as np
+
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix.lower()
     tmp = path.with_name(f".{path.stem}.tmp{suffix}")
@@ -215,6 +233,10 @@ def _save(path: Path, A: np.ndarray, A_bar: np.ndarray, meta: dict[str, str]) ->
 
 
 def _run_verify(W: int, H: int) -> None:
+    from rich.table import Table
+
+    from ssr_cli import bases
+
     console.print(f"\n[bold]verify (a)[/]: closed forms vs independent 2D Gauss quadrature, {W}x{H} grid")
     quad = bases.verify_quadrature(W, H)
     t = Table()

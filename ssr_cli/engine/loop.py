@@ -12,6 +12,8 @@ a checkpoint repeats an uninterrupted one bit for bit on CPU.
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,14 +152,14 @@ def train(spec: TrainSpec, rt: Runtime) -> TrainResult:
         return TrainResult(start_step, resumed_from, {})
 
     runner: nn.Module = model
+    if spec.compile and rt.device.type == "cuda":
+        runner = torch.compile(runner)  # before DDP, so that the DDP wrapper (and its no_sync) stays outermost
     if rt.distributed:
         runner = DistributedDataParallel(
-            model,
+            runner,
             device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
             find_unused_parameters=spec.find_unused_parameters,
         )
-    if spec.compile and rt.device.type == "cuda":
-        runner = torch.compile(runner)
 
     def checkpoint_state(step: int) -> dict[str, Any]:
         return {
@@ -191,7 +193,7 @@ def train(spec: TrainSpec, rt: Runtime) -> TrainResult:
             for micro in range(spec.grad_accum):
                 batch = _to_device(next(batches), rt.device)
                 sync = micro == spec.grad_accum - 1 or not rt.distributed
-                ctx = runner.no_sync() if (not sync and isinstance(runner, DistributedDataParallel)) else _null()
+                ctx = runner.no_sync() if (not sync and isinstance(runner, DistributedDataParallel)) else contextlib.nullcontext()
                 with ctx:
                     with rt.autocast():
                         out = runner(batch, step_rng)
@@ -280,11 +282,3 @@ def _plot_curves(spec: TrainSpec) -> None:
             console.print(f"{spec.name}: training curves in {path}")
     except Exception as exc:  # noqa: BLE001 - plotting must not fail a finished run
         console.print(f"[yellow]{spec.name}: could not draw training curves ({exc})")
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -7,9 +7,12 @@ and writes. Randomness is derived from (seed, rank, step) so a resumed run repea
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -61,11 +64,55 @@ def resolve_device(preference: str = "auto") -> torch.device:
     return torch.device(preference)
 
 
-def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
-    """Initialise the process group when launched by torchrun, pick the device and precision."""
+def cpu_times(cpus: set[int], stat_text: str | None = None) -> tuple[int, int] | None:
+    """(idle, total) jiffies summed over ``cpus`` from /proc/stat (or ``stat_text`` in its format); None
+    where it cannot be read."""
+    if stat_text is None:
+        try:
+            stat_text = Path("/proc/stat").read_text()
+        except OSError:
+            return None
+    idle = total = 0
+    for line in stat_text.splitlines():
+        name, *fields = line.split()
+        if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus):
+            continue
+        values = [int(v) for v in fields[:8]]
+        idle += values[3] + values[4]  # idle + iowait
+        total += sum(values)
+    return (idle, total) if total else None
+
+
+@functools.lru_cache(maxsize=1)
+def free_cores(window_s: float = 0.2) -> int:
+    """The number of this process's CPUs that were idle over ``window_s`` (rounded, at least 1)."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    before = cpu_times(cpus)
+    if before is None:
+        return len(cpus)
+    time.sleep(window_s)
+    after = cpu_times(cpus)
+    if after is None or after[1] <= before[1]:
+        return len(cpus)
+    idle_fraction = (after[0] - before[0]) / (after[1] - before[1])
+    return max(1, min(len(cpus), round(idle_fraction * len(cpus))))
+
+
+def set_cpu_threads(threads: int = 0, local_world_size: int = 1) -> int:
+    """Set torch's intra-op threads: ``threads`` when > 0, else the free cores shared among the local ranks."""
+    n = threads if threads > 0 else max(1, free_cores() // max(1, local_world_size))
+    torch.set_num_threads(n)
+    return n
+
+
+def setup_runtime(device: str = "auto", precision: str = "auto", threads: int | None = None) -> Runtime:
+    """Initialise the process group when launched by torchrun, pick the device and precision; ``threads``
+    (``run.threads``; None leaves torch's setting alone) sets the CPU threads, 0 meaning the free cores."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if threads is not None:
+        set_cpu_threads(threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     dev = resolve_device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank)

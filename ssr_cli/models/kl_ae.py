@@ -299,6 +299,7 @@ class KLAutoEncoder(Tokenizer):
         return DiagonalGaussian(
             mean=self.scale_factor * (mean - self.shift_factor),
             logvar=logvar.clamp(-30.0, 20.0) + 2.0 * math.log(self.scale_factor),
+            scale=float(self.scale_factor), shift=float(self.shift_factor),
         )
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ Latents returned by ``encode`` are already scaled/shifted into the space the gen
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,10 +18,16 @@ from torch import nn
 
 @dataclass
 class DiagonalGaussian:
-    """KL posterior N(mean, exp(logvar)) over latents, both (B, C, h, w), in the scaled latent space."""
+    """KL posterior N(mean, exp(logvar)) over latents, both (B, C, h, w), in the scaled latent space.
+
+    ``scale``/``shift``: the tokenizer's latent normalisation (scaled = scale·(raw − shift)); :meth:`kl` undoes it,
+    so the KL is that of the raw posterior, as in LDM and EQ-VAE.
+    """
 
     mean: torch.Tensor
     logvar: torch.Tensor
+    scale: float = 1.0
+    shift: float = 0.0
 
     def __post_init__(self) -> None:
         self.logvar = self.logvar.clamp(-30.0, 20.0)
@@ -37,9 +44,12 @@ class DiagonalGaussian:
         return self.mean
 
     def kl(self) -> torch.Tensor:
-        """KL(q || N(0, I)) summed over C, h, w; shape (B,)."""
-        var = torch.exp(self.logvar)
-        return 0.5 * torch.sum(self.mean.pow(2) + var - 1.0 - self.logvar, dim=(1, 2, 3))
+        """KL(q_raw || N(0, I)) of the raw (unscaled, unshifted) posterior, summed over C, h, w; shape (B,)."""
+        mean, logvar = self.mean, self.logvar
+        if self.scale != 1.0 or self.shift != 0.0:
+            mean = mean / self.scale + self.shift
+            logvar = logvar - 2.0 * math.log(self.scale)
+        return 0.5 * torch.sum(mean.pow(2) + torch.exp(logvar) - 1.0 - logvar, dim=(1, 2, 3))
 
 
 def latent_of(posterior: DiagonalGaussian | torch.Tensor, sample: bool = False) -> torch.Tensor:
