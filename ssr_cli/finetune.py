@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ssr_cli.engine import EMA, train
+from ssr_cli.errors import UserError
 from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import console
 from ssr_cli.engine.runtime import Runtime
@@ -35,8 +36,12 @@ def build_tokenizer(cfg: Recipe, weights: str | Path | None = "recipe"):
     with fixed_seed(step_seed(cfg.run.seed, "tokenizer-init")):
         model = build(tok.family, tok.size, weights=path, strict=tok.strict, architecture=tok.weights,
                       **tok.overrides)
-    if tok.grad_checkpointing and hasattr(model, "grad_checkpointing"):
-        model.grad_checkpointing = True
+    if tok.grad_checkpointing:
+        try:
+            model.grad_checkpointing = True
+        except (TypeError, AttributeError):
+            raise UserError(f"tokenizer.grad_checkpointing = true is not supported by tokenizer.family "
+                            f"{tok.family!r}; set it to false") from None
     return model
 
 
@@ -97,8 +102,8 @@ def build_regularizer(cfg: Recipe, kind: str, latent_channels: int, lpips_fn):
         alpha=r.alpha,
         lambda_latent=r.lambda_latent,
         lambda_image=r.lambda_image,
-        lambda_mae_ssr=r.lambda_mae,
-        lambda_lpips_ssr=r.lambda_lpips,
+        lambda_mae_ssr=r.lambda_pred_mae,
+        lambda_lpips_ssr=r.lambda_pred_lpips,
         discretization=r.discretization,
         delta_init=r.delta_init,
         learn_a=r.learn_a,
@@ -198,7 +203,7 @@ def run_finetune(cfg: Recipe, rt: Runtime) -> Path:
     # Fail on a regularizer that cannot fit this tokenizer before any (pre)training time is spent.
     build_regularizer(cfg, cfg.regularizer.kind, tokenizer.latent_channels, None)
     require_lpips_weights(cfg, max(cfg.loss.lambda_lpips,
-                                   cfg.regularizer.lambda_lpips if cfg.regularizer.kind == "ssr" else 0.0))
+                                   cfg.regularizer.lambda_pred_lpips if cfg.regularizer.kind == "ssr" else 0.0))
     if cfg.train.pretrain_steps:
         _stage(cfg, rt, tokenizer, name="pretrain", kind="none", steps=cfg.train.pretrain_steps,
                lr=cfg.train.pretrain_lr, constant_lr=True,

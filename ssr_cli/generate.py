@@ -135,7 +135,7 @@ def run_train_dit(cfg: Recipe, rt: Runtime) -> Path:
         run_dir=out,
         betas=d.betas,
         weight_decay=d.weight_decay,
-        grad_clip=d.grad_clip,
+        grad_clip=d.grad_clip or None,
         emas={"dit": (ema, lambda: model)},
         ckpt_every=d.ckpt_every_steps,
         keep_last=d.keep_last,

@@ -90,8 +90,10 @@ class RegularizerConfig(Section):
     """Probability of the regularization branch at each step."""
     lambda_latent: float = Field(0.25, ge=0.0)
     lambda_image: float = Field(1.0, ge=0.0)
-    lambda_mae: float = Field(1.0, ge=0.0)
-    lambda_lpips: float = Field(0.1, ge=0.0)
+    lambda_pred_mae: float = Field(1.0, ge=0.0)
+    """Weight of the MAE between the decoded SSR prediction D(ẑ2) and blur(x, τ2) (inside λ_I's term)."""
+    lambda_pred_lpips: float = Field(0.1, ge=0.0)
+    """Weight of the LPIPS between D(ẑ2) and blur(x, τ2); [loss].lambda_lpips weighs the reconstruction's."""
     discretization: Literal["euler", "zoh"] = "zoh"
     delta_init: float = Field(0.1, gt=0.0)
     learn_a: bool = True
@@ -148,7 +150,8 @@ class TrainConfig(Section):
     """Fraction of the run, at its end, over which the LR decays by a cosine to lr_min."""
     weight_decay: float = Field(0.0, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float | None = Field(50.0, gt=0.0)
+    grad_clip: float = Field(50.0, ge=0.0)
+    """Clip the gradient's global 2-norm to this value; 0 turns clipping off."""
     ckpt_every_steps: int = Field(500, ge=1)
     keep_last: int = Field(3, ge=1)
     log_every_steps: int = Field(10, ge=1)
@@ -197,7 +200,8 @@ class DiTConfig(Section):
     lr: float = Field(2e-4, gt=0.0)
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = Field(0.0, ge=0.0)
-    grad_clip: float | None = Field(1.0, gt=0.0)
+    grad_clip: float = Field(1.0, ge=0.0)
+    """Clip the gradient's global 2-norm to this value; 0 turns clipping off."""
     ema_decay: float = Field(0.9999, ge=0.0, lt=1.0)
     cosine_loss: bool = True
     t_mean: float = 0.0
@@ -471,12 +475,21 @@ def _fields_at(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+RENAMED_KEYS = {
+    "regularizer.lambda_mae": "regularizer.lambda_pred_mae (the MAE weight of the decoded SSR prediction)",
+    "regularizer.lambda_lpips": "regularizer.lambda_pred_lpips (the LPIPS weight of the decoded SSR prediction)",
+}
+"""Keys that were renamed: an old key fails with the new name instead of "unknown key"."""
+
+
 def _format_errors(exc: ValidationError, source: str) -> str:
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
         msg = err["msg"]
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and key in RENAMED_KEYS:
+            msg = f"renamed to {RENAMED_KEYS[key]}"
+        elif err["type"] == "extra_forbidden":
             section = ".".join(str(p) for p in err["loc"][:-1]) or "top level"
             msg = f"unknown key (not a field of [{section}])"
             known = _fields_at(err["loc"][:-1])

@@ -75,7 +75,7 @@ def train_spec(cfg: Recipe, rt: Runtime, *, name: str, model: nn.Module, param_g
                            lr_init=t.lr_init, lr_min=t.lr_min, warmup_frac=t.warmup_frac, cosine_frac=t.cosine_frac),
         betas=t.betas,
         weight_decay=t.weight_decay,
-        grad_clip=t.grad_clip,
+        grad_clip=t.grad_clip or None,
         grad_accum=t.grad_accum,
         ckpt_every=t.ckpt_every_steps,
         keep_last=t.keep_last,

@@ -60,3 +60,11 @@ def test_bench_eval_memory_reads_the_same_pixels_both_ways(capsys):
     result = _load("bench_eval_memory").main(["--num", "40", "--resolution", "32", "--batch", "8"])
     assert result["load-all"]["images"] == result["stream"]["images"] == 40
     assert "peak RSS" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # child processes that each import torch
+def test_bench_threads_measures_each_setting_alone_and_beside_a_competitor(capsys):
+    results = _load("bench_threads").main(["--threads", "1", "--steps", "1", "--reps", "1",
+                                           "--competitor-threads", "1"])
+    assert set(results) == {"alone", "beside a 1-thread job"}
+    assert all(r[1][0] > 0 for r in results.values())

@@ -25,6 +25,16 @@ def test_unknown_key_names_key_and_file(tmp_path):
     assert "did you mean 'steps'?" in str(info.value)
 
 
+def test_renamed_regularizer_weights_say_their_new_names(tmp_path):
+    with pytest.raises(RecipeError) as info:
+        load(_write(tmp_path, "[regularizer]\nlambda_lpips = 0.0\nlambda_mae = 1.0\n"))
+    text = str(info.value)
+    assert "regularizer.lambda_lpips: renamed to regularizer.lambda_pred_lpips" in text
+    assert "regularizer.lambda_mae: renamed to regularizer.lambda_pred_mae" in text
+    cfg = load(_write(tmp_path, "[regularizer]\nlambda_pred_lpips = 0.0\n[loss]\nlambda_lpips = 0.2\n"))
+    assert cfg.regularizer.lambda_pred_lpips == 0.0 and cfg.loss.lambda_lpips == 0.2
+
+
 def test_unknown_section(tmp_path):
     with pytest.raises(RecipeError, match="trian") as info:
         load(_write(tmp_path, "[trian]\nsteps = 1\n"))
@@ -82,3 +92,31 @@ def test_missing_file_is_clear():
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
 def test_every_shipped_recipe_validates(path):
     assert isinstance(load(path), Recipe)
+
+
+def test_grad_clip_zero_turns_clipping_off(tmp_path):
+    from torch import nn
+
+    from ssr_cli.engine.optim import ParamGroup
+    from ssr_cli.engine.runtime import setup_runtime
+    from ssr_cli.training import train_spec
+
+    model = nn.Linear(2, 2)
+    rt = setup_runtime("cpu", "fp32")
+    specs = []
+    for clip in ("0", "2.5"):
+        cfg = load(_write(tmp_path, f"[train]\ngrad_clip = {clip}\n"))
+        specs.append(train_spec(cfg, rt, name="t", model=model, param_groups=[ParamGroup("all", list(model.parameters()))],
+                                dataset=None, run_dir=tmp_path))
+    assert specs[0].grad_clip is None and specs[1].grad_clip == 2.5
+    with pytest.raises(RecipeError, match="train.grad_clip"):
+        load(_write(tmp_path, "[train]\ngrad_clip = -1\n"))
+
+
+def test_grad_checkpointing_on_a_tokenizer_without_it_is_a_user_error(tmp_path):
+    from ssr_cli.errors import UserError
+    from ssr_cli.finetune import build_tokenizer
+
+    cfg = load(_write(tmp_path, '[tokenizer]\nfamily = "taesd"\nsize = "taesd"\ngrad_checkpointing = true\n'))
+    with pytest.raises(UserError, match="grad_checkpointing"):
+        build_tokenizer(cfg, weights=None)
