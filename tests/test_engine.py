@@ -151,7 +151,7 @@ def test_interrupted_run_resumes_bit_for_bit(tmp_path):
     assert [r["step"] for r in records] == list(range(1, 9))  # no duplicate records after resume
     assert [r["loss"] for r in records] == losses_full
     ckpt = load_checkpoint_file(Checkpointer(tmp_path / "cut" / "checkpoints").path_for(8))
-    assert set(ckpt) >= {"model", "optimizer", "scheduler", "ema", "rng", "recipe", "step"}
+    assert set(ckpt) >= {"model", "optimizer", "scheduler", "ema", "recipe", "step"}  # no RNG: every step reseeds
     # Re-running a finished run does nothing.
     assert train(_toy_spec(tmp_path / "cut", 8), rt).resumed_from == 8
 

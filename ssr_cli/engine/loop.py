@@ -27,7 +27,7 @@ from ssr_cli.engine.checkpoint import Checkpointer
 from ssr_cli.engine.ema import EMA
 from ssr_cli.engine.optim import ParamGroup, build_optimizer
 from ssr_cli.engine.progress import MetricsLog, RateMeter, console, make_progress
-from ssr_cli.engine.runtime import Runtime, generator_for, rng_state, set_rng_state, step_seed
+from ssr_cli.engine.runtime import Runtime, generator_for, step_seed
 from ssr_cli.errors import UserError
 
 
@@ -139,7 +139,6 @@ def train(spec: TrainSpec, rt: Runtime) -> TrainResult:
         scheduler.load_state_dict(state["scheduler"])
         for name, (ema, _) in spec.emas.items():
             ema.load_state_dict(state["ema"][name])
-        set_rng_state(state["rng"])
         start_step = resumed_from = int(state["step"])
         metrics.truncate_after(start_step)
         if rt.is_main:
@@ -161,13 +160,12 @@ def train(spec: TrainSpec, rt: Runtime) -> TrainResult:
             find_unused_parameters=spec.find_unused_parameters,
         )
 
-    def checkpoint_state(step: int) -> dict[str, Any]:
+    def checkpoint_state() -> dict[str, Any]:  # no RNG state: every step reseeds from (seed, rank, step)
         return {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "ema": {name: ema.state_dict() for name, (ema, _) in spec.emas.items()},
-            "rng": rng_state(),
             "recipe": spec.recipe_text,
         }
 
@@ -251,7 +249,7 @@ def train(spec: TrainSpec, rt: Runtime) -> TrainResult:
                         f"{spec.name}: the weights became non-finite by step {done}; not checkpointing them "
                         f"(the newest good checkpoint is kept in {ckpt.directory}); lower the learning rate")
                 if rt.is_main:
-                    ckpt.save(done, checkpoint_state(done))
+                    ckpt.save(done, checkpoint_state())
                 rt.barrier()
             if rt.is_main:
                 for every, fn in spec.hooks:

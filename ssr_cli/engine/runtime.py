@@ -122,12 +122,7 @@ def setup_runtime(device: str = "auto", precision: str = "auto", threads: int | 
         torch.backends.cudnn.allow_tf32 = True
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    if precision == "bf16" and dev.type == "cpu":
-        amp = torch.bfloat16
-    elif precision == "bf16" or (precision == "auto" and dev.type == "cuda"):
-        amp = torch.bfloat16
-    else:
-        amp = None
+    amp = torch.bfloat16 if precision == "bf16" or (precision == "auto" and dev.type == "cuda") else None
     return Runtime(device=dev, rank=rank, world_size=world_size, local_rank=local_rank, amp_dtype=amp)
 
 
