@@ -12,7 +12,7 @@ import difflib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -35,11 +35,12 @@ class RunConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 autocast on CUDA, fp32 on CPU."""
     compile: bool = False
-    threads: int = Field(0, ge=0)
-    """CPU threads for torch's intra-op work. 0 (default) = auto: the cores of this process's CPU set that are
-    idle when the run starts (sampled from /proc/stat over 0.2 s; at least 1, divided among the torchrun
-    ranks on one host), so a run sharing the machine with other jobs does not oversubscribe the cores
-    (two 2-thread jobs on 2 cores run each several times slower than two 1-thread jobs)."""
+    threads: Annotated[int, Field(ge=0)] | Literal["auto"] = 0
+    """CPU threads for torch's intra-op work. 0 (default): one per core of this process's CPU set (divided among
+    the torchrun ranks of one host), so a rerun or a resume uses the same count and gives bit-identical results.
+    "auto": the cores idle when the run starts (sampled from /proc/stat over 0.2 s; at least 1), for machines
+    shared with other jobs, where two 2-thread jobs on 2 cores each run several times slower than two 1-thread
+    jobs; results then depend on the count picked (float reductions split differently). N: exactly N."""
 
 
 class DataConfig(Section):

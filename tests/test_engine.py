@@ -235,7 +235,9 @@ def test_run_threads_sets_torch_threads_and_auto_stays_within_the_cpu_set():
         assert set_cpu_threads(3) == 3 and torch.get_num_threads() == 3
         cores = len(os.sched_getaffinity(0))
         assert 1 <= free_cores() <= cores
-        assert set_cpu_threads(0) == free_cores()
-        assert set_cpu_threads(0, local_world_size=cores + 1) == 1  # ranks share the free cores, never 0 threads
+        assert set_cpu_threads("auto") == free_cores()
+        assert set_cpu_threads(0) == cores and torch.get_num_threads() == cores
+        assert set_cpu_threads(0, local_world_size=cores + 1) == 1  # ranks share the cores, never 0 threads
+        assert set_cpu_threads("auto", local_world_size=cores + 1) == 1
     finally:
         torch.set_num_threads(previous)

@@ -106,7 +106,8 @@ class start_run:
         if self.rt.is_main and self.rt.device.type == "cpu":
             import torch
 
-            how = "run.threads" if self.cfg.run.threads else "auto: the cores free at start; set run.threads to fix"
+            how = {0: "one per core of the CPU set", "auto": "auto: the cores free at start"}.get(
+                self.cfg.run.threads, "run.threads")
             console.print(f"[dim]cpu: {torch.get_num_threads()} thread(s) ({how})[/]")
         if self.rt.is_main:  # one writer per run folder; the other ranks of this job share rank 0's lock
             try:

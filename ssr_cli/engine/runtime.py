@@ -86,7 +86,7 @@ def cpu_times(cpus: set[int], stat_text: str | None = None) -> tuple[int, int] |
 @functools.lru_cache(maxsize=1)
 def free_cores(window_s: float = 0.2) -> int:
     """The number of this process's CPUs that were idle over ``window_s`` (rounded, at least 1)."""
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(cpu_set_size()))
     before = cpu_times(cpus)
     if before is None:
         return len(cpus)
@@ -98,16 +98,29 @@ def free_cores(window_s: float = 0.2) -> int:
     return max(1, min(len(cpus), round(idle_fraction * len(cpus))))
 
 
-def set_cpu_threads(threads: int = 0, local_world_size: int = 1) -> int:
-    """Set torch's intra-op threads: ``threads`` when > 0, else the free cores shared among the local ranks."""
-    n = threads if threads > 0 else max(1, free_cores() // max(1, local_world_size))
+def cpu_set_size() -> int:
+    """The number of CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def set_cpu_threads(threads: int | str = 0, local_world_size: int = 1) -> int:
+    """Set torch's intra-op threads: ``threads`` when > 0; 0: the CPU set's cores, "auto": the free cores —
+    both shared among the ``local_world_size`` ranks of this host. Returns the count set."""
+    if threads == "auto":
+        n = max(1, free_cores() // max(1, local_world_size))
+    elif isinstance(threads, int) and threads > 0:
+        n = threads
+    elif threads == 0:
+        n = max(1, cpu_set_size() // max(1, local_world_size))
+    else:
+        raise ValueError(f"run.threads must be a positive integer, 0 or \"auto\", got {threads!r}")
     torch.set_num_threads(n)
     return n
 
 
-def setup_runtime(device: str = "auto", precision: str = "auto", threads: int | None = None) -> Runtime:
+def setup_runtime(device: str = "auto", precision: str = "auto", threads: int | str | None = None) -> Runtime:
     """Initialise the process group when launched by torchrun, pick the device and precision; ``threads``
-    (``run.threads``; None leaves torch's setting alone) sets the CPU threads, 0 meaning the free cores."""
+    (``run.threads``; None leaves torch's setting alone) sets the CPU threads (see :func:`set_cpu_threads`)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
