@@ -67,4 +67,4 @@ def test_bench_threads_measures_each_setting_alone_and_beside_a_competitor(capsy
     results = _load("bench_threads").main(["--threads", "1", "--steps", "1", "--reps", "1",
                                            "--competitor-threads", "1"])
     assert set(results) == {"alone", "beside a 1-thread job"}
-    assert all(r[1][0] > 0 for r in results.values())
+    assert all(r["1 thread(s), fp32"][0] > 0 for r in results.values())
