@@ -70,7 +70,7 @@ def require_lpips_weights(cfg: Recipe, weight: float) -> None:
         raise FileNotFoundError(
             "an LPIPS loss weight is > 0 but loss.lpips_weights is not set: point it at the AlexNet features file "
             "(e.g. ../shared/data/lpips/alexnet-owt-7be5be79.features-only.pth, torchvision's alexnet-owt-7be5be79.pth "
-            "works too) or set loss.lambda_lpips = 0 and regularizer.lambda_lpips = 0"
+            "works too) or set loss.lambda_lpips = 0 and regularizer.lambda_pred_lpips = 0"
         )
 
 
@@ -171,7 +171,7 @@ def _param_groups(task: FinetuneTask, a_lr_mult: float) -> list[ParamGroup]:
 def _stage(cfg: Recipe, rt: Runtime, tokenizer, *, name: str, kind: str, steps: int, lr: float, constant_lr: bool,
            run_dir: Path) -> None:
     t = cfg.train
-    lpips_weight = max(cfg.loss.lambda_lpips, cfg.regularizer.lambda_lpips if kind == "ssr" else 0.0)
+    lpips_weight = max(cfg.loss.lambda_lpips, cfg.regularizer.lambda_pred_lpips if kind == "ssr" else 0.0)
     lpips_fn = make_lpips(cfg, lpips_weight, rt.device)
     regularizer = build_regularizer(cfg, kind, tokenizer.latent_channels, lpips_fn)
     target = EMA(tokenizer.to(rt.device), cfg.regularizer.ema_decay) if kind == "ssr" else None
