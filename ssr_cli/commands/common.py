@@ -50,6 +50,34 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+RunRecipeArg = Annotated[
+    Optional[Path],
+    typer.Argument(help="TOML recipe (see recipes/); default: the run in the current directory (the folder itself "
+                   "when it holds recipe.resolved.toml, else the newest runs/*/recipe.resolved.toml).",
+                   show_default=False),
+]
+
+
+def current_run_recipe(recipe: Path | None, cwd: Path | None = None) -> Path:
+    """The recipe to act on: ``recipe`` when given, else the run in ``cwd`` (the folder itself when it is a run
+    folder, else the newest ``runs/*/recipe.resolved.toml`` by modification time); says which run it picked.
+    None found exits 2 with what to pass instead."""
+    if recipe is not None:
+        return recipe
+    here = Path.cwd() if cwd is None else cwd
+    own = here / "recipe.resolved.toml"
+    if own.is_file():
+        found = own
+    else:
+        candidates = sorted((here / "runs").glob("*/recipe.resolved.toml"), key=lambda p: (p.stat().st_mtime, str(p)))
+        if not candidates:
+            fail(f"no run in {here} (no recipe.resolved.toml here or in runs/*/): pass a recipe, e.g. "
+                 "recipes/quickstart.toml, or run from a folder holding runs/<name>/")
+        found = candidates[-1]
+    console.print(f"using run {found.parent} ({found.name})")
+    return found
+
+
 def load_recipe(recipe: Path | None, sets: list[str] | None, device: str | None = None):
     """Load and validate the recipe, applying --set and --device; bad input exits with code 2."""
     from ssr_cli.recipe import RecipeError, load

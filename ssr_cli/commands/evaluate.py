@@ -11,9 +11,10 @@ from ssr_cli.commands.common import (
     CompareOpt,
     DeviceOpt,
     DryRunOpt,
-    RecipeArg,
+    RunRecipeArg,
     SetOpt,
     compared_results,
+    current_run_recipe,
     load_recipe,
     print_recipe,
     start_run,
@@ -21,7 +22,7 @@ from ssr_cli.commands.common import (
 
 
 def evaluate(
-    recipe: RecipeArg,
+    recipe: RunRecipeArg = None,
     set_: SetOpt = None,
     dry_run: DryRunOpt = False,
     device: DeviceOpt = None,
@@ -47,7 +48,7 @@ def evaluate(
     --compare other recipes' runs, e.g. recipes/s4d_vae.toml --compare recipes/cnn_vae.toml; runs evaluated
     under different protocols (eval.json "protocol") are refused unless --mixed-protocols.
     """
-    cfg = load_recipe(recipe, set_, device)
+    cfg = load_recipe(current_run_recipe(recipe), set_, device)
     if dry_run:
         print_recipe(cfg)
         return

@@ -11,9 +11,10 @@ from ssr_cli.commands.common import (
     CompareOpt,
     DeviceOpt,
     DryRunOpt,
-    RecipeArg,
+    RunRecipeArg,
     SetOpt,
     compared_results,
+    current_run_recipe,
     load_recipe,
     print_recipe,
     start_run,
@@ -21,7 +22,7 @@ from ssr_cli.commands.common import (
 
 
 def probe_channels(
-    recipe: RecipeArg,
+    recipe: RunRecipeArg = None,
     set_: SetOpt = None,
     dry_run: DryRunOpt = False,
     device: DeviceOpt = None,
@@ -38,7 +39,7 @@ def probe_channels(
     Writes unmasking.png (C+1 columns), latent_dynamics.png, psnr_vs_k.png and probe.json (PSNR vs k, two
     frequency-order scores, the Ā-prediction error under blur). With --compare, also compare_psnr_vs_k.png.
     """
-    cfg = load_recipe(recipe, set_, device)
+    cfg = load_recipe(current_run_recipe(recipe), set_, device)
     if dry_run:
         print_recipe(cfg)
         return

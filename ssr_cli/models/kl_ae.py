@@ -133,6 +133,7 @@ class Encoder(_Checkpointed):
         num_down: int | None = None,
         norm_groups: int = 32,
         mid_attention: bool = True,
+        attn_levels: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         levels = len(ch_mult)
@@ -150,6 +151,8 @@ class Encoder(_Checkpointed):
             for _ in range(num_res_blocks):
                 level.block.append(ResnetBlock(block_in, block_out, norm_groups))
                 block_in = block_out
+            if i_level in attn_levels:  # LDM attn_resolutions: one AttnBlock after each ResnetBlock
+                level.attn = nn.ModuleList(AttnBlock(block_out, norm_groups) for _ in range(num_res_blocks))
             if i_level < self.num_down:
                 level.downsample = Downsample(block_in)
             self.down.append(level)
@@ -163,8 +166,10 @@ class Encoder(_Checkpointed):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for i_level, level in enumerate(self.down):
-            for block in level.block:
+            for j, block in enumerate(level.block):
                 h = self._run(block, h)
+                if hasattr(level, "attn"):
+                    h = self._run(level.attn[j], h)
             if i_level < self.num_down:
                 h = level.downsample(h)
         h = self._run(self.mid.block_1, h)
@@ -191,6 +196,7 @@ class Decoder(_Checkpointed):
         num_up: int | None = None,
         norm_groups: int = 32,
         mid_attention: bool = True,
+        attn_levels: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         levels = len(ch_mult)
@@ -211,6 +217,8 @@ class Decoder(_Checkpointed):
             for _ in range(num_res_blocks + 1):
                 level.block.append(ResnetBlock(block_in, block_out, norm_groups))
                 block_in = block_out
+            if i_level in attn_levels:
+                level.attn = nn.ModuleList(AttnBlock(block_out, norm_groups) for _ in range(num_res_blocks + 1))
             if i_level >= levels - self.num_up:
                 level.upsample = Upsample(block_in)
             up.insert(0, level)
@@ -225,8 +233,10 @@ class Decoder(_Checkpointed):
         h = self._run(self.mid.block_2, h)
         for i_level in reversed(range(len(self.up))):
             level = self.up[i_level]
-            for block in level.block:
+            for j, block in enumerate(level.block):
                 h = self._run(block, h)
+                if hasattr(level, "attn"):
+                    h = self._run(level.attn[j], h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
@@ -248,6 +258,14 @@ class KLAEParams:
     out_ch: int = 3
     norm_groups: int = 32
     mid_attention: bool = True
+    attn_resolutions: tuple[int, ...] = ()
+    """LDM ``attn_resolutions``: feature-map sizes (for ``resolution``-pixel images) whose down/up levels get
+    an AttnBlock after every ResnetBlock (``encoder.down.N.attn.M``, ``decoder.up.N.attn.M``); VA-VAE: (16,)."""
+    resolution: int = 256
+
+    def attn_levels(self) -> tuple[int, ...]:
+        """Level indices i whose feature map (resolution / 2**i) is in attn_resolutions."""
+        return tuple(i for i in range(len(self.ch_mult)) if self.resolution // 2**i in self.attn_resolutions)
 
 
 class KLAutoEncoder(Tokenizer):
@@ -271,7 +289,8 @@ class KLAutoEncoder(Tokenizer):
         if self.scale_factor <= 0:
             raise ValueError(f"scale_factor must be > 0, got {self.scale_factor}")
         common = dict(ch=params.ch, ch_mult=ch_mult, num_res_blocks=params.num_res_blocks,
-                      norm_groups=params.norm_groups, mid_attention=params.mid_attention)
+                      norm_groups=params.norm_groups, mid_attention=params.mid_attention,
+                      attn_levels=params.attn_levels())
         self.encoder = Encoder(in_channels=params.in_channels, out_channels=2 * params.z_channels, **common)
         self.decoder = Decoder(z_channels=params.z_channels, out_channels=params.out_ch, **common)
         if params.quant_conv:
