@@ -408,3 +408,96 @@ def test_unreadable_images_warn_once_each_and_stop_above_the_fraction(tmp_path):
     with pytest.raises(UserError, match=r"2 of 5 images are unreadable.*unreadable_images\.txt"):
         for i in range(len(ds)):
             ds[(i, None)]
+
+
+# --- malicious pickles: every place a file is loaded refuses one that would run code --------------------------
+
+class _Payload:
+    """Unpickling this calls ``open(marker, "w")``: the marker file exists only if the loader ran pickled code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _write_malicious(path: Path, marker: Path) -> Path:
+    torch.save({"weight": _Payload(marker)}, path)
+    return path
+
+
+def test_malicious_checkpoint_refused(tmp_path):
+    import hashlib
+    import io
+    import pickle
+    import warnings
+
+    from ssr_cli.engine.checkpoint import MAGIC
+
+    marker = tmp_path / "pwned"
+    plain = _write_malicious(tmp_path / "step_00000001.pt", marker)
+    buf = io.BytesIO()
+    torch.save({"weight": _Payload(marker)}, buf)
+    payload = buf.getvalue()  # a valid checksum over a malicious payload: the checksum alone must not admit it
+    signed = tmp_path / "step_00000002.pt"
+    signed.write_bytes(MAGIC + hashlib.sha256(payload).digest() + payload)
+    for path in (plain, signed):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(pickle.UnpicklingError):
+                load_checkpoint_file(path)
+    assert not marker.exists()
+
+
+def test_malicious_tokenizer_weights_refused(tmp_path):
+    from ssr_cli.models.weights import WeightsError
+
+    marker = tmp_path / "pwned"
+    path = _write_malicious(tmp_path / "tokenizer.pt", marker)
+    with pytest.raises(WeightsError, match="weights_only=True"):
+        load_state_dict_file(path)
+    assert not marker.exists()
+
+
+def test_malicious_dit_weights_refused(tmp_path):
+    from ssr_cli.models.lightningdit import checkpoint_state, read_stats
+    from ssr_cli.models.weights import WeightsError
+
+    marker = tmp_path / "pwned"
+    weights = _write_malicious(tmp_path / "dit.pt", marker)
+    stats = _write_malicious(tmp_path / "latents_stats.pt", marker)
+    with pytest.raises(WeightsError, match="weights_only=True"):
+        checkpoint_state(weights)
+    with pytest.raises(WeightsError, match="unreadable"):
+        read_stats(stats)
+    assert not marker.exists()
+
+
+def test_malicious_latent_shard_refused(tmp_path):
+    from safetensors import SafetensorError
+
+    from ssr_cli.latents import STATS, read_manifest
+
+    marker = tmp_path / "pwned"
+    _write_malicious(tmp_path / "shard_00000.safetensors", marker)  # a pickle under a shard's name
+    torch.save({"mean": torch.zeros(4), "std": torch.ones(4)}, tmp_path / STATS)
+    with pytest.raises(SafetensorError):
+        read_manifest(tmp_path)
+    with pytest.raises(SafetensorError):
+        load_file(str(tmp_path / "shard_00000.safetensors"))
+    assert not marker.exists()
+
+
+def test_malicious_reference_npz_refused(tmp_path):
+    from ssr_cli.metrics import load_reference
+
+    marker = tmp_path / "pwned"
+    obj = np.empty(1, dtype=object)
+    obj[0] = _Payload(marker)
+    path = tmp_path / "ref.npz"
+    np.savez(path, mu=obj, sigma=np.eye(2))  # np.savez pickles object arrays
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="allow_pickle"):
+        load_reference(path)
+    assert not marker.exists()
