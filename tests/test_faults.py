@@ -382,6 +382,14 @@ def test_dry_run_fails_where_the_run_would(override, message):
     assert result.exit_code == 2 and message in " ".join(result.output.split())
 
 
+def test_dry_run_of_sample_and_encode_latents_builds_the_models():
+    quickstart = str(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.toml")
+    result = CliRunner().invoke(app, ["sample", quickstart, "--dry-run", "--set", 'dit.model="DiT-Q/9"'])
+    assert result.exit_code == 2 and "unknown DiT model" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, ["encode-latents", quickstart, "--dry-run"])
+    assert result.exit_code == 0 and "dry run: built tokenizer" in result.output
+
+
 def test_unreadable_images_warn_once_each_and_stop_above_the_fraction(tmp_path):
     import warnings
 
