@@ -418,6 +418,22 @@ def test_unreadable_images_warn_once_each_and_stop_above_the_fraction(tmp_path):
             ds[(i, None)]
 
 
+def test_unreadable_image_count_in_metrics(tmp_path):
+    folder = tmp_path / "count_imgs"  # names of their own: each file is reported once per process
+    folder.mkdir()
+    for k in range(5):
+        Image.fromarray(np.full((20, 20, 3), 40 * k, dtype=np.uint8)).save(folder / f"ok{k}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    cfg = _recipe(tmp_path / "run", data={"source": "folder", "path": str(folder), "max_unreadable_fraction": 0.5},
+                  train={"steps": 3, "batch_size": 6})
+    with pytest.warns(UserWarning, match="unreadable image"):
+        run_finetune(cfg, setup_runtime("cpu", "fp32"))
+    (metrics,) = cfg.run_dir().rglob("metrics.jsonl")
+    records = read_metrics(metrics)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[-1]["unreadable_images"] == 1  # every batch of 6 reads all six files, one of them broken
+
+
 # --- malicious pickles: every place a file is loaded refuses one that would run code --------------------------
 
 class _Payload:
