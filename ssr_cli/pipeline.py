@@ -159,7 +159,9 @@ def run_pipeline(cfg: Recipe, rt: Runtime, stages: tuple[str, ...] = STAGES) -> 
 
 def summarize(cfg: Recipe, timings: dict[str, str]) -> dict:
     run = cfg.run_dir()
-    out: dict = {"run": str(run), "stages": timings}
+    from ssr_cli.training import unreadable_count
+
+    out: dict = {"run": str(run), "stages": timings, "unreadable_images": unreadable_count(run / "unreadable_images.txt")}
     for name, path in (("eval", run / "eval.json"), ("probe", run / "probe" / "probe.json")):
         if Path(path).is_file():
             out[name] = json.loads(Path(path).read_text())
@@ -175,6 +177,8 @@ SUMMARY_METRICS = {
 def summary_rows(summary: dict) -> list[tuple[str, str]]:
     """(name, value) rows: stage timings, headline metrics, probe numbers; unavailable ones named."""
     rows = [(f"stage {k}", v) for k, v in summary["stages"].items()]
+    if summary.get("unreadable_images"):
+        rows.append(("unreadable images (skipped)", f"{summary['unreadable_images']} (see unreadable_images.txt)"))
     unavailable: list[str] = []
     for part, keys in SUMMARY_METRICS.items():
         metrics = summary.get("eval", {}).get(part)

@@ -432,6 +432,11 @@ def test_unreadable_image_count_in_metrics(tmp_path):
     records = read_metrics(metrics)
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[-1]["unreadable_images"] == 1  # every batch of 6 reads all six files, one of them broken
+    from ssr_cli.pipeline import summarize, summary_rows
+
+    summary = summarize(cfg, {"finetune": "1 s"})
+    assert summary["unreadable_images"] == 1
+    assert ("unreadable images (skipped)", "1 (see unreadable_images.txt)") in summary_rows(summary)
 
 
 # --- malicious pickles: every place a file is loaded refuses one that would run code --------------------------
