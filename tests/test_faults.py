@@ -105,6 +105,20 @@ def test_kills_at_random_steps_resume_to_the_uninterrupted_weights(first_run, tm
         assert _same_files(run / "f" / "tokenizer.safetensors", reference), f"kill after step {k}"
 
 
+def test_changed_finetune_settings_redo_the_finetune_stage(first_run, tmp_path):
+    from ssr_cli.pipeline import _complete
+
+    shutil.copytree(first_run.run_dir(), tmp_path / "f")
+    assert _complete(_recipe(tmp_path), "finetune")
+    changed = _recipe(tmp_path, train={"lr": 5e-4})
+    assert not _complete(changed, "finetune")  # old checkpoints, other settings: not complete
+    before = (tmp_path / "f" / "tokenizer.safetensors").read_bytes()
+    run_finetune(changed, setup_runtime("cpu", "fp32"))  # discards them and trains again from step 0
+    steps = [r["step"] for r in read_metrics(tmp_path / "f" / "finetune" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4] and (tmp_path / "f" / "tokenizer.safetensors").read_bytes() != before
+    assert _complete(changed, "finetune")
+
+
 def test_tokenizer_change_redoes_every_later_stage(first_run, tmp_path):
     shutil.copytree(first_run.run_dir(), tmp_path / "f")
     cfg = _recipe(tmp_path)
