@@ -175,13 +175,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _gloo_rank(rank: int, world: int, port: int):
+    """This process as rank ``rank`` of a CPU (gloo) group, with a ToyTask made from seed 0."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     rt = setup_runtime("cpu", "fp32")
     torch.manual_seed(0)
-    model = ToyTask()
+    return rt, ToyTask()
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    rt, model = _gloo_rank(rank, world, port)
     spec = TrainSpec(
         name="ddp", model=model, param_groups=[ParamGroup("all", list(model.parameters()))],
         batches=_toy_batches(seed=3, rank=rank, world=world), steps=3, lr=1e-2, run_dir=Path(out_dir),
@@ -210,12 +215,7 @@ def _sigterm_worker(rank: int, world: int, port: int, out_dir: str, term_at: int
 
     from ssr_cli.engine.loop import Preempted
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    rt = setup_runtime("cpu", "fp32")
-    torch.manual_seed(0)
-    model = ToyTask()
+    rt, model = _gloo_rank(rank, world, port)
 
     def term(step):  # rank 0 alone is signalled; every rank must stop at the same step boundary
         if step == term_at:
