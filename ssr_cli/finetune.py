@@ -194,11 +194,32 @@ def _stage(cfg: Recipe, rt: Runtime, tokenizer, *, name: str, kind: str, steps: 
         save_dynamics(regularizer.dynamics, run_dir / "ssr_dynamics.safetensors")
 
 
+FINETUNE_KEY = ".finetune_inputs.json"
+
+
+def finetune_inputs(cfg: Recipe) -> dict:
+    """What the (pre)trained tokenizer depends on: the starting weights' SHA-256, the tokenizer, regularizer,
+    loss, data and training settings and the seed (not ``train.steps``: more steps extend a run)."""
+    from ssr_cli.inputs import file_sha256, settings
+
+    return {"start": file_sha256(cfg.tokenizer.weights), "tokenizer": settings(cfg.tokenizer, "weights"),
+            "regularizer": settings(cfg.regularizer), "loss": settings(cfg.loss), "seed": cfg.run.seed,
+            "data": settings(cfg.data, "num_workers", "max_unreadable_fraction"),
+            "train": settings(cfg.train, "steps", "ckpt_every_steps", "keep_last", "log_every_steps",
+                              "image_every_steps", "max_nonfinite_steps")}
+
+
 def run_finetune(cfg: Recipe, rt: Runtime) -> Path:
-    """Pretrain (optional) then fine-tune; export the tokenizer. Returns the exported weights' path."""
+    """Pretrain (optional) then fine-tune; export the tokenizer. Returns the exported weights' path. Checkpoints
+    made with other inputs (:func:`finetune_inputs`) are discarded, with a message, and the stage is redone."""
+    from ssr_cli.inputs import refresh
     from ssr_cli.models.weights import save_weights
 
     run_dir = cfg.run_dir()
+    if rt.is_main:
+        refresh(run_dir / FINETUNE_KEY, finetune_inputs(cfg),
+                [run_dir / "pretrain", run_dir / "finetune", finetuned_weights(cfg)], "finetune", console)
+    rt.barrier()
     tokenizer = build_tokenizer(cfg)
     # Fail on a regularizer that cannot fit this tokenizer before any (pre)training time is spent.
     build_regularizer(cfg, cfg.regularizer.kind, tokenizer.latent_channels, None)

@@ -25,14 +25,15 @@ STAGES = ("finetune", "encode-latents", "train-dit", "sample", "evaluate", "prob
 def _complete(cfg: Recipe, stage: str) -> bool:
     """A stage is complete when its output is there and was made from the inputs it would read now."""
     from ssr_cli.engine.checkpoint import Checkpointer
-    from ssr_cli.finetune import finetuned_weights
+    from ssr_cli.finetune import FINETUNE_KEY, finetune_inputs, finetuned_weights
     from ssr_cli.generate import DIT_DIR, EMA_FILE, samples_dir
     from ssr_cli.latents import MANIFEST, latents_dir
 
     run = cfg.run_dir()
     if stage == "finetune":
         done = Checkpointer(run / "finetune" / "checkpoints").list()
-        return finetuned_weights(cfg).is_file() and bool(done) and done[-1][0] >= cfg.train.steps
+        return (finetuned_weights(cfg).is_file() and bool(done) and done[-1][0] >= cfg.train.steps
+                and _read_json(run / FINETUNE_KEY) == finetune_inputs(cfg))
     if stage == "encode-latents":
         present = (latents_dir(cfg) / MANIFEST).is_file()
     elif stage == "train-dit":
@@ -90,7 +91,10 @@ def _record_path(cfg: Recipe, stage: str) -> Path:
 
 
 def _recorded(cfg: Recipe, stage: str) -> dict | None:
-    path = _record_path(cfg, stage)
+    return _read_json(_record_path(cfg, stage))
+
+
+def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -159,7 +163,9 @@ def run_pipeline(cfg: Recipe, rt: Runtime, stages: tuple[str, ...] = STAGES) -> 
 
 def summarize(cfg: Recipe, timings: dict[str, str]) -> dict:
     run = cfg.run_dir()
-    out: dict = {"run": str(run), "stages": timings}
+    from ssr_cli.training import unreadable_count
+
+    out: dict = {"run": str(run), "stages": timings, "unreadable_images": unreadable_count(run / "unreadable_images.txt")}
     for name, path in (("eval", run / "eval.json"), ("probe", run / "probe" / "probe.json")):
         if Path(path).is_file():
             out[name] = json.loads(Path(path).read_text())
@@ -175,6 +181,8 @@ SUMMARY_METRICS = {
 def summary_rows(summary: dict) -> list[tuple[str, str]]:
     """(name, value) rows: stage timings, headline metrics, probe numbers; unavailable ones named."""
     rows = [(f"stage {k}", v) for k, v in summary["stages"].items()]
+    if summary.get("unreadable_images"):
+        rows.append(("unreadable images (skipped)", f"{summary['unreadable_images']} (see unreadable_images.txt)"))
     unavailable: list[str] = []
     for part, keys in SUMMARY_METRICS.items():
         metrics = summary.get("eval", {}).get(part)

@@ -85,5 +85,15 @@ def train_spec(cfg: Recipe, rt: Runtime, *, name: str, model: nn.Module, param_g
         recipe_text=dump(cfg),
         compile=cfg.run.compile,
         images_per_step=t.batch_size,
+        readings={"unreadable_images": lambda: unreadable_count(dataset.bad_log)} if getattr(dataset, "bad_log", None)
+        else {},
         **extra,
     )
+
+
+def unreadable_count(log: Path | None) -> int:
+    """How many distinct images ``log`` (``<run>/unreadable_images.txt``, appended by every worker and rank)
+    lists as unreadable; 0 when it does not exist."""
+    if log is None or not Path(log).is_file():
+        return 0
+    return len({line.split("\t", 1)[0] for line in Path(log).read_text().splitlines() if line})

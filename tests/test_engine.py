@@ -175,13 +175,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _gloo_rank(rank: int, world: int, port: int):
+    """This process as rank ``rank`` of a CPU (gloo) group, with a ToyTask made from seed 0."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     rt = setup_runtime("cpu", "fp32")
     torch.manual_seed(0)
-    model = ToyTask()
+    return rt, ToyTask()
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    rt, model = _gloo_rank(rank, world, port)
     spec = TrainSpec(
         name="ddp", model=model, param_groups=[ParamGroup("all", list(model.parameters()))],
         batches=_toy_batches(seed=3, rank=rank, world=world), steps=3, lr=1e-2, run_dir=Path(out_dir),
@@ -204,6 +209,47 @@ def test_ddp_gloo_two_processes_end_identical(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]  # rank 0 alone writes
 
+
+def _sigterm_worker(rank: int, world: int, port: int, out_dir: str, term_at: int) -> None:
+    import signal
+
+    from ssr_cli.engine.loop import Preempted
+
+    rt, model = _gloo_rank(rank, world, port)
+
+    def term(step):  # rank 0 alone is signalled; every rank must stop at the same step boundary
+        if step == term_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    spec = TrainSpec(
+        name="ddp", model=model, param_groups=[ParamGroup("all", list(model.parameters()))],
+        batches=_toy_batches(seed=3, rank=rank, world=world), steps=6, lr=1e-2, run_dir=Path(out_dir),
+        ckpt_every=100, log_every=1, seed=3, grad_accum=2, hooks=[(1, term)] if term_at else [],
+    )
+    try:
+        train(spec, rt)
+        done = "finished"
+    except Preempted:
+        done = "preempted"
+    torch.save({"state": {k: v.clone() for k, v in model.state_dict().items()}, "done": done},
+               Path(out_dir) / f"rank{rank}.pt")
+    rt.shutdown()
+
+
+@pytest.mark.slow
+def test_sigterm_under_two_gloo_ranks_checkpoints_and_resumes_identically(tmp_path):
+    def spawn(out, term_at):
+        mp.spawn(_sigterm_worker, args=(2, _free_port(), str(out), term_at), nprocs=2, join=True)
+        return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+    full = spawn(tmp_path / "full", 0)
+    cut = spawn(tmp_path / "cut", 2)
+    assert [r["done"] for r in cut] == ["preempted", "preempted"]
+    assert [s for s, _ in Checkpointer(tmp_path / "cut" / "checkpoints").list()] == [3]
+    resumed = spawn(tmp_path / "cut", 0)
+    assert [r["done"] for r in resumed] == ["finished", "finished"]
+    for r in resumed:
+        assert all(torch.equal(r["state"][k], full[0]["state"][k]) for k in full[0]["state"])
 
 STAT = """cpu  300 0 300 400 0 0 0 0 0 0
 cpu0 100 0 100 200 0 0 0 0 0 0

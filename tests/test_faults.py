@@ -105,6 +105,20 @@ def test_kills_at_random_steps_resume_to_the_uninterrupted_weights(first_run, tm
         assert _same_files(run / "f" / "tokenizer.safetensors", reference), f"kill after step {k}"
 
 
+def test_changed_finetune_settings_redo_the_finetune_stage(first_run, tmp_path):
+    from ssr_cli.pipeline import _complete
+
+    shutil.copytree(first_run.run_dir(), tmp_path / "f")
+    assert _complete(_recipe(tmp_path), "finetune")
+    changed = _recipe(tmp_path, train={"lr": 5e-4})
+    assert not _complete(changed, "finetune")  # old checkpoints, other settings: not complete
+    before = (tmp_path / "f" / "tokenizer.safetensors").read_bytes()
+    run_finetune(changed, setup_runtime("cpu", "fp32"))  # discards them and trains again from step 0
+    steps = [r["step"] for r in read_metrics(tmp_path / "f" / "finetune" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4] and (tmp_path / "f" / "tokenizer.safetensors").read_bytes() != before
+    assert _complete(changed, "finetune")
+
+
 def test_tokenizer_change_redoes_every_later_stage(first_run, tmp_path):
     shutil.copytree(first_run.run_dir(), tmp_path / "f")
     cfg = _recipe(tmp_path)
@@ -382,6 +396,14 @@ def test_dry_run_fails_where_the_run_would(override, message):
     assert result.exit_code == 2 and message in " ".join(result.output.split())
 
 
+def test_dry_run_of_sample_and_encode_latents_builds_the_models():
+    quickstart = str(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.toml")
+    result = CliRunner().invoke(app, ["sample", quickstart, "--dry-run", "--set", 'dit.model="DiT-Q/9"'])
+    assert result.exit_code == 2 and "unknown DiT model" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, ["encode-latents", quickstart, "--dry-run"])
+    assert result.exit_code == 0 and "dry run: built tokenizer" in result.output
+
+
 def test_unreadable_images_warn_once_each_and_stop_above_the_fraction(tmp_path):
     import warnings
 
@@ -408,3 +430,117 @@ def test_unreadable_images_warn_once_each_and_stop_above_the_fraction(tmp_path):
     with pytest.raises(UserError, match=r"2 of 5 images are unreadable.*unreadable_images\.txt"):
         for i in range(len(ds)):
             ds[(i, None)]
+
+
+def test_unreadable_image_count_in_metrics(tmp_path):
+    folder = tmp_path / "count_imgs"  # names of their own: each file is reported once per process
+    folder.mkdir()
+    for k in range(5):
+        Image.fromarray(np.full((20, 20, 3), 40 * k, dtype=np.uint8)).save(folder / f"ok{k}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    cfg = _recipe(tmp_path / "run", data={"source": "folder", "path": str(folder), "max_unreadable_fraction": 0.5},
+                  train={"steps": 3, "batch_size": 6})
+    with pytest.warns(UserWarning, match="unreadable image"):
+        run_finetune(cfg, setup_runtime("cpu", "fp32"))
+    (metrics,) = cfg.run_dir().rglob("metrics.jsonl")
+    records = read_metrics(metrics)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[-1]["unreadable_images"] == 1  # every batch of 6 reads all six files, one of them broken
+    from ssr_cli.pipeline import summarize, summary_rows
+
+    summary = summarize(cfg, {"finetune": "1 s"})
+    assert summary["unreadable_images"] == 1
+    assert ("unreadable images (skipped)", "1 (see unreadable_images.txt)") in summary_rows(summary)
+
+
+# --- malicious pickles: every place a file is loaded refuses one that would run code --------------------------
+
+class _Payload:
+    """Unpickling this calls ``open(marker, "w")``: the marker file exists only if the loader ran pickled code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _write_malicious(path: Path, marker: Path) -> Path:
+    torch.save({"weight": _Payload(marker)}, path)
+    return path
+
+
+def test_malicious_checkpoint_refused(tmp_path):
+    import hashlib
+    import io
+    import pickle
+    import warnings
+
+    from ssr_cli.engine.checkpoint import MAGIC
+
+    marker = tmp_path / "pwned"
+    plain = _write_malicious(tmp_path / "step_00000001.pt", marker)
+    buf = io.BytesIO()
+    torch.save({"weight": _Payload(marker)}, buf)
+    payload = buf.getvalue()  # a valid checksum over a malicious payload: the checksum alone must not admit it
+    signed = tmp_path / "step_00000002.pt"
+    signed.write_bytes(MAGIC + hashlib.sha256(payload).digest() + payload)
+    for path in (plain, signed):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(pickle.UnpicklingError):
+                load_checkpoint_file(path)
+    assert not marker.exists()
+
+
+def test_malicious_tokenizer_weights_refused(tmp_path):
+    from ssr_cli.models.weights import WeightsError
+
+    marker = tmp_path / "pwned"
+    path = _write_malicious(tmp_path / "tokenizer.pt", marker)
+    with pytest.raises(WeightsError, match="weights_only=True"):
+        load_state_dict_file(path)
+    assert not marker.exists()
+
+
+def test_malicious_dit_weights_refused(tmp_path):
+    from ssr_cli.models.lightningdit import checkpoint_state, read_stats
+    from ssr_cli.models.weights import WeightsError
+
+    marker = tmp_path / "pwned"
+    weights = _write_malicious(tmp_path / "dit.pt", marker)
+    stats = _write_malicious(tmp_path / "latents_stats.pt", marker)
+    with pytest.raises(WeightsError, match="weights_only=True"):
+        checkpoint_state(weights)
+    with pytest.raises(WeightsError, match="unreadable"):
+        read_stats(stats)
+    assert not marker.exists()
+
+
+def test_malicious_latent_shard_refused(tmp_path):
+    from safetensors import SafetensorError
+
+    from ssr_cli.latents import STATS, read_manifest
+
+    marker = tmp_path / "pwned"
+    _write_malicious(tmp_path / "shard_00000.safetensors", marker)  # a pickle under a shard's name
+    torch.save({"mean": torch.zeros(4), "std": torch.ones(4)}, tmp_path / STATS)
+    with pytest.raises(SafetensorError):
+        read_manifest(tmp_path)
+    with pytest.raises(SafetensorError):
+        load_file(str(tmp_path / "shard_00000.safetensors"))
+    assert not marker.exists()
+
+
+def test_malicious_reference_npz_refused(tmp_path):
+    from ssr_cli.metrics import load_reference
+
+    marker = tmp_path / "pwned"
+    obj = np.empty(1, dtype=object)
+    obj[0] = _Payload(marker)
+    path = tmp_path / "ref.npz"
+    np.savez(path, mu=obj, sigma=np.eye(2))  # np.savez pickles object arrays
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="allow_pickle"):
+        load_reference(path)
+    assert not marker.exists()

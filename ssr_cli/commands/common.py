@@ -27,8 +27,8 @@ SetOpt = Annotated[
         show_default=False,
     ),
 ]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and exit (finetune, train-dit "
-                                         "and pipeline also build their models, without data or weights, and fail "
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and exit (finetune, encode-latents, "
+                                         "train-dit, sample and pipeline also build their models, without data or weights, and fail "
                                          "where the run would).")]
 DeviceOpt = Annotated[
     Optional[str],

@@ -65,6 +65,8 @@ class TrainSpec:
     ckpt_subdir: str = "checkpoints"
     max_nonfinite_steps: int = 20
     """Consecutive steps with a non-finite loss or gradient (each skipped) after which the run stops."""
+    readings: dict[str, Callable[[], float]] = field(default_factory=dict)
+    """name -> fn() whose value is added to every ``metrics.jsonl`` record (e.g. the unreadable-image count)."""
 
 
 class Preempted(SystemExit):
@@ -233,6 +235,7 @@ def train(spec: TrainSpec, rt: Runtime) -> TrainResult:
                 record.update(step=done, lr=optimizer.param_groups[0]["lr"], steps_per_s=rate, skipped_steps=skipped)
                 if spec.images_per_step:
                     record["img_per_s"] = rate * spec.images_per_step
+                record.update({key: fn() for key, fn in spec.readings.items()})
                 metrics.write(record)
                 last = record
                 sums, count, skipped = {}, 0, 0
