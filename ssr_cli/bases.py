@@ -198,6 +198,20 @@ def a_matrix(basis: str, W: int, H: int, *, normalize: bool = True, orthonormal:
     return A
 
 
+def delta_from_blur(basis: str, W: int, H: int, blur_gap: float, image_size: int) -> float:
+    """The step Δ that makes exp(Δ·A_n) the exact coefficient dynamics of a Gaussian blur gap (issue 13, item 4).
+
+    ``blur_gap`` is the blur variance Δ_I in pixels² at the training resolution ``image_size`` (pixels per side);
+    the image spans the basis domain [0, W]×[0, H], so one pixel is W/image_size domain units and the gap is
+    Δ_I·(W/image_size)² units². A_n = A/max|A| with A the orthonormal-coefficient generator (time = variance),
+    hence Δ = Δ_I·(W/image_size)²·max|A|. Exact for the periodic Fourier basis; for the others it is the same
+    physical time, while their truncated dynamics are only approximate."""
+    if blur_gap < 0 or image_size < 1:
+        raise ValueError(f"blur gap must be ≥ 0 and image size ≥ 1, got {blur_gap} and {image_size}")
+    A = a_matrix(basis, W, H, normalize=False, orthonormal=True)
+    return float(blur_gap * (W / image_size) ** 2 * np.max(np.abs(A)))
+
+
 def discretize(A: np.ndarray, delta: float, method: str = "zoh") -> np.ndarray:
     """Ā for step Δ: euler → I + Δ·A, zoh → exp(Δ·A) (matrix exponential). A: (C, C); returns (C, C) float64."""
     method = str(method).strip().lower()

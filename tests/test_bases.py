@@ -237,3 +237,25 @@ def test_verify_dynamics_numbers():
     assert r["photo"]["fourier_periodic"]["no_change"][0] > 1e-2
     for rows in r["photo"].values():
         assert all(np.isfinite(v) for key in rows for v in rows[key])
+
+
+def test_delta_from_blur_reproduces_periodic_blur_decay():
+    """Issue 13 item 4: the physical Δ with the normalised A reproduces the measured Fourier coefficient decay."""
+    import scipy.linalg as sla
+    from ssr_cli import bases as B
+    W = H = 4
+    N = 256
+    gap = 4.0
+    delta = B.delta_from_blur("fourier", W, H, gap, N)
+    assert abs(delta - 0.0217) < 5e-4
+    rng = np.random.default_rng(0)
+    phi = B.basis_functions("fourier", W, H, N, N, orthonormal=True)
+    img = np.real(np.tensordot(rng.normal(size=W * H) + 1j * rng.normal(size=W * H), phi, axes=1))
+    f = np.fft.fftfreq(N)
+    gain = np.exp(-2 * np.pi ** 2 * gap * (f[:, None] ** 2 + f[None, :] ** 2))
+    blurred = np.real(np.fft.ifft2(np.fft.fft2(img) * gain))
+    c0 = B.project(img, "fourier", W, H, orthonormal=True)
+    c1 = B.project(blurred, "fourier", W, H, orthonormal=True)
+    A = B.a_matrix("fourier", W, H, normalize=False, orthonormal=True)
+    pred = sla.expm(delta * A / np.max(np.abs(A))) @ c0
+    assert np.max(np.abs(pred - c1)) / np.max(np.abs(c1)) < 1e-3

@@ -123,3 +123,13 @@ def test_verify_prints_numbers(run):
     out = result.output
     assert "verify (a)" in out and "PASS" in out
     assert "verify (b)" in out and "fourier / periodic" in out and "no change (baseline)" in out
+
+
+def test_blur_gap_prints_physical_delta_and_a_bar(run):
+    result = run("--basis", "fourier", "--size", "4", "--blur-gap", "4", "--image-size", "256")
+    assert result.exit_code == 0, result.output
+    # independent truth: the top (3,3) Fourier mode of a 4 px² blur at 256² decays by exp(-2π²·4·2·(3/256)²)
+    top = np.exp(-2 * np.pi ** 2 * 4 * 2 * (3 / 256) ** 2)
+    assert "0.0216861" in result.output and f"{top:.5f}" in result.output
+    bad = run("--basis", "fourier", "--size", "4", "--blur-gap", "4")
+    assert bad.exit_code != 0 and "--image-size" in bad.output

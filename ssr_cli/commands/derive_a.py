@@ -108,6 +108,12 @@ def derive_a(
     plot_path: Annotated[Optional[Path], typer.Option(
         "--plot-path", show_default=False, dir_okay=False,
         help="Where the heatmap goes (implies --plot) (default: ./A_<basis>_<W>x<H>.png, with _orthonormal / _raw appended for those variants)")] = None,
+    blur_gap: Annotated[Optional[float], typer.Option(
+        "--blur-gap", callback=_delta_cb, show_default=False,
+        help="Blur variance Δ_I (pixels²): set Δ so that Ā is the exact coefficient dynamics of this blur gap "
+             "(needs --image-size).")] = None,
+    image_size: Annotated[Optional[int], typer.Option(
+        "--image-size", min=1, show_default=False, help="Training resolution (pixels per side) for --blur-gap.")] = None,
     verify: Annotated[bool, typer.Option(
         "--verify", help="Check the closed forms against quadrature and the dynamics on a real photograph.")] = False,
     set_: SetOpt = None,
@@ -142,6 +148,12 @@ def derive_a(
         fail(str(exc))
     orthonormal = orthonormal or bool(reg and reg.orthonormal)
     discretization = discretization or (reg.discretization if reg else "zoh")
+    if blur_gap is not None:
+        if image_size is None or delta is not None:
+            fail("--blur-gap needs --image-size and replaces --delta (e.g. --blur-gap 4 --image-size 256)")
+        delta = (blur_gap * (W / image_size) ** 2 if raw
+                 else bases.delta_from_blur(basis, W, H, blur_gap, image_size))
+        console.print(f"physical Δ for a blur gap of {blur_gap:g} px² at {image_size}²: [bold]{delta:.6g}[/]")
     delta = delta if delta is not None else (reg.delta_init if reg else 0.1)
 
     A_raw = bases.a_matrix(basis, W, H, normalize=False, orthonormal=orthonormal)
@@ -152,6 +164,9 @@ def derive_a(
     normalization = "raw" if raw else "max_abs_1"
 
     _print_summary(basis, W, H, orthonormal, normalization, scale, discretization, delta, info)
+    if blur_gap is not None:
+        d = np.diag(A_bar)
+        console.print(f"Ā diagonal (per-channel decay factor over the blur gap): {np.array2string(d, precision=5)}")
 
     if out is not None:
         meta = {
