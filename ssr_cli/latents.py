@@ -234,7 +234,12 @@ def _lightningdit_manifest(directory: Path, shards: list[Path]) -> dict:
 
     labels, flips, shape = [], [], None
     for path in shards:
-        with safe_open(str(path), framework="pt") as f:
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except Exception as exc:  # safetensors raises its own error type for files that are not safetensors
+            raise WeightsError(f"{path}: expected a LightningDiT latent shard (.safetensors), but it cannot be read "
+                               f"as safetensors ({exc})") from None
+        with handle as f:
             keys = set(f.keys())
             if not {"latents", "labels"} <= keys:
                 raise WeightsError(f"{path}: expected a LightningDiT latent shard with 'latents' and 'labels' "

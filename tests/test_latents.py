@@ -174,3 +174,11 @@ def test_a_lightningdit_latent_folder_reads_as_a_cache(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="expected manifest.json .* or a LightningDiT latent folder"):
         read_manifest(tmp_path / "empty")
+    # A shard that is not safetensors (here a pickle) is one user error naming the file, not a traceback.
+    from ssr_cli.models.weights import WeightsError
+
+    (tmp_path / "bad").mkdir()
+    torch.save({"latents": z}, tmp_path / "bad" / "latents_rank00_shard000.safetensors")
+    write_stats(tmp_path / "bad" / "latents_stats.pt", z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3)))
+    with pytest.raises(WeightsError, match="latents_rank00_shard000.safetensors: expected a LightningDiT latent shard"):
+        read_manifest(tmp_path / "bad")
