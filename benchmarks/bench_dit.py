@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import resource
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ssr_cli.engine.runtime import peak_memory  # noqa: E402
 
 from ssr_cli.models.dit import DIT_SIZES, build_dit, flops_per_image  # noqa: E402
 from ssr_cli.models.flow import flow_loss, sample_t_logit_normal  # noqa: E402
@@ -108,10 +109,7 @@ def main(argv=None) -> None:
     img_per_s = args.batch * args.steps / elapsed
     flops = flops_per_image(model)
     tflops = 3 * flops * img_per_s / 1e12  # forward + backward ≈ 3 × forward
-    if cuda:
-        peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (torch.cuda.max_memory_allocated)"
-    else:
-        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process max RSS)"
+    peak = peak_memory(device)
     last_loss = torch.stack(losses).float()[-1].item()
     print(f"warm-up: {args.warmup} steps in {warm_s:.1f} s")
     print(f"step time: {1000 * elapsed / args.steps:.1f} ms ({args.steps} steps)")

@@ -12,7 +12,6 @@ Inception-v3 from a local weights file; reports images/s and peak memory.
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ssr_cli.engine.runtime import peak_memory  # noqa: E402
 
 from ssr_cli.metrics import InceptionFeatures  # noqa: E402
 
@@ -54,10 +55,7 @@ def main(argv=None) -> None:
     for _ in range(args.batches):
         extractor(images)  # returns numpy arrays: the device is synchronised by the copy back
     elapsed = time.perf_counter() - t0
-    if cuda:
-        peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (torch.cuda.max_memory_allocated)"
-    else:
-        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process max RSS)"
+    peak = peak_memory(device)
     print(f"throughput: {args.batch * args.batches / elapsed:.1f} img/s")
     print(f"peak memory: {peak}")
 

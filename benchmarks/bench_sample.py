@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import resource
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ssr_cli.engine.runtime import peak_memory  # noqa: E402
 
 from ssr_cli.models.dit import DIT_SIZES, build_dit  # noqa: E402
 from ssr_cli.models.flow import cfg_velocity, initial_noise, sample_ode  # noqa: E402
@@ -90,10 +91,7 @@ def main(argv=None) -> None:
         sync()
         elapsed = time.perf_counter() - t0
     img_per_s = args.batch * args.batches / elapsed
-    if cuda:
-        peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (torch.cuda.max_memory_allocated)"
-    else:
-        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process max RSS)"
+    peak = peak_memory(device)
     print(f"throughput: {img_per_s:.2f} img/s, {img_per_s * args.steps * nfe_per_step:.1f} image-NFE/s")
     print(f"peak memory: {peak}")
 

@@ -139,6 +139,15 @@ def setup_runtime(device: str = "auto", precision: str = "auto", threads: int | 
     return Runtime(device=dev, rank=rank, world_size=world_size, local_rank=local_rank, amp_dtype=amp)
 
 
+def peak_memory(device: torch.device) -> str:
+    """Peak memory so far, as text: the CUDA allocator's peak on a GPU, the process's max RSS on a CPU."""
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (torch.cuda.max_memory_allocated)"
+    import resource
+
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process max RSS)"
+
+
 def step_seed(seed: int, *parts: int | str) -> int:
     """A 63-bit seed derived from the run seed and any labels (rank, step, purpose)."""
     text = ":".join(str(p) for p in (seed, *parts))
