@@ -74,6 +74,10 @@ def require_lpips_weights(cfg: Recipe, weight: float) -> None:
         )
 
 
+LPIPS_MIN_SIDE = 32
+"""Smallest image side the LPIPS loss sees (AlexNet's and VGG's pooling need it); smaller pairs are upsampled."""
+
+
 def make_lpips(cfg: Recipe, weight: float, device: torch.device):
     """The LPIPS loss callable, or None when its weight is zero."""
     if weight <= 0:
@@ -84,7 +88,14 @@ def make_lpips(cfg: Recipe, weight: float, device: torch.device):
     net = load_lpips(cfg.loss.lpips_net, cfg.loss.lpips_weights, device=device)
 
     def lpips_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return net(x.float(), y.float()).flatten()
+        x, y = x.float(), y.float()
+        side = min(x.shape[-2:])
+        if side < LPIPS_MIN_SIDE:
+            # The downscaled pairs of EQ-VAE / FT-SE at CIFAR size (16², 8²) are too small for AlexNet's pooling:
+            # compare them at LPIPS_MIN_SIDE after the same bilinear upsampling of both images.
+            size = [round(d * LPIPS_MIN_SIDE / side) for d in x.shape[-2:]]
+            x, y = (torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False) for t in (x, y))
+        return net(x, y).flatten()
 
     return lpips_fn
 
@@ -229,6 +240,11 @@ def run_finetune(cfg: Recipe, rt: Runtime) -> Path:
         _stage(cfg, rt, tokenizer, name="pretrain", kind="none", steps=cfg.train.pretrain_steps,
                lr=cfg.train.pretrain_lr, constant_lr=True,
                run_dir=run_dir / "pretrain")
+        if rt.is_main:
+            save_weights(tokenizer, run_dir / "pretrain" / EXPORT_NAME)
+            console.print(f"pretrained tokenizer written to {run_dir / 'pretrain' / EXPORT_NAME}")
+    if not cfg.train.steps:
+        return _export(cfg, rt, tokenizer)
     frozen = tokenizer.frozen_blocks(cfg.tokenizer.frozen_encoder_blocks, cfg.tokenizer.frozen_decoder_blocks)
     if rt.is_main:
         console.print(f"finetune: froze {len(frozen)} parameter tensors "
@@ -236,9 +252,15 @@ def run_finetune(cfg: Recipe, rt: Runtime) -> Path:
     _stage(cfg, rt, tokenizer, name="finetune", kind=cfg.regularizer.kind, steps=cfg.train.steps, lr=cfg.train.lr,
            constant_lr=False,
            run_dir=run_dir / "finetune")
+    return _export(cfg, rt, tokenizer)
+
+
+def _export(cfg: Recipe, rt: Runtime, tokenizer) -> Path:
+    from ssr_cli.models.weights import save_weights
+
     out = finetuned_weights(cfg)
     if rt.is_main:
         save_weights(tokenizer, out)
-        console.print(f"[green]fine-tuned tokenizer written to {out}")
+        console.print(f"[green]{'fine-tuned' if cfg.train.steps else 'pretrained'} tokenizer written to {out}")
     rt.barrier()
     return out

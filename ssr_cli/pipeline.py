@@ -31,8 +31,9 @@ def _complete(cfg: Recipe, stage: str) -> bool:
 
     run = cfg.run_dir()
     if stage == "finetune":
-        done = Checkpointer(run / "finetune" / "checkpoints").list()
-        return (finetuned_weights(cfg).is_file() and bool(done) and done[-1][0] >= cfg.train.steps
+        stage_dir, steps = ("finetune", cfg.train.steps) if cfg.train.steps else ("pretrain", cfg.train.pretrain_steps)
+        done = Checkpointer(run / stage_dir / "checkpoints").list()
+        return (finetuned_weights(cfg).is_file() and bool(done) and done[-1][0] >= steps
                 and _read_json(run / FINETUNE_KEY) == finetune_inputs(cfg))
     if stage == "encode-latents":
         present = (latents_dir(cfg) / MANIFEST).is_file()

@@ -138,7 +138,8 @@ class LossConfig(Section):
 class TrainConfig(Section):
     """Optimisation of the tokenizer (``finetune``); the engine's knobs."""
 
-    steps: int = Field(1000, ge=1)
+    steps: int = Field(1000, ge=0)
+    """Fine-tuning steps; 0 (with pretrain_steps > 0) only pretrains: the exported tokenizer is the pretrained one."""
     batch_size: int = Field(32, ge=1)
     """Global batch size (summed over ranks and accumulation steps)."""
     grad_accum: int = Field(1, ge=1)
@@ -172,6 +173,8 @@ class TrainConfig(Section):
             )
         if self.lr_min > self.lr:
             raise ValueError(f"train.lr_min ({self.lr_min}) exceeds train.lr ({self.lr})")
+        if self.steps == 0 and self.pretrain_steps == 0:
+            raise ValueError("train.steps = 0 and train.pretrain_steps = 0: nothing to train (set one of them > 0)")
         return self
 
 

@@ -439,3 +439,27 @@ def test_carried_mean_loss_is_the_centred_loss_plus_the_channel_mean_penalty():
     assert abs(latent_mse(z2_hat, shifted, "centred") - centred) < 1e-5
     with pytest.raises(ValueError, match="latent_loss|latent loss"):
         latent_mse(z2_hat, z2, "literal")
+
+
+@pytest.mark.parametrize("side", [8, 16])
+def test_lpips_loss_takes_the_small_pairs_of_eq_vae_and_ft_se(shared_data, side):
+    """At CIFAR size the EQ-VAE / FT-SE pairs are 16² or 8², too small for AlexNet's pooling: the loss compares
+    them after upsampling both to 32², which equals LPIPS of the upsampled pair, and is finite with a gradient."""
+    from ssr_cli.finetune import LPIPS_MIN_SIDE, make_lpips
+    from ssr_cli.metrics import load_lpips
+    from ssr_cli.recipe import Recipe
+
+    weights = shared_data / "lpips" / "alexnet-owt-7be5be79.features-only.pth"
+    cfg = Recipe.model_validate({"loss": {"lambda_lpips": 0.1, "lpips_weights": str(weights)}})
+    loss_fn = make_lpips(cfg, 0.1, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(2, 3, side, side, generator=g) * 2 - 1).requires_grad_(True)
+    y = (x.detach() + 0.3 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    got = loss_fn(x, y)
+    up = [F.interpolate(t.detach(), size=(LPIPS_MIN_SIDE, LPIPS_MIN_SIDE), mode="bilinear", align_corners=False)
+          for t in (x, y)]
+    with torch.no_grad():
+        expected = load_lpips("alex", weights)(*up).flatten()
+    torch.testing.assert_close(got.detach(), expected, rtol=1e-5, atol=1e-6)
+    got.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

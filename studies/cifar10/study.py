@@ -1,0 +1,468 @@
+"""The paper's study at a CPU scale: does SSR make CIFAR-10 latents more diffusable?
+
+Run from the project root (every number comes from the committed ``ssr`` commands, run as child processes):
+
+    python studies/cifar10/study.py                    # run every arm not yet finished, then write the report
+    python studies/cifar10/study.py --only main        # only the four main arms (none / ssr / eq_vae / scale)
+    python studies/cifar10/study.py --report           # only rewrite results/report.md from results/runs/*
+    python studies/cifar10/study.py --list             # what would run, what is finished
+    python studies/cifar10/study.py --toy --out /tmp/x # the same plumbing on a toy size (CI; numbers mean nothing)
+
+Chain per run (one arm at one seed), each step skipped when its fingerprint (arguments, recipe and input weights
+by SHA-256) matches a finished one, and resumed from its checkpoints when it was interrupted:
+1. ``ssr pipeline``: fine-tune from the shared pretrained KL-AE (``runs/pretrain``, made once by the same
+   command with ``train.steps = 0``), reconstruction metrics on 1000 CIFAR-10 test images, ``probe-channels``
+   and, for the main arms, encode-latents → train-dit → sample → generation FID of 2000 samples against the
+   10000 test images;
+2. ``ssr evaluate`` on Kodak-24 at 256² (reconstruction on photographs);
+3. ``ssr diffusability`` (the proxy suite at its CPU budget).
+The jsons each step writes are copied to ``results/runs/<run>/`` (committed); the report is built from those
+copies only, so ``--report`` regenerates it on any machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+RECIPE = HERE / "study.toml"
+TAEF2 = ['tokenizer.family="taesd"', 'tokenizer.size="taef2"',
+         'tokenizer.weights="../shared/data/taesd/taef2_encoder.pth"', 'regularizer.grid="8x4"']
+KODAK = ['eval.images="../shared/data/kodak24"', "eval.image_size=256",
+         "eval.num_images=24", "eval.batch_size=4"]
+# Toy size: every stage runs, on a handful of images, in seconds each.
+TOY = ["train.pretrain_steps=2", "train.steps=2", "train.ckpt_every_steps=1", "train.image_every_steps=1",
+       "data.max_images=64", "latents.shard_size=32", "latents.stats_count=32", "latents.batch_size=32",
+       "dit.steps=2", "dit.depth=1", "dit.hidden_size=32", "dit.num_heads=2", "dit.batch_size=8",
+       "dit.ckpt_every_steps=1", "sample.num_images=16", "sample.batch_size=8", "sample.steps=2",
+       "eval.num_images=16", "eval.num_reference_images=16", "eval.kid_subset_size=8", "eval.kid_subsets=2",
+       "probe.score_images=8", "probe.num_images=2",
+       "diffusability.num_images=16", "diffusability.num_latents=48", "diffusability.holdout=16",
+       "diffusability.batch_size=16", "diffusability.probe_steps=2", "diffusability.probe_hidden=32",
+       "diffusability.probe_depth=1", "diffusability.probe_batch=8", "diffusability.probe_samples=8",
+       "diffusability.sample_steps=2", "diffusability.probe_ckpt_every=1"]
+TOY_KODAK = ["eval.image_size=64", "eval.num_images=4"]
+GENERATION_STAGES = ["finetune", "encode-latents", "train-dit", "sample", "evaluate", "probe-channels"]
+RECON_STAGES = ["finetune", "evaluate", "probe-channels"]
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    group: str
+    """main (Table 1), basis (Table 4), setting (Table 5), taef2 (the pretrained FLUX.2 tiny AE)."""
+    sets: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = (0,)
+    gfid: bool = False
+    finetune: bool = True
+    """False: the starting tokenizer as it is (no fine-tuning step)."""
+    base: str = "pretrain"
+    """Starting weights: the shared pretrained KL-AE or the released TAEF2."""
+    label: str = ""
+
+
+ARMS: tuple[Arm, ...] = (
+    Arm("none", "main", ('regularizer.kind="none"',), (0, 1), True, label="recon only"),
+    Arm("ssr", "main", ('regularizer.kind="ssr"',), (0, 1), True, label="SSR (Fourier)"),
+    Arm("eq_vae", "main", ('regularizer.kind="eq_vae"',), (0, 1), True, label="EQ-VAE"),
+    Arm("scale", "main", ('regularizer.kind="scale"',), (0, 1), True, label="FT-SE"),
+    Arm("pretrained", "main", (), (0,), False, finetune=False, label="pretrained, not fine-tuned"),
+    Arm("ssr-legendre", "basis", ('regularizer.basis="legendre"',), label="Legendre"),
+    Arm("ssr-chebyshev", "basis", ('regularizer.basis="chebyshev"',), label="Chebyshev"),
+    Arm("ssr-hermite", "basis", ('regularizer.basis="hermite"',), label="Hermite"),
+    Arm("ssr-random", "basis", ('regularizer.basis="random"',), label="random A"),
+    Arm("ssr-alpha0.5", "setting", ("regularizer.alpha=0.5",), label="α = 0.5"),
+    Arm("ssr-nocentre", "setting", ("regularizer.mean_centering=false",), label="centring off"),
+    Arm("ssr-carried", "setting", ('regularizer.latent_loss="carried_mean"',), label="carried-mean latent loss"),
+    Arm("ssr-blurdelta", "setting", ('regularizer.delta_source="blur_gap"',), label="Δ from the blur gap"),
+    Arm("taef2", "taef2", TAEF2, finetune=False, base="taef2", label="TAEF2 as released"),
+    Arm("taef2-none", "taef2", (*TAEF2, 'regularizer.kind="none"'), base="taef2", label="TAEF2 + recon only"),
+    Arm("taef2-ssr", "taef2", (*TAEF2, 'regularizer.kind="ssr"'), base="taef2", label="TAEF2 + SSR"),
+)
+
+
+def run_name(arm: Arm, seed: int) -> str:
+    return f"{arm.name}-s{seed}"
+
+
+# ------------------------------------------------------------------------------------------ running
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Study:
+    out: Path
+    results: Path
+    toy: bool = False
+    threads: str = "0"
+    device: str | None = None
+    log: list[str] = field(default_factory=list)
+
+    def common(self) -> list[str]:
+        threads = '"auto"' if self.threads == "auto" else str(int(self.threads))
+        return [f'run.out_dir="{self.out}"', f"run.threads={threads}"] + (TOY if self.toy else [])
+
+    def ssr(self, command: str, sets: list[str], extra: list[str] = ()) -> float:
+        cmd = [sys.executable, "-m", "ssr_cli", command, str(RECIPE), *extra]
+        for s in self.common() + sets:
+            cmd += ["--set", s]
+        if self.device:
+            cmd += ["--device", self.device]
+        print("$ ssr " + " ".join(cmd[3:]), flush=True)
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        return time.perf_counter() - t0
+
+    def fingerprint(self, args: list, inputs: list[Path]) -> str:
+        payload = {"args": args, "common": self.common(), "recipe": sha256(RECIPE),
+                   "inputs": {str(p): sha256(p) for p in inputs}}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def step(self, run_dir: Path, name: str, fp: str, action, outputs: list[Path]) -> bool:
+        """Run one step unless its record says it finished with this fingerprint; returns True when it ran."""
+        record_path = run_dir / "study_steps.json"
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        done = record.get(name, {})
+        if done.get("fingerprint") == fp and all(p.is_file() for p in outputs):
+            return False
+        seconds = action()
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        record[name] = {"fingerprint": fp, "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M")}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = record_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(record_path)
+        return True
+
+    # -- shared inputs -----------------------------------------------------------------------------------
+    def pretrained(self) -> Path:
+        run_dir = self.out / "pretrain"
+        weights = run_dir / "tokenizer.safetensors"
+        sets = ['run.name="pretrain"', 'regularizer.kind="none"', "train.steps=0"]
+        self.step(run_dir, "pretrain", self.fingerprint(sets, []), lambda: self.ssr("finetune", sets), [weights])
+        self.collect(run_dir, "pretrain")
+        return weights
+
+    def reference(self) -> Path:
+        ref = self.out / "ref_test.npz"
+        fp = self.fingerprint(["make-ref"], [])
+        self.step(self.out, "reference", fp, lambda: self.ssr("evaluate", ['run.name="reference"'],
+                                                               ["--make-ref", str(ref)]), [ref])
+        return ref
+
+    # -- one run -------------------------------------------------------------------------------------------
+    def run(self, arm: Arm, seed: int, pretrained: Path, reference: Path) -> bool:
+        name = run_name(arm, seed)
+        run_dir = self.out / name
+        sets = [f'run.name="{name}"', f"run.seed={seed}", *arm.sets]
+        inputs = []
+        if arm.base == "pretrain":
+            sets += [f'tokenizer.weights="{pretrained}"']
+            inputs = [pretrained]
+        sets += ["train.pretrain_steps=0", f'eval.reference="{reference}"']
+        if not arm.gfid:
+            sets += ["eval.generation=false"]
+        stages = GENERATION_STAGES if arm.gfid else RECON_STAGES
+        if not arm.finetune:
+            stages = [s for s in stages if s != "finetune"]
+        only = sum((["--only", s] for s in stages), [])
+        ran = self.step(run_dir, "pipeline", self.fingerprint(sets + only, inputs + [reference]),
+                        lambda: self.ssr("pipeline", sets, only), [run_dir / "eval.json"])
+        tokenizer = run_dir / "tokenizer.safetensors" if arm.finetune else None
+        weights = [tokenizer] if tokenizer else inputs
+        kodak_sets = sets + KODAK + (TOY_KODAK if self.toy else [])
+        kodak_out = run_dir / "kodak_eval.json"
+        ran |= self.step(run_dir, "kodak", self.fingerprint(kodak_sets, weights),
+                         lambda: self.ssr("evaluate", kodak_sets, ["--no-gfid", "--out", str(kodak_out)]),
+                         [kodak_out])
+        dfz_out = run_dir / "diffusability"
+        dfz_args = ["--out", str(dfz_out)] + (["--weights", str(tokenizer)] if tokenizer else [])
+        ran |= self.step(run_dir, "diffusability", self.fingerprint(sets + dfz_args, weights),
+                         lambda: self.ssr("diffusability", sets, dfz_args), [dfz_out / "diffusability.json"])
+        self.collect(run_dir, name)
+        return ran
+
+    def collect(self, run_dir: Path, name: str) -> None:
+        """Copy the run's small jsons (and its steps record with timings) to results/runs/<name>/."""
+        dest = self.results / "runs" / name
+        dest.mkdir(parents=True, exist_ok=True)
+        for src, dst in (("eval.json", "eval.json"), ("kodak_eval.json", "kodak_eval.json"),
+                         ("probe/probe.json", "probe.json"), ("diffusability/diffusability.json", "diffusability.json"),
+                         ("summary.json", "summary.json"), ("study_steps.json", "steps.json")):
+            if (run_dir / src).is_file():
+                shutil.copyfile(run_dir / src, dest / dst)
+
+
+def plan(only: list[str] | None, toy: bool) -> list[tuple[Arm, int]]:
+    arms = [a for a in ARMS if not only or a.group in only or a.name in only]
+    if toy:
+        arms = [a for a in arms if a.group == "main"]
+    order = []
+    # every arm's first seed first, so a complete first comparison exists before the second seeds run
+    for rank in range(max(len(a.seeds) for a in arms) if arms else 0):
+        for group in ("main", "basis", "setting", "taef2"):
+            order += [(a, a.seeds[rank]) for a in arms if a.group == group and rank < len(a.seeds)]
+    if toy:
+        order = [(a, s) for a, s in order if s == 0]
+    return order
+
+
+def run_study(study: Study, only: list[str] | None, keep_going: bool) -> list[str]:
+    study.out.mkdir(parents=True, exist_ok=True)
+    pretrained = study.pretrained()
+    reference = study.reference()
+    failed, ran_any = [], False
+    for arm, seed in plan(only, study.toy):
+        name = run_name(arm, seed)
+        try:
+            ran = study.run(arm, seed, pretrained, reference)
+        except subprocess.CalledProcessError as err:
+            failed.append(f"{name}: `{' '.join(err.cmd[3:6])} …` exited {err.returncode}")
+            print(f"study: {failed[-1]}", flush=True)
+            if not keep_going:
+                raise SystemExit(f"study: stopped at {name} (rerun to retry; --keep-going runs the other arms)")
+            continue
+        ran_any |= ran
+        print(f"study: {name}: {'done' if ran else 'finished, skipped'}", flush=True)
+    if not ran_any and not failed:
+        print("study: every run is already finished; nothing to do", flush=True)
+    return failed
+
+
+# ------------------------------------------------------------------------------------------ report
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _get(d: dict | None, *keys):
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d if isinstance(d, (int, float)) and not isinstance(d, bool) else None
+
+
+MEASURES = (  # key, label, lower is better, where
+    ("psnr", "PSNR (dB)", False, ("eval", "reconstruction", "psnr")),
+    ("ssim", "SSIM", False, ("eval", "reconstruction", "ssim")),
+    ("lpips", "LPIPS", True, ("eval", "reconstruction", "lpips")),
+    ("rfid", "rFID-1K", True, ("eval", "reconstruction", "rfid")),
+    ("kodak_psnr", "Kodak PSNR (dB)", False, ("kodak", "reconstruction", "psnr")),
+    ("gfid", "gFID-2K", True, ("eval", "generation", "fid")),
+    ("psnr_half", "PSNR 8/16 ch. (dB)", False, ("probe", "psnr_half")),
+    ("freq_rho", "freq.-order ρ", False, ("probe", "frequency_order_spearman")),
+    ("dyn_err", "Ā error", True, ("probe", "dynamics_error")),
+    ("flow_loss", "flow-probe loss", True, ("dfz", "flow_loss_mean")),
+    ("flow_fid", "flow-probe FID", True, ("dfz", "flow_fid")),
+    ("ifid", "iFID", True, ("dfz", "ifid")),
+    ("hf", "latent HF energy", True, ("dfz", "latent_hf_fraction")),
+)
+PAPER = {"none": {"psnr": 31.70, "ssim": 0.9105, "lpips": 0.0354, "rfid": 0.87, "gfid": 16.08},
+         "eq_vae": {"psnr": 31.53, "ssim": 0.9082, "lpips": 0.0373, "rfid": 0.94, "gfid": 13.95},
+         "scale": {"psnr": 31.62, "ssim": 0.9096, "lpips": 0.0363, "rfid": 0.90, "gfid": 13.87},
+         "ssr": {"psnr": 31.55, "ssim": 0.9085, "lpips": 0.0374, "rfid": 0.91, "gfid": 13.33}}
+PAPER_BASIS = {"ssr": 13.33, "ssr-legendre": 14.75, "ssr-chebyshev": 15.37, "ssr-hermite": 15.20,
+               "ssr-random": "does not converge", "ssr-nocentre": 17.23}
+
+
+def measures(results: Path, name: str) -> dict:
+    base = results / "runs" / name
+    files = {"eval": _load(base / "eval.json"), "kodak": _load(base / "kodak_eval.json"),
+             "probe": _load(base / "probe.json"), "dfz": _load(base / "diffusability.json")}
+    if files["dfz"] is not None:
+        flat: dict = {}
+        for value in files["dfz"].get("proxies", {}).values():
+            if isinstance(value, dict):
+                flat.update(value)
+        files["dfz"] = flat
+    out = {key: _get(files[where[0]], *where[1:]) for key, _, _, where in MEASURES}
+    out["psnr_vs_k"] = (files["probe"] or {}).get("psnr_vs_k")
+    steps = _load(base / "steps.json") or {}
+    out["seconds"] = {k: v.get("seconds") for k, v in steps.items()}
+    return out
+
+
+def _mean_std(values: list[float]) -> tuple[float, float, int]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return math.nan, math.nan, 0
+    return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else math.nan), len(vals)
+
+
+def _fmt(mean: float, std: float, n: int, digits: int = 3) -> str:
+    if n == 0 or math.isnan(mean):
+        return "—"
+    text = f"{mean:.{digits}f}"
+    return text + (f" ± {std:.{digits}f}" if n > 1 else "") + (f" ({n})" if n > 1 else "")
+
+
+def _digits(key: str) -> int:
+    return 2 if key in ("psnr", "kodak_psnr", "psnr_half", "gfid", "rfid", "flow_fid", "ifid") else 3
+
+
+def write_report(results: Path, toy: bool = False) -> Path:
+    rows = {(a.name, s): measures(results, run_name(a, s)) for a in ARMS for s in a.seeds
+            if (results / "runs" / run_name(a, s)).is_dir()}
+    pending = [run_name(a, s) for a in ARMS for s in a.seeds
+               if not (results / "runs" / run_name(a, s) / "diffusability.json").is_file()]
+    keys = [m for m in MEASURES]
+    lines = [f"# CIFAR-10 study: does SSR make latents more diffusable?{' (TOY: plumbing only)' if toy else ''}", "",
+             "Generated by `python studies/cifar10/study.py --report` from the jsons in `results/runs/` (each copied "
+             "there by the driver from a run of the committed commands). Recipe: `studies/cifar10/study.toml`. "
+             "Cells: mean ± sample std over seeds (number of seeds); one value = one seed.", ""]
+    if pending:
+        lines += [f"**Status: {len(pending)} of {sum(len(a.seeds) for a in ARMS)} runs not finished yet** "
+                  f"({', '.join(pending)}); rerun the driver to continue. Tables show what has finished.", ""]
+    # Table 1
+    lines += ["## Main arms (Table 1 at CIFAR-10 scale)", "",
+              "| arm | " + " | ".join(label for _, label, _, _ in keys) + " |",
+              "|---|" + "---|" * len(keys)]
+    for arm in (a for a in ARMS if a.group == "main"):
+        cells = []
+        for key, _, _, _ in keys:
+            cells.append(_fmt(*_mean_std([rows.get((arm.name, s), {}).get(key) for s in arm.seeds]), _digits(key)))
+        lines.append(f"| {arm.label} | " + " | ".join(cells) + " |")
+    lines += ["", "The paper's Flux numbers (ImageNet 256², DiT-B/2 80K steps, 50K samples; a different scale, for "
+              "reference only): " + "; ".join(f"{k}: PSNR {v['psnr']}, LPIPS {v['lpips']}, rFID {v['rfid']}, "
+                                              f"gFID {v['gfid']}" for k, v in PAPER.items()) + ".", ""]
+    # paired differences
+    lines += ["## Paired differences against recon-only (same seed, same pretrained start)", "",
+              "| arm − none | " + " | ".join(label for _, label, _, _ in keys) + " |", "|---|" + "---|" * len(keys)]
+    verdicts = []
+    for arm in (a for a in ARMS if a.group == "main" and a.name not in ("none", "pretrained")):
+        cells = []
+        for key, label, lower, _ in keys:
+            diffs = [rows[(arm.name, s)][key] - rows[("none", s)][key] for s in arm.seeds
+                     if rows.get((arm.name, s), {}).get(key) is not None
+                     and rows.get(("none", s), {}).get(key) is not None]
+            m, sd, n = _mean_std(diffs)
+            cells.append(_fmt(m, sd, n, _digits(key)))
+            if key in ("gfid", "flow_loss", "dyn_err", "psnr") and n:
+                better = (m < 0) == lower
+                if n > 1 and not math.isnan(sd) and abs(m) > 2 * sd / math.sqrt(n):
+                    verdicts.append(f"{arm.label} vs recon only, {label}: {m:+.3g} ± {sd:.2g} over {n} seeds, "
+                                    f"{'better' if better else 'worse'} beyond 2 standard errors.")
+                else:
+                    verdicts.append(f"{arm.label} vs recon only, {label}: {m:+.3g}"
+                                    f"{f' ± {sd:.2g}' if n > 1 else ''} over {n} seed{'s' if n > 1 else ''}: "
+                                    "not distinguishable from no difference at this number of seeds.")
+        lines.append(f"| {arm.label} | " + " | ".join(cells) + " |")
+    # ablations
+    for group, title in (("basis", "Basis (Table 4 at CIFAR-10 scale; seed 0, Fourier = the ssr arm)"),
+                         ("setting", "Settings (Table 5-like; seed 0)"), ("taef2", "TAEF2 (4×4×32 latents at 32²)")):
+        members = ([next(a for a in ARMS if a.name == "ssr")] if group != "taef2" else []) + \
+                  [a for a in ARMS if a.group == group]
+        cols = [m for m in keys if m[0] != "gfid"]
+        lines += ["", f"## {title}", "", "| arm | " + " | ".join(label for _, label, _, _ in cols) +
+                  (" | paper gFID |" if group != "taef2" else " |"), "|---|" + "---|" * (len(cols) + (group != "taef2"))]
+        for arm in members:
+            r = rows.get((arm.name, 0), {})
+            cells = [_fmt(r.get(k) if r.get(k) is not None else math.nan, math.nan, 1 if r.get(k) is not None else 0,
+                          _digits(k)) for k, _, _, _ in cols]
+            paper = PAPER_BASIS.get(arm.name, "—") if group != "taef2" else None
+            lines.append(f"| {arm.label} | " + " | ".join(cells) + (f" | {paper} |" if paper is not None else " |"))
+    # timing
+    lines += ["", "## Time per step on this machine (seconds, mean over the runs that did it)", "",
+              "| step | runs | mean s |", "|---|---|---|"]
+    per_step: dict[str, list[float]] = {}
+    for r in rows.values():
+        for k, v in r["seconds"].items():
+            if v is not None:
+                per_step.setdefault(k, []).append(v)
+    for k, v in per_step.items():
+        lines.append(f"| {k} | {len(v)} | {statistics.mean(v):.0f} |")
+    figure = plot_psnr_vs_k(rows, results / "psnr_vs_k.png")
+    if figure:
+        lines += ["", "![PSNR vs number of channels kept (unmasking curve), seed 0](psnr_vs_k.png)"]
+    lines += ["", "## What the data show", ""]
+    lines += [f"- {v}" for v in verdicts] or ["- Nothing yet: no main-arm pair has finished."]
+    if not any(rows.get((a, s), {}).get("gfid") is not None for a in ("none", "ssr") for s in (0, 1)):
+        lines.append("- No generation FID has finished yet, so nothing here says whether SSR improves generation.")
+    lines += ["- Scale caveats: a 1M-parameter KL-AE pretrained for 2000 steps, fine-tuned 600 steps, DiTs of "
+              "3000 steps and FID of 2000 samples (biased upward against 50K-sample FIDs; comparable between arms "
+              "of this table only)."]
+    (results / "report.json").write_text(json.dumps(
+        {"rows": {f"{a}-s{s}": v for (a, s), v in rows.items()}, "pending": pending, "verdicts": verdicts},
+        indent=2, default=lambda x: None))
+    path = results / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def plot_psnr_vs_k(rows: dict, path: Path) -> Path | None:
+    curves = {a: r["psnr_vs_k"] for (a, s), r in rows.items() if s == 0 and r.get("psnr_vs_k")}
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, curve in curves.items():
+        style = "-" if name in ("none", "ssr", "eq_vae", "scale") else ":"
+        ax.plot(range(1, len(curve) + 1), curve, style, marker=".", label=name)
+    ax.set_xlabel("channels kept, lowest frequency first (k)")
+    ax.set_ylabel("PSNR (dB)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=None, help="run folders (default studies/cifar10/runs)")
+    p.add_argument("--results", type=Path, default=None, help="jsons + report (default studies/cifar10/results; "
+                   "with --toy: <out>/results)")
+    p.add_argument("--only", nargs="+", default=None, help="groups (main basis setting taef2) or arm names")
+    p.add_argument("--threads", default="0", help="run.threads for every command (0, auto or N)")
+    p.add_argument("--device", default=None, help="cpu, cuda or auto")
+    p.add_argument("--toy", action="store_true", help="toy size: main arms, seed 0, seconds per stage")
+    p.add_argument("--keep-going", action="store_true", help="a failing run is recorded and the next one runs")
+    p.add_argument("--report", action="store_true", help="only rewrite the report from results/runs/")
+    p.add_argument("--list", action="store_true", help="print the runs in order and which are finished")
+    args = p.parse_args(argv)
+    out = (args.out or HERE / "runs").resolve()
+    results = (args.results or (out / "results" if args.toy else HERE / "results")).resolve()
+    results.mkdir(parents=True, exist_ok=True)
+    if args.list:
+        for arm, seed in plan(args.only, args.toy):
+            name = run_name(arm, seed)
+            state = "finished" if (results / "runs" / name / "diffusability.json").is_file() else "to run"
+            print(f"{name:20s} {arm.group:8s} {'gFID' if arm.gfid else '    '} {state}")
+        return 0
+    failed = []
+    if not args.report:
+        study = Study(out=out, results=results, toy=args.toy, threads=args.threads, device=args.device)
+        failed = run_study(study, args.only, args.keep_going)
+    path = write_report(results, toy=args.toy)
+    print(f"study: report in {path}")
+    if failed:
+        print("study: failed runs: " + "; ".join(failed))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
