@@ -44,9 +44,10 @@ class RunConfig(Section):
 
 
 class DataConfig(Section):
-    source: Literal["builtin", "folder", "tar"] = "builtin"
+    source: Literal["builtin", "folder", "tar", "webdataset"] = "builtin"
     path: str | None = None
-    """Image folder (class = sub-folder) or tar file (members split/class/file); unused for builtin."""
+    """Image folder (class = sub-folder), tar file (members split/class/file) or, for webdataset, a .tar shard, a
+    folder of them or a brace pattern (shards-{000000..000009}.tar); unused for builtin."""
     split: str | None = None
     """For tar sources: the member prefix to read (e.g. "train"); None reads all members."""
     image_size: int = Field(64, ge=8)
@@ -63,7 +64,7 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _path_needed(self) -> "DataConfig":
-        if self.source in ("folder", "tar") and not self.path:
+        if self.source in ("folder", "tar", "webdataset") and not self.path:
             raise ValueError(f"data.path must be set when data.source = '{self.source}'")
         return self
 
