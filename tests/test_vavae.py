@@ -98,3 +98,11 @@ def test_unknown_key_is_one_error_naming_it(tmp_path):
     torch.save({"state_dict": state}, tmp_path / "short.pt")
     with pytest.raises(WeightsError, match="1 missing from the file: encoder.down.2.attn.1.q.weight"):
         build_tokenizer("kl-ae", "vavae", weights=tmp_path / "short.pt", **SMALL)
+
+
+def test_diffusers_export_refuses_level_attention(tmp_path):
+    from ssr_cli.models.diffusers_vae import export_diffusers
+
+    with pytest.raises(WeightsError, match=r"attn_resolutions = \[8\].*no DownEncoderBlock2D"):
+        export_diffusers(build_tokenizer("kl-ae", "vavae", **SMALL), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
