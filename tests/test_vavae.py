@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ssr_cli.errors import UserError
 from ssr_cli.models.kl_ae import TRAINING_ONLY_PREFIXES, build_kl_ae
@@ -16,7 +17,7 @@ from ssr_cli.models.registry import build_tokenizer
 from ssr_cli.models.weights import WeightsError, load_weights
 
 # The vavae preset scaled down for the CPU: 32-px images, attention at 8 px (the 16-of-256 level's role).
-SMALL = dict(ch=16, ch_mult=(1, 1, 2), z_channels=8, norm_groups=4, attn_resolutions=(8,), resolution=32)
+SMALL = dict(ch=32, ch_mult=(1, 1, 2), z_channels=8, norm_groups=32, attn_resolutions=(8,), resolution=32)
 EXTRA = {  # VA-VAE's training-only entries (shapes as in its modules, sizes shrunk)
     "linear_proj.weight": (24, 8, 1, 1),  # reverse_proj: Conv2d(embed_dim -> vf_feature_dim, 1x1, bias=False)
     "foundation_model.model.cls_token": (1, 1, 24),
@@ -86,7 +87,7 @@ def test_vavae_checkpoint_loads_strictly_skipping_training_only_keys(tmp_path, c
 def test_unknown_key_is_one_error_naming_it(tmp_path):
     torch.manual_seed(0)
     source = build_tokenizer("kl-ae", "vavae", **SMALL)
-    path = _vavae_checkpoint(tmp_path, source, {**EXTRA, "ema.encoder.conv_in.weight": (16, 3, 3, 3)})
+    path = _vavae_checkpoint(tmp_path, source, {**EXTRA, "ema.encoder.conv_in.weight": (32, 3, 3, 3)})
     with pytest.raises(WeightsError) as info:
         build_tokenizer("kl-ae", "vavae", weights=path, **SMALL)
     message = str(info.value)
@@ -106,3 +107,81 @@ def test_diffusers_export_refuses_level_attention(tmp_path):
     with pytest.raises(WeightsError, match=r"attn_resolutions = \[8\].*no DownEncoderBlock2D"):
         export_diffusers(build_tokenizer("kl-ae", "vavae", **SMALL), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# --- VA-VAE's forward pass, written here from its published description (the LDM AutoencoderKL of
+# hustvl/LightningDiT tokenizer/autoencoder.py: GroupNorm(32, eps 1e-6), swish, single-head attention with
+# 1/sqrt(C) scaling after each ResnetBlock of a level whose current resolution is in attn_resolutions, stride-2
+# conv after (0, 1, 0, 1) padding, nearest ×2 + conv), acting on a plain state dict.
+
+def _norm(sd, p, x):
+    return F.group_norm(x, 32, sd[p + "weight"], sd[p + "bias"], eps=1e-6)
+
+
+def _conv(sd, p, x, **kw):
+    return F.conv2d(x, sd[p + "weight"], sd.get(p + "bias"), **kw)
+
+
+def _resnet(sd, p, x):
+    h = _conv(sd, p + "conv1.", F.silu(_norm(sd, p + "norm1.", x)), padding=1)
+    h = _conv(sd, p + "conv2.", F.silu(_norm(sd, p + "norm2.", h)), padding=1)
+    return (_conv(sd, p + "nin_shortcut.", x) if p + "nin_shortcut.weight" in sd else x) + h
+
+
+def _attn(sd, p, x):
+    b, c, hh, ww = x.shape
+    n = _norm(sd, p + "norm.", x)
+    q, k, v = (_conv(sd, p + name + ".", n).reshape(b, c, hh * ww) for name in ("q", "k", "v"))
+    weights = torch.softmax(torch.bmm(q.transpose(1, 2), k) / c**0.5, dim=2)  # (b, query, key)
+    return x + _conv(sd, p + "proj_out.", torch.bmm(v, weights.transpose(1, 2)).reshape(b, c, hh, ww))
+
+
+def _reference_moments(sd, x, levels, blocks, attn_res, resolution):
+    h, res = _conv(sd, "encoder.conv_in.", x, padding=1), resolution
+    for i in range(levels):
+        for j in range(blocks):
+            h = _resnet(sd, f"encoder.down.{i}.block.{j}.", h)
+            if res in attn_res:
+                h = _attn(sd, f"encoder.down.{i}.attn.{j}.", h)
+        if i != levels - 1:
+            h, res = _conv(sd, f"encoder.down.{i}.downsample.conv.", F.pad(h, (0, 1, 0, 1)), stride=2), res // 2
+    h = _resnet(sd, "encoder.mid.block_2.", _attn(sd, "encoder.mid.attn_1.", _resnet(sd, "encoder.mid.block_1.", h)))
+    h = _conv(sd, "encoder.conv_out.", F.silu(_norm(sd, "encoder.norm_out.", h)), padding=1)
+    return _conv(sd, "quant_conv.", h).chunk(2, dim=1)
+
+
+def _reference_decode(sd, z, levels, blocks, attn_res, resolution):
+    h = _conv(sd, "decoder.conv_in.", _conv(sd, "post_quant_conv.", z), padding=1)
+    h = _resnet(sd, "decoder.mid.block_2.", _attn(sd, "decoder.mid.attn_1.", _resnet(sd, "decoder.mid.block_1.", h)))
+    res = resolution // 2 ** (levels - 1)
+    for i in reversed(range(levels)):
+        for j in range(blocks + 1):
+            h = _resnet(sd, f"decoder.up.{i}.block.{j}.", h)
+            if res in attn_res:
+                h = _attn(sd, f"decoder.up.{i}.attn.{j}.", h)
+        if i != 0:
+            h = _conv(sd, f"decoder.up.{i}.upsample.conv.", F.interpolate(h, scale_factor=2.0, mode="nearest"),
+                      padding=1)
+            res *= 2
+    return _conv(sd, "decoder.conv_out.", F.silu(_norm(sd, "decoder.norm_out.", h)), padding=1)
+
+
+def test_loaded_vavae_computes_what_the_reference_forward_computes(tmp_path):
+    torch.manual_seed(0)
+    source = build_tokenizer("kl-ae", "vavae", **SMALL)
+    with torch.no_grad():  # non-trivial norms and biases, so every term of the forward pass matters
+        for name, tensor in source.state_dict().items():
+            if name.endswith("bias") or ".norm" in name:
+                tensor.normal_(0.0 if name.endswith("bias") else 1.0, 0.1)
+    path = _vavae_checkpoint(tmp_path, source)
+    checkpoint = torch.load(path, weights_only=True)["state_dict"]  # the file as VA-VAE's own loader reads it
+    model = build_tokenizer("kl-ae", "vavae", weights=path, **SMALL).eval()
+    arch = (3, 2, (8,), 32)  # levels, num_res_blocks, attn_resolutions, resolution
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        mean, logvar = _reference_moments(checkpoint, x, *arch)
+        post = model.encode(x)
+        torch.testing.assert_close(post.mean, mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(post.logvar, logvar.clamp(-30.0, 20.0), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model.decode(mean), _reference_decode(checkpoint, mean, *arch), rtol=1e-4,
+                                   atol=1e-5)
