@@ -174,3 +174,26 @@ def test_encode_latents_reads_webdataset_shards(shards, tmp_path):
         z = tok.encode_latent(images)
     torch.testing.assert_close(torch.cat([r["latents"] for r in rows]), z, rtol=1e-5, atol=1e-5)
     assert torch.cat([r["labels"] for r in rows]).tolist() == [s["cls"] for s in samples]
+
+
+@pytest.mark.slow  # about 10 s on a loaded 2-core machine (the curves and grids a run draws included)
+def test_a_tiny_finetune_trains_on_webdataset_shards(shards, tmp_path):
+    from ssr_cli.engine import setup_runtime
+    from ssr_cli.engine.progress import read_metrics
+    from ssr_cli.finetune import run_finetune
+    from ssr_cli.recipe import from_dict
+
+    folder, _ = shards
+    cfg = from_dict({
+        "run": {"name": "ft", "out_dir": str(tmp_path / "runs"), "device": "cpu", "precision": "fp32"},
+        "data": {"source": "webdataset", "path": str(folder), "image_size": 16, "random_crop": True},
+        "tokenizer": {"family": "kl-ae", "size": "tiny"},
+        "regularizer": {"kind": "none"},
+        "loss": {"lambda_lpips": 0.0},
+        "train": {"steps": 3, "batch_size": 4, "ckpt_every_steps": 3, "log_every_steps": 1,
+                  "image_every_steps": 100, "lr": 1e-3, "lr_min": 1e-5},
+    })
+    run_finetune(cfg, setup_runtime("cpu", "fp32"))
+    assert (cfg.run_dir() / "tokenizer.safetensors").is_file()
+    steps = [r["step"] for r in read_metrics(cfg.run_dir() / "finetune" / "metrics.jsonl") if "loss" in r]
+    assert steps[-1] == 3
