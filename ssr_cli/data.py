@@ -305,14 +305,15 @@ def shard_paths(source: str | Path) -> list[Path]:
 
 def _tar_entries(shard: Path):
     """``{"fname", "data": (offset, size), "__url__"}`` per regular member of one shard, then webdataset's
-    end-of-shard marker ``{}``; webdataset's own meta members (``__…__``) are left out as its reader does."""
+    end-of-shard marker ``{}``; meta members whose first path part is ``__…__`` are left out as its reader does."""
     try:
         with tarfile.open(shard, "r:") as tf:
             members = [m for m in tf if m.isreg()]
     except (tarfile.TarError, OSError) as exc:
         raise UserError(f"{shard}: not a readable tar shard ({exc}); replace it or leave it out of data.path") from exc
     for m in members:
-        if any(part.startswith("__") and part.endswith("__") for part in m.name.split("/")):
+        first = m.name.split("/", 1)[0]
+        if len(first) >= 4 and first.startswith("__") and first.endswith("__"):  # e.g. __index__, __meta__/…
             continue
         yield {"fname": m.name, "data": (m.offset_data, m.size), "__url__": str(shard)}
     yield {}
