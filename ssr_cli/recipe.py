@@ -66,6 +66,9 @@ class DataConfig(Section):
     def _path_needed(self) -> "DataConfig":
         if self.source in ("folder", "tar", "webdataset") and not self.path:
             raise ValueError(f"data.path must be set when data.source = '{self.source}'")
+        if self.source == "webdataset" and self.split is not None:
+            raise ValueError("data.split applies to data.source = 'tar'; webdataset shards have no split prefix, "
+                             "so point data.path at the split's shards (e.g. train-{000000..000009}.tar)")
         return self
 
 

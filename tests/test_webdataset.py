@@ -71,6 +71,15 @@ def test_same_images_and_labels_as_the_files(shards, spec):
     assert ours == theirs
 
 
+def test_recipe_needs_a_path_and_refuses_a_split():
+    from ssr_cli.recipe import RecipeError, from_dict
+
+    with pytest.raises(RecipeError, match="data.path must be set when data.source = 'webdataset'"):
+        from_dict({"data": {"source": "webdataset"}})
+    with pytest.raises(RecipeError, match="data.split applies to data.source = 'tar'"):
+        from_dict({"data": {"source": "webdataset", "path": "shards", "split": "train"}})
+
+
 def test_no_cls_means_one_class_and_bad_labels_are_one_line(tmp_path):
     plain = [{"__key__": f"a{i}", "png": _encoded(0)[1]} for i in range(3)]
     ds = WebDatasetShards(_write_shards(tmp_path / "plain", plain), 16)
