@@ -375,7 +375,7 @@ class WebDatasetShards(_ArchiveImages):
                 raise UserError(f"{self.shards[shard]}: sample {key!r} has no .{WDS_LABEL_KEY} while others do; "
                                 "give every sample a class label or none")
             text = self._read(shard, where).decode("utf-8", "replace").strip()
-            if not text.isdigit():
+            if not (text.isascii() and text.isdigit()):
                 raise UserError(f"{self.shards[shard]}: sample {key!r} has .{WDS_LABEL_KEY} = {text[:40]!r}; "
                                 "expected a non-negative integer class index")
             labels.append(int(text))
