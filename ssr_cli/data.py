@@ -1,8 +1,9 @@
 """Image data sets and the deterministic, step-indexed batch source.
 
 Sources: an image folder (ImageNet layout, class = sub-folder), a tar of images read in place
-(members ``split/<class>/<file>``), and a built-in set of random crops of the photographs that ship
-inside scikit-image (works on any machine, no files needed).
+(members ``split/<class>/<file>``), WebDataset ``.tar`` shards (samples grouped by key, read in stream order),
+and a built-in set of random crops of the photographs that ship inside scikit-image (works on any machine,
+no files needed).
 
 Every item is addressed by ``(index, aug_seed)``: the random crop and flip of an item are a function
 of its seed, and the seeds and the order are a function of the training step, so a resumed run sees
@@ -134,6 +135,9 @@ class ImageDataset(Dataset):
         self.bad_log: Path | None = None
         """Where each unreadable image is listed (one line each), when set."""
 
+    streaming = False
+    """True: training reads the items in their stored order, epoch after epoch (no seeded permutation)."""
+
     def __len__(self) -> int:
         return len(self.labels)
 
@@ -212,7 +216,25 @@ class ImageFolder(ImageDataset):
             return img.copy()
 
 
-class TarImages(ImageDataset):
+def _image_from_bytes(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        return img.copy()
+
+
+class _ArchiveImages(ImageDataset):
+    """Images read in place from archive files through a cached open handle ``_fh`` (one per worker process:
+    it is dropped when the data set is pickled into a DataLoader worker)."""
+
+    _fh = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_fh"] = None
+        return state
+
+
+class TarImages(_ArchiveImages):
     """Images inside a tar file, read in place by offset (members ``split/<class>/<file>``)."""
 
     def __init__(self, path: str | Path, image_size: int, split: str | None = None, **kw) -> None:
@@ -249,14 +271,125 @@ class TarImages(ImageDataset):
             self._fh = open(self.path, "rb")
         _, offset, size = self.members[i]
         self._fh.seek(offset)
-        with Image.open(io.BytesIO(self._fh.read(size))) as img:
-            img.load()
-            return img.copy()
+        return _image_from_bytes(self._fh.read(size))
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_fh"] = None
-        return state
+
+WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "pbm", "pnm", "tif", "tiff")
+"""WebDataset sample keys (file extensions) read as the image, first present wins."""
+WDS_LABEL_KEY = "cls"
+
+
+def shard_paths(source: str | Path) -> list[Path]:
+    """The ``.tar`` shards ``data.path`` names: one file, a folder (its ``*.tar`` in name order) or a brace
+    pattern such as ``shards-{000000..000009}.tar`` (expanded by webdataset, in its order). Local files only."""
+    from webdataset.shardlists import expand_urls
+
+    text = str(source)
+    if "://" in text or text.startswith("pipe:"):
+        raise UserError(f"data.path = {text!r}: webdataset shards are read from local files only; copy them to "
+                        "this machine (or a mounted file system) and give their path")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        shards = sorted(p for p in path.iterdir() if p.suffix == ".tar" and p.is_file())
+        if not shards:
+            raise FileNotFoundError(f"no .tar shards in the folder {path} (set data.path)")
+        return shards
+    shards = [Path(p).expanduser() for p in expand_urls(text)]
+    missing = [str(p) for p in shards if not p.is_file()]
+    if missing:
+        more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise FileNotFoundError(f"webdataset shard(s) not found: {', '.join(missing[:3])}{more} (set data.path to a "
+                                ".tar, a folder of them or a brace pattern like shards-{000000..000009}.tar)")
+    return shards
+
+
+def _tar_entries(shard: Path):
+    """``{"fname", "data": (offset, size), "__url__"}`` per regular member of one shard, then webdataset's
+    end-of-shard marker ``{}``; meta members whose first path part is ``__…__`` are left out as its reader does."""
+    try:
+        with tarfile.open(shard, "r:") as tf:
+            members = [m for m in tf if m.isreg()]
+    except (tarfile.TarError, OSError) as exc:
+        raise UserError(f"{shard}: not a readable tar shard ({exc}); replace it or leave it out of data.path") from exc
+    for m in members:
+        first = m.name.split("/", 1)[0]
+        if len(first) >= 4 and first.startswith("__") and first.endswith("__"):  # e.g. __index__, __meta__/…
+            continue
+        yield {"fname": m.name, "data": (m.offset_data, m.size), "__url__": str(shard)}
+    yield {}
+
+
+class WebDatasetShards(_ArchiveImages):
+    """Samples of WebDataset ``.tar`` shards, in stream order (shards as listed, members in tar order).
+
+    Members are grouped into samples by webdataset's own rule (``webdataset.tariterators.group_by_keys``: the
+    key is the name up to the first dot of the file name, suffixes lower-cased, a new key or a new shard starts
+    a sample). The image is the first of :data:`WDS_IMAGE_KEYS` present; the label is the integer in ``cls``
+    when the samples have one (else 0). Only the tar headers and the small ``cls`` members are read up front;
+    images are read in place by offset. A sample whose image is missing or does not decode is skipped and
+    counted like any unreadable image of the other sources.
+    """
+
+    streaming = True
+
+    def __init__(self, source: str | Path, image_size: int, **kw) -> None:
+        from webdataset.tariterators import group_by_keys
+
+        super().__init__(image_size, **kw)
+        self.shards = shard_paths(source)
+        self.samples: list[tuple[int, str, str | None, tuple[int, int] | None]] = []
+        """(shard index, key, image suffix, (offset, size) of the image member)"""
+        self._fh = None
+        index = {str(p): k for k, p in enumerate(self.shards)}
+        cls_at: list[tuple[int, int] | None] = []
+        for shard in self.shards:
+            try:
+                for sample in group_by_keys(_tar_entries(shard)):
+                    image = next((k for k in WDS_IMAGE_KEYS if k in sample), None)
+                    self.samples.append((index[sample["__url__"]], sample["__key__"], image,
+                                         sample[image] if image else None))
+                    cls_at.append(sample.get(WDS_LABEL_KEY))
+            except ValueError as exc:  # webdataset: a duplicate file name within one sample
+                raise UserError(f"{shard}: not a valid webdataset shard ({exc.args[0]})") from exc
+        if not self.samples:
+            raise FileNotFoundError(f"no samples in the webdataset shards {source}")
+        self.labels = self._read_labels(cls_at)
+        self.classes = [str(c) for c in range(max(self.labels) + 1)] if any(cls_at) else ["all"]
+
+    def _read(self, shard: int, where: tuple[int, int]) -> bytes:
+        # one open shard per worker process at a time: the stream order reads a shard to its end before the next
+        if self._fh is None or self._fh[0] != shard:
+            if self._fh is not None:
+                self._fh[1].close()
+            self._fh = (shard, open(self.shards[shard], "rb"))
+        fh = self._fh[1]
+        fh.seek(where[0])
+        return fh.read(where[1])
+
+    def _read_labels(self, cls_at: list[tuple[int, int] | None]) -> list[int]:
+        if not any(cls_at):
+            return [0] * len(self.samples)
+        labels = []
+        for (shard, key, _, _), where in zip(self.samples, cls_at):
+            if where is None:
+                raise UserError(f"{self.shards[shard]}: sample {key!r} has no .{WDS_LABEL_KEY} while others do; "
+                                "give every sample a class label or none")
+            text = self._read(shard, where).decode("utf-8", "replace").strip()
+            if not (text.isascii() and text.isdigit()):
+                raise UserError(f"{self.shards[shard]}: sample {key!r} has .{WDS_LABEL_KEY} = {text[:40]!r}; "
+                                "expected a non-negative integer class index")
+            labels.append(int(text))
+        return labels
+
+    def describe(self, i: int) -> str:
+        shard, key, image, _ = self.samples[i]
+        return f"{self.shards[shard]}:{key}.{image or '<no image>'}"
+
+    def _open(self, i: int) -> Image.Image:
+        shard, key, image, where = self.samples[i]
+        if image is None:
+            raise ValueError(f"sample has no image member (one of .{', .'.join(WDS_IMAGE_KEYS[:5])}, …)")
+        return _image_from_bytes(self._read(shard, where))
 
 
 def _builtin_photo(name: str) -> np.ndarray:
@@ -329,8 +462,10 @@ def build_dataset(
         ds = ImageFolder(path, image_size, **kw)
     elif source == "tar":
         ds = TarImages(path, image_size, split=split, **kw)
+    elif source == "webdataset":
+        ds = WebDatasetShards(path, image_size, **kw)
     else:
-        raise ValueError(f"unknown data.source {source!r}; choose builtin, folder or tar")
+        raise ValueError(f"unknown data.source {source!r}; choose builtin, folder, tar or webdataset")
     if max_images is not None and max_images < len(ds):
         # An even subsample keeps every class represented.
         keep = np.linspace(0, len(ds) - 1, max_images).round().astype(int)
@@ -400,6 +535,7 @@ class Subset(ImageDataset):
         self.indices = indices
         self.labels = [base.labels[i] for i in indices]
         self.classes = base.classes
+        self.streaming = base.streaming
 
     def describe(self, i: int) -> str:
         return self.base.describe(self.indices[i])
@@ -449,7 +585,7 @@ def batch_source(dataset: Dataset, *, batch_per_rank: int, grad_accum: int, seed
 
     def batches(start_step: int) -> Iterator:
         sampler = StepSampler(len(dataset), batch_per_rank, seed=seed, rank=rank, world_size=world_size,
-                              start=start_step * grad_accum)
+                              start=start_step * grad_accum, shuffle=not getattr(dataset, "streaming", False))
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                             persistent_workers=False, pin_memory=torch.cuda.is_available())
         return iter(loader)

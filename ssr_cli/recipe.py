@@ -44,9 +44,10 @@ class RunConfig(Section):
 
 
 class DataConfig(Section):
-    source: Literal["builtin", "folder", "tar"] = "builtin"
+    source: Literal["builtin", "folder", "tar", "webdataset"] = "builtin"
     path: str | None = None
-    """Image folder (class = sub-folder) or tar file (members split/class/file); unused for builtin."""
+    """Image folder (class = sub-folder), tar file (members split/class/file) or, for webdataset, a .tar shard, a
+    folder of them or a brace pattern (shards-{000000..000009}.tar); unused for builtin."""
     split: str | None = None
     """For tar sources: the member prefix to read (e.g. "train"); None reads all members."""
     image_size: int = Field(64, ge=8)
@@ -63,8 +64,11 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _path_needed(self) -> "DataConfig":
-        if self.source in ("folder", "tar") and not self.path:
+        if self.source in ("folder", "tar", "webdataset") and not self.path:
             raise ValueError(f"data.path must be set when data.source = '{self.source}'")
+        if self.source == "webdataset" and self.split is not None:
+            raise ValueError("data.split applies to data.source = 'tar'; webdataset shards have no split prefix, "
+                             "so point data.path at the split's shards (e.g. train-{000000..000009}.tar)")
         return self
 
 

@@ -63,6 +63,7 @@ def export_tokenizer(
     """Write the run's (fine-tuned) kl-ae tokenizer as a diffusers AutoencoderKL folder.
 
     AutoencoderKL.from_pretrained(folder) reads it; scaling_factor and shift_factor carry the latent normalisation.
+    A kl-ae with attention in its down/up levels (size vavae) has no such layout and is refused.
     """
     cfg = load_recipe(recipe, set_)
     from ssr_cli.convert import export_tokenizer as run

@@ -202,6 +202,10 @@ def export_diffusers(model: KLAutoEncoder, folder: str | Path, sample_size: int 
 
     if not isinstance(model, KLAutoEncoder):
         raise WeightsError(f"the diffusers AutoencoderKL layout holds a kl-ae tokenizer, not {type(model).__name__}")
+    if model.params.attn_levels():
+        raise WeightsError(f"kl-ae with attention in its down/up levels (attn_resolutions = "
+                           f"{list(model.params.attn_resolutions)}, e.g. VA-VAE) has no DownEncoderBlock2D / "
+                           "UpDecoderBlock2D export; keep it in the LDM layout (the run's tokenizer.safetensors)")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_weights(to_diffusers(model), folder / WEIGHT_FILES[0], metadata={"format": "pt"})

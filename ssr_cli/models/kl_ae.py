@@ -268,6 +268,14 @@ class KLAEParams:
         return tuple(i for i in range(len(self.ch_mult)) if self.resolution // 2**i in self.attn_resolutions)
 
 
+TRAINING_ONLY_PREFIXES: tuple[str, ...] = ("loss.", "foundation_model.", "linear_proj.")
+"""Checkpoint entries of the LDM/VA-VAE Lightning module that encode/decode never use, skipped on load (and
+reported) instead of failing strict loading: ``loss.*`` (LPIPS network, patch discriminator, learned logvar of
+LPIPSWithDiscriminator), ``foundation_model.*`` (VA-VAE's frozen DINOv2/MAE copy for the alignment loss) and
+``linear_proj.*`` (VA-VAE's 1×1 conv between the latent and the foundation model's features, only used by the
+alignment loss). Any other key the model lacks is still an error."""
+
+
 class KLAutoEncoder(Tokenizer):
     """LDM-layout KL autoencoder. ``encode`` returns a :class:`DiagonalGaussian` in the normalised latent space.
 
@@ -277,6 +285,7 @@ class KLAutoEncoder(Tokenizer):
 
     input_range = (-1.0, 1.0)
     is_kl = True
+    skip_prefixes = TRAINING_ONLY_PREFIXES
 
     def __init__(self, params: KLAEParams = KLAEParams(), *, grad_checkpointing: bool = False) -> None:
         super().__init__()
@@ -391,6 +400,12 @@ KL_AE_SIZES: dict[str, dict] = {
     # 64-256 px on CPU: f8, 16 channels, 5.0M parameters.
     "small": dict(ch=64, ch_mult=(1, 2, 2, 2), num_res_blocks=1, z_channels=16, quant_conv=False,
                   scale_factor=1.0, shift_factor=0.0, norm_groups=32),
+    # VA-VAE f16d32 (LightningDiT's ``vavae_f16d32``; ddconfig of tokenizer/configs/vavae_f16d32.yaml): LDM layout
+    # with quant convs, attention after every ResnetBlock of the 16-px level (of 256) in encoder and decoder.
+    # Scale 1 / shift 0: encode gives the raw posterior as VA-VAE does; LightningDiT then normalises per channel
+    # with its latents_stats.pt (README, "Tokenizers and weights").
+    "vavae": dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=32, quant_conv=True,
+                  scale_factor=1.0, shift_factor=0.0, norm_groups=32, attn_resolutions=(16,), resolution=256),
 }
 
 

@@ -117,6 +117,9 @@ WEIGHTS_SOURCES = {
                        "(black-forest-labs); download it and set tokenizer.weights to its path",
     ("kl-ae", "sd"): "use an SD-VAE checkpoint in the original LDM key layout (e.g. a `vae-ft-mse` .safetensors) "
                      'or its diffusers folder with tokenizer.size = "diffusers"',
+    ("kl-ae", "vavae"): "VA-VAE f16d32 is `vavae-imagenet256-f16d32-dinov2.pt` of the Hugging Face repository "
+                        "hustvl/vavae-imagenet256-f16d32-dinov2 (linked from the hustvl/LightningDiT README; its "
+                        "latents_stats.pt is there too)",
     ("kl-ae", "diffusers"): "give the diffusers VAE folder (config.json + diffusion_pytorch_model.safetensors)",
     ("cosmos-ci", "ci16x16"): "the NVIDIA Cosmos-Tokenizer CI16x16 release ships TorchScript encoder/decoder "
                               "files; pass one of them (or a state dict saved from them)",

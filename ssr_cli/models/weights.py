@@ -43,6 +43,9 @@ class KeyReport:
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     """(key, shape in the model, shape in the file)."""
     loaded: int = 0
+    skipped: list[str] = field(default_factory=list)
+    """In the file, not in the model, and dropped on purpose: under one of the model's ``skip_prefixes``
+    (training-only heads such as a checkpoint's loss networks)."""
 
     @property
     def ok(self) -> bool:
@@ -54,6 +57,8 @@ class KeyReport:
             return ", ".join(items[:max_items]) + more
 
         lines = [f"{self.loaded} tensors match"]
+        if self.skipped:
+            lines.append(f"{len(self.skipped)} training-only skipped: " + clip(self.skipped))
         if self.mismatched:
             shapes = [f"{k}: model {tuple(m)} vs file {tuple(f)}" for k, m, f in self.mismatched]
             lines.append(f"{len(self.mismatched)} mis-shaped: " + clip(shapes))
@@ -150,13 +155,25 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> Key
 
     strict: any missing / unexpected / mis-shaped key raises :class:`WeightsError` naming the keys.
     Not strict: only keys with matching names and shapes are loaded, and a warning lists the rest.
-    A model may define ``adapt_state_dict(state, source) -> state`` to accept its original file layouts.
+    A model may define ``adapt_state_dict(state, source) -> state`` to accept its original file layouts, and
+    ``skip_prefixes``: file keys under these prefixes that the model lacks are dropped, listed in
+    ``report.skipped`` and named in one printed line (an explicit list, not a relaxed strictness).
     """
     state = load_state_dict_file(path)
     if hasattr(model, "adapt_state_dict"):
         state = model.adapt_state_dict(state, str(path))
     model_state = model.state_dict()
+    prefixes = tuple(getattr(model, "skip_prefixes", ()))
+    skipped = [k for k in state if prefixes and k not in model_state and k.startswith(prefixes)]
+    state = {k: v for k, v in state.items() if k not in skipped_set} if (skipped_set := set(skipped)) else state
     report = compare_state_dicts(model_state, state)
+    report.skipped = skipped
+    if skipped:
+        from ssr_cli.engine.progress import console
+
+        groups = sorted({p for p in prefixes for k in skipped if k.startswith(p)})
+        console.print(f"{path}: skipped {len(skipped)} training-only tensors ({', '.join(p + '*' for p in groups)}; "
+                      "not used to encode/decode)", markup=False, highlight=False, soft_wrap=True)
     if not report.ok:
         message = (
             f"weights {path} do not match {type(model).__name__}:\n{report.format()}\n"
