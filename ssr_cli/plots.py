@@ -113,6 +113,63 @@ def plot_curves(x, curves: dict[str, np.ndarray], path: str | Path, *, xlabel: s
     return _save(fig, path, dpi)
 
 
+def _rgb(image: np.ndarray) -> np.ndarray:
+    """(3, H, W) in [-1, 1] -> (H, W, 3) in [0, 1] for imshow."""
+    return np.clip((np.transpose(image, (1, 2, 0)) + 1.0) / 2.0, 0.0, 1.0)
+
+
+def plot_latent_norms(sharp: np.ndarray, blurred: np.ndarray, maps: dict[str, tuple[np.ndarray, np.ndarray]],
+                      path: str | Path, *, tau: float, dpi: int = 110) -> Path:
+    """Paper Fig. 4(a): per image a row of input, ‖z‖ and ‖C(z)‖ maps for the sharp image, then the same for
+    the image blurred with variance ``tau``. sharp, blurred: (N, 3, H, W) in [-1, 1]; maps["sharp"|"blurred"] =
+    (raw, centred) per-position norms (N, h, w). Raw maps share one colour scale per image, centred maps another,
+    so sharp and blurred compare directly."""
+    n = sharp.shape[0]
+    fig, axes = plt.subplots(n, 6, figsize=(12, 2.1 * n), squeeze=False)
+    titles = ["sharp input", "‖z‖ sharp", "‖C(z)‖ sharp", f"blurred τ={tau:g}", "‖z‖ blurred", "‖C(z)‖ blurred"]
+    for i in range(n):
+        raw_max = max(float(maps["sharp"][0][i].max()), float(maps["blurred"][0][i].max()), 1e-12)
+        cen_max = max(float(maps["sharp"][1][i].max()), float(maps["blurred"][1][i].max()), 1e-12)
+        for j, (key, image) in enumerate((("sharp", sharp), ("blurred", blurred))):
+            axes[i, 3 * j].imshow(_rgb(image[i]))
+            im_raw = axes[i, 3 * j + 1].imshow(maps[key][0][i], cmap="magma", vmin=0, vmax=raw_max)
+            im_cen = axes[i, 3 * j + 2].imshow(maps[key][1][i], cmap="magma", vmin=0, vmax=cen_max)
+        fig.colorbar(im_raw, ax=axes[i, 4], fraction=0.046, pad=0.04)
+        fig.colorbar(im_cen, ax=axes[i, 5], fraction=0.046, pad=0.04)
+    for ax, title in zip(axes[0], titles):
+        ax.set_title(title, fontsize=9)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return _save(fig, path, dpi)
+
+
+def plot_basis_channels(basis_maps: np.ndarray, channel_maps: np.ndarray, W: int, H: int, path: str | Path, *,
+                        basis: str, dpi: int = 110) -> Path:
+    """Paper Fig. 9: the W×H grid of basis functions (left; cell (h, w) is φ_(w,h), channel n = w + W·h) beside
+    the same grid of latent channel maps (right). basis_maps: (C, Hpx, Wpx); channel_maps: (C, h, w); each cell
+    on its own symmetric colour scale."""
+    C = W * H
+    if basis_maps.shape[0] != C or channel_maps.shape[0] != C:
+        raise ValueError(f"need {C} basis and channel maps for a {W}x{H} grid, got {basis_maps.shape[0]} and "
+                         f"{channel_maps.shape[0]}")
+    cell = 1.1
+    fig, axes = plt.subplots(H, 2 * W + 1, figsize=(cell * (2 * W + 1), cell * H + 0.6), squeeze=False)
+    for n in range(C):
+        w, h = n % W, n // W
+        for col, maps in ((w, basis_maps), (W + 1 + w, channel_maps)):
+            peak = float(np.abs(maps[n]).max()) or 1.0
+            axes[h, col].imshow(maps[n], cmap="RdBu_r", vmin=-peak, vmax=peak)
+            axes[h, col].set_title(f"ch {n} ({w},{h})", fontsize=6)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[:, W]:
+        ax.axis("off")
+    fig.suptitle(f"{basis} basis functions φ_(w,h) (left) | latent channel n = w + {W}·h, centred (right)", fontsize=9)
+    return _save(fig, path, dpi)
+
+
 SKIPPED_CURVES = ("step", "steps_per_s", "img_per_s")
 
 

@@ -36,8 +36,14 @@ def probe_channels(
 ) -> None:
     """Decode with the k lowest-frequency channels (k = 1..C), plot latent dynamics under blur, score the order.
 
-    Writes unmasking.png (C+1 columns), latent_dynamics.png, psnr_vs_k.png and probe.json (PSNR vs k, two
-    frequency-order scores, the Ā-prediction error under blur). With --compare, also compare_psnr_vs_k.png.
+    Writes unmasking.png (C+1 columns; masked channels set to probe.fill: dataset_mean, image_mean or zero),
+    latent_dynamics.png (Fig. 5), psnr_vs_k.png, latent_norms.png (Fig. 4(a): per-position latent norm,
+    sharp vs τ_max-blurred input, raw and centred), blur_ladder.png (Fig. 8: τ = 0…τ_max in 6 steps at
+    data.image_size, images and decoded latents), basis_channels.png (Fig. 9: each basis function beside the
+    channel that stands for it) and probe.json (PSNR vs k, two frequency-order scores, the Ā-prediction error
+    under blur). The Ā scored is the one the run learned (<run>/finetune/ssr_dynamics.safetensors) when it
+    exists, else the recipe's initial A and Δ; probe.json "dynamics" says which. With --compare, also
+    compare_psnr_vs_k.png.
     """
     cfg = load_recipe(current_run_recipe(recipe), set_, device)
     if dry_run:
