@@ -67,6 +67,7 @@ def _tokenizer_sha256(cfg: Recipe) -> str | None:
 def stage_inputs(cfg: Recipe, stage: str) -> dict:
     """What a stage's result depends on (content hashes of the files it reads, the settings that shape it); a
     result recorded with other inputs is redone."""
+    from ssr_cli.finetune import learned_dynamics_path
     from ssr_cli.generate import DIT_DIR, EMA_FILE, dit_inputs, samples_dir
     from ssr_cli.inputs import file_sha256, settings
     from ssr_cli.latents import latents_fingerprint, latents_dir
@@ -83,7 +84,9 @@ def stage_inputs(cfg: Recipe, stage: str) -> dict:
     if stage == "evaluate":
         return {"eval": settings(cfg.eval), "tokenizer": tokenizer,
                 "samples": file_sha256(samples_dir(cfg) / "samples.npz")}
-    return {"probe": settings(cfg.probe), "regularizer": settings(cfg.regularizer), "tokenizer": tokenizer}
+    # the probe scores the Ā the run learned when it has one (ssr_cli.probe.probe_dynamics)
+    return {"probe": settings(cfg.probe), "regularizer": settings(cfg.regularizer), "tokenizer": tokenizer,
+            "dynamics": file_sha256(learned_dynamics_path(cfg))}
 
 
 def _record_path(cfg: Recipe, stage: str) -> Path:

@@ -132,10 +132,11 @@ def probe_dynamics(cfg: Recipe, grid_w: int, grid_h: int):
     """The Ā the probe scores, and a record of where it came from: the dynamics the run learned
     (``<run>/finetune/ssr_dynamics.safetensors``) when that file exists, else the recipe's initial A and Δ."""
     from ssr_cli.errors import UserError
+    from ssr_cli.finetune import learned_dynamics_path
     from ssr_cli.regularizers import SSRDynamics, load_dynamics
 
     r = cfg.regularizer
-    path = cfg.run_dir() / "finetune" / "ssr_dynamics.safetensors"
+    path = learned_dynamics_path(cfg)
     if path.is_file():
         dynamics, source = load_dynamics(path), "learned"
         if dynamics.channels != grid_w * grid_h:

@@ -13,7 +13,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from ssr_cli.engine.runtime import Runtime
-from ssr_cli.finetune import build_tokenizer, finetuned_weights
+from ssr_cli.finetune import build_tokenizer, finetuned_weights, learned_dynamics_path
 from ssr_cli.models.weights import WeightsError, save_weights
 from ssr_cli.probe import (FILLS, blur_decay, blur_ladder, channel_basis_maps, dynamics_error, latent_norm_maps,
                            mask_fill, partial_decodes, probe_dynamics, radial_centroid, run_probe)
@@ -232,7 +232,7 @@ def test_probe_scores_the_learned_dynamics(tmp_path):
     recipe_dyn, record = probe_dynamics(cfg, 4, 4)
     assert record["source"] == "recipe" and record["delta"] == pytest.approx(0.1)
     learned = _modified_dynamics()
-    save_dynamics(learned, cfg.run_dir() / "finetune" / "ssr_dynamics.safetensors")
+    save_dynamics(learned, learned_dynamics_path(cfg))
     tok = build_tokenizer(cfg, weights=None)
     save_weights(tok, finetuned_weights(cfg))  # the run's own (here random-initialised) tokenizer
     result = run_probe(cfg, Runtime(device=torch.device("cpu")))
@@ -250,3 +250,14 @@ def test_probe_scores_the_learned_dynamics(tmp_path):
         with Image.open(result["figures"][name]) as im:
             assert im.format == "PNG" and im.size[0] > 0
     assert result["blur_ladder_taus"] == pytest.approx(list(np.linspace(0.0, cfg.regularizer.tau_max, 6)))
+
+
+def test_pipeline_redoes_the_probe_when_the_learned_dynamics_change(tmp_path):
+    from ssr_cli.pipeline import stage_inputs
+
+    cfg = _quick_cfg(tmp_path)
+    before = stage_inputs(cfg, "probe-channels")
+    assert before["dynamics"] is None
+    save_dynamics(_modified_dynamics(), learned_dynamics_path(cfg))
+    after = stage_inputs(cfg, "probe-channels")
+    assert after["dynamics"] is not None and after != before
