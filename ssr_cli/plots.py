@@ -144,29 +144,40 @@ def plot_latent_norms(sharp: np.ndarray, blurred: np.ndarray, maps: dict[str, tu
     return _save(fig, path, dpi)
 
 
+def _tile_mosaic(maps: np.ndarray, W: int, H: int, gap: int = 1) -> np.ndarray:
+    """(W·H, h, w) maps -> one (H·(h+gap), W·(w+gap)) array, map n = w + W·h at block (h, w), each divided by its
+    largest magnitude (so in [-1, 1]); NaN between the blocks."""
+    _, h, w = maps.shape
+    out = np.full((H * (h + gap) - gap, W * (w + gap) - gap), np.nan)
+    for n in range(W * H):
+        peak = float(np.abs(maps[n]).max()) or 1.0
+        r, c = (n // W) * (h + gap), (n % W) * (w + gap)
+        out[r:r + h, c:c + w] = maps[n] / peak
+    return out
+
+
 def plot_basis_channels(basis_maps: np.ndarray, channel_maps: np.ndarray, W: int, H: int, path: str | Path, *,
                         basis: str, dpi: int = 110) -> Path:
-    """Paper Fig. 9: the W×H grid of basis functions (left; cell (h, w) is φ_(w,h), channel n = w + W·h) beside
-    the same grid of latent channel maps (right). basis_maps: (C, Hpx, Wpx); channel_maps: (C, h, w); each cell
+    """Paper Fig. 9: the W×H grid of basis functions (left; block (h, w) is φ_(w,h), channel n = w + W·h) beside
+    the same grid of latent channel maps (right). basis_maps: (C, Hpx, Wpx); channel_maps: (C, h, w); each block
     on its own symmetric colour scale."""
     C = W * H
     if basis_maps.shape[0] != C or channel_maps.shape[0] != C:
         raise ValueError(f"need {C} basis and channel maps for a {W}x{H} grid, got {basis_maps.shape[0]} and "
                          f"{channel_maps.shape[0]}")
-    cell = 1.1
-    fig, axes = plt.subplots(H, 2 * W + 1, figsize=(cell * (2 * W + 1), cell * H + 0.6), squeeze=False)
-    for n in range(C):
-        w, h = n % W, n // W
-        for col, maps in ((w, basis_maps), (W + 1 + w, channel_maps)):
-            peak = float(np.abs(maps[n]).max()) or 1.0
-            axes[h, col].imshow(maps[n], cmap="RdBu_r", vmin=-peak, vmax=peak)
-            axes[h, col].set_title(f"ch {n} ({w},{h})", fontsize=6)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    for ax in axes[:, W]:
-        ax.axis("off")
-    fig.suptitle(f"{basis} basis functions φ_(w,h) (left) | latent channel n = w + {W}·h, centred (right)", fontsize=9)
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="white")
+    fig, axes = plt.subplots(1, 2, figsize=(2 * (1.1 * W + 0.6), 1.1 * H + 0.9))
+    for ax, maps, title in ((axes[0], basis_maps, f"{basis} basis functions φ_(w,h)"),
+                            (axes[1], channel_maps, f"latent channel n = w + {W}·h (centred)")):
+        mosaic = _tile_mosaic(np.asarray(maps, dtype=np.float64), W, H)
+        ax.imshow(np.ma.masked_invalid(mosaic), cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
+        bh, bw = (mosaic.shape[0] + 1) / H, (mosaic.shape[1] + 1) / W
+        ax.set_xticks((np.arange(W) + 0.5) * bw - 1, [f"w={w}" for w in range(W)], fontsize=7)
+        ax.set_yticks((np.arange(H) + 0.5) * bh - 1, [f"h={h}" for h in range(H)], fontsize=7)
+        ax.tick_params(length=0)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        ax.set_title(title, fontsize=9)
     return _save(fig, path, dpi)
 
 

@@ -196,7 +196,7 @@ def test_channel_basis_maps_fourier_closed_form():
 
 def _quick_cfg(tmp_path, *extra):
     return load(QUICKSTART, [f'run.out_dir="{tmp_path}"', "data.image_size=16", "data.builtin_crops=8",
-                             "probe.num_images=2", "probe.score_images=4", "probe.channels_shown=2", *extra])
+                             "probe.num_images=1", "probe.score_images=4", "probe.channels_shown=2", *extra])
 
 
 def _modified_dynamics(discretization="zoh"):

@@ -29,7 +29,7 @@ def probe_channels(
     weights: Annotated[
         Optional[str],
         typer.Option("--weights", help="Probe this tokenizer weights file instead of the run's fine-tuned one "
-                     "(e.g. the pretrained weights, to compare)."),
+                     "(e.g. the pretrained weights, to compare); the Ā scored stays the run's learned one when it has one."),
     ] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default <run>/probe).")] = None,
     compare: CompareOpt = None,
