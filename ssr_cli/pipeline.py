@@ -176,7 +176,7 @@ def summarize(cfg: Recipe, timings: dict[str, str]) -> dict:
 
 
 SUMMARY_METRICS = {
-    "reconstruction": ("psnr", "ssim", "lpips", "rfid"),
+    "reconstruction": ("psnr", "ssim", "lpips", "rfid", "kl"),
     "generation": ("fid", "sfid", "inception_score", "precision", "recall", "kid"),
 }
 
@@ -206,7 +206,8 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
         rows.append((f"probe PSNR, all {len(k)} channels", f"{probe['psnr_full']:.2f} dB"))
         rows.append(("probe frequency-order Spearman ρ", f"{probe['frequency_order_spearman']:.3f}"))
         rows.append(("probe blur-decay order Spearman ρ", f"{probe['blur_decay_spearman']:.3f}"))
-        rows.append(("probe Ā prediction error (no-change)",
+        scored = probe.get("dynamics", {}).get("source", "recipe")
+        rows.append((f"probe Ā prediction error (no-change), {scored} Ā",
                      f"{probe['dynamics_error']:.3f} ({probe['dynamics_error_no_change']:.3f})"))
     if unavailable:
         rows.append(("unavailable (see eval.json for why)", ", ".join(unavailable)))

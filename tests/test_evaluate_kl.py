@@ -74,3 +74,12 @@ def test_evaluate_has_no_kl_for_a_deterministic_tokenizer(tmp_path):
     out, _, _ = _evaluate(tmp_path, "cosmos-ci", "tiny")
     assert "kl" not in out and "kl" not in out["unavailable"]
     assert np.isfinite(out["psnr"])
+
+
+def test_pipeline_summary_shows_kl_only_when_measured():
+    from ssr_cli.pipeline import summary_rows
+
+    with_kl = summary_rows({"stages": {}, "eval": {"reconstruction": {"psnr": 20.0, "kl": 1234.4}}})
+    assert ("reconstruction kl", "1234") in with_kl  # 4 significant digits
+    without = summary_rows({"stages": {}, "eval": {"reconstruction": {"psnr": 20.0, "unavailable": {}}}})
+    assert not any("kl" in name for name, _ in without)
