@@ -315,6 +315,8 @@ def compare_probes(results: dict[str, dict], out_dir: Path) -> Path:
         table.add_column(label, justify="right")
     for key, name in COMPARED:
         table.add_row(name, *(f"{r[key]:.4g}" for r in results.values()))
+    # the Ā error of each column is that of its own run's Ā: learned for an SSR run, the recipe's otherwise
+    table.add_row("Ā scored", *(r.get("dynamics", {}).get("source", "recipe") for r in results.values()))
     console.print(table)
     console.print(f"comparison figure: {path}")
     return path
