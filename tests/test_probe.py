@@ -261,3 +261,28 @@ def test_pipeline_redoes_the_probe_when_the_learned_dynamics_change(tmp_path):
     save_dynamics(_modified_dynamics(), learned_dynamics_path(cfg))
     after = stage_inputs(cfg, "probe-channels")
     assert after["dynamics"] is not None and after != before
+
+
+@pytest.mark.slow  # a 3-step SSR fine-tune (checkpoint, curves) then the probe: ~10–20 s on a shared 2-core CPU
+def test_probe_after_a_real_ssr_finetune_scores_what_it_learned(tmp_path):
+    from ssr_cli.finetune import run_finetune
+    from ssr_cli.recipe import from_dict
+
+    cfg = from_dict({
+        "run": {"name": "learned", "out_dir": str(tmp_path), "device": "cpu", "precision": "fp32"},
+        "data": {"source": "builtin", "image_size": 16, "builtin_crops": 8},
+        "tokenizer": {"family": "kl-ae", "size": "tiny"},
+        # every step takes the SSR branch, at an LR that visibly moves A and Δ in 3 steps
+        "regularizer": {"kind": "ssr", "alpha": 1.0, "lambda_pred_lpips": 0.0, "a_lr_mult": 10.0},
+        "loss": {"lambda_lpips": 0.0},
+        "train": {"steps": 3, "batch_size": 4, "ckpt_every_steps": 3, "log_every_steps": 1,
+                  "image_every_steps": 100, "lr": 1e-3, "lr_init": 1e-3, "schedule": "constant"},
+        "probe": {"num_images": 1, "score_images": 4},
+    })
+    run_finetune(cfg, Runtime(device=torch.device("cpu")))
+    learned = load_dynamics(learned_dynamics_path(cfg))
+    initial = SSRDynamics.from_basis("fourier", 4, 4, delta_init=0.1)
+    assert not torch.allclose(learned.a_bar(), initial.a_bar(), atol=1e-6)  # training moved Ā
+    result = run_probe(cfg, Runtime(device=torch.device("cpu")))
+    assert result["dynamics"]["source"] == "learned"
+    assert result["dynamics"]["delta"] == pytest.approx(float(learned.delta), rel=1e-6)
