@@ -119,23 +119,29 @@ def _rgb(image: np.ndarray) -> np.ndarray:
 
 
 def plot_latent_norms(sharp: np.ndarray, blurred: np.ndarray, maps: dict[str, tuple[np.ndarray, np.ndarray]],
-                      path: str | Path, *, tau: float, dpi: int = 110) -> Path:
-    """Paper Fig. 4(a): per image a row of input, ‖z‖ and ‖C(z)‖ maps for the sharp image, then the same for
-    the image blurred with variance ``tau``. sharp, blurred: (N, 3, H, W) in [-1, 1]; maps["sharp"|"blurred"] =
-    (raw, centred) per-position norms (N, h, w). Raw maps share one colour scale per image, centred maps another,
-    so sharp and blurred compare directly."""
-    n = sharp.shape[0]
+                      path: str | Path, *, tau: float, row_labels: list[str] | None = None,
+                      shared_scale: bool = False, dpi: int = 110) -> Path:
+    """Paper Fig. 4(a): per row the input, ‖z‖ and ‖C(z)‖ maps for the sharp image, then the same for the image
+    blurred with variance ``tau``. sharp, blurred: (N, 3, H, W) in [-1, 1]; maps["sharp"|"blurred"] = (raw,
+    centred) per-position norms (N, h, w). Raw maps share one colour scale per row, centred maps another, so
+    sharp and blurred compare directly; ``shared_scale``: one scale over all rows (rows = runs, to compare
+    latent norms across tokenizers, e.g. trained with and without centring; then the arguments may be lists of
+    per-row arrays of different sizes)."""
+    n = len(sharp)
     fig, axes = plt.subplots(n, 6, figsize=(12, 2.1 * n), squeeze=False)
     titles = ["sharp input", "‖z‖ sharp", "‖C(z)‖ sharp", f"blurred τ={tau:g}", "‖z‖ blurred", "‖C(z)‖ blurred"]
     for i in range(n):
-        raw_max = max(float(maps["sharp"][0][i].max()), float(maps["blurred"][0][i].max()), 1e-12)
-        cen_max = max(float(maps["sharp"][1][i].max()), float(maps["blurred"][1][i].max()), 1e-12)
+        rows = range(n) if shared_scale else [i]
+        raw_max = max([float(np.max(maps[k][0][j])) for k in maps for j in rows] + [1e-12])
+        cen_max = max([float(np.max(maps[k][1][j])) for k in maps for j in rows] + [1e-12])
         for j, (key, image) in enumerate((("sharp", sharp), ("blurred", blurred))):
             axes[i, 3 * j].imshow(_rgb(image[i]))
             im_raw = axes[i, 3 * j + 1].imshow(maps[key][0][i], cmap="magma", vmin=0, vmax=raw_max)
             im_cen = axes[i, 3 * j + 2].imshow(maps[key][1][i], cmap="magma", vmin=0, vmax=cen_max)
         fig.colorbar(im_raw, ax=axes[i, 4], fraction=0.046, pad=0.04)
         fig.colorbar(im_cen, ax=axes[i, 5], fraction=0.046, pad=0.04)
+        if row_labels:
+            axes[i, 0].set_ylabel(row_labels[i], fontsize=8)
     for ax, title in zip(axes[0], titles):
         ax.set_title(title, fontsize=9)
     for ax in axes.ravel():

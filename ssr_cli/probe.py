@@ -239,9 +239,12 @@ def run_probe(cfg: Recipe, rt: Runtime, *, weights: str | None = None, out_dir: 
     blurred = gaussian_blur(images, r.tau_max)
     norms = {"sharp": latent_norm_maps(tokenizer.encode_latent(images)),
              "blurred": latent_norm_maps(tokenizer.encode_latent(blurred))}
-    norm_path = plot_latent_norms(images.float().cpu().numpy(), blurred.float().cpu().numpy(),
-                                  {k: (raw.cpu().numpy(), centred.cpu().numpy()) for k, (raw, centred) in norms.items()},
+    norm_data = {"sharp_images": images.float().cpu().numpy(), "blurred_images": blurred.float().cpu().numpy(),
+                 **{f"{k}_{part}": m.cpu().numpy() for k, maps in norms.items() for part, m in zip(("raw", "centred"), maps)}}
+    norm_path = plot_latent_norms(norm_data["sharp_images"], norm_data["blurred_images"],
+                                  {k: (norm_data[f"{k}_raw"], norm_data[f"{k}_centred"]) for k in norms},
                                   out / "latent_norms.png", tau=r.tau_max)
+    np.savez(out / "latent_norms.npz", tau=np.float64(r.tau_max), **norm_data)  # for --compare
     # Fig. 8: the blur ladder at the training resolution (the images the SSR pairs are drawn from).
     train_ds = ds if size == cfg.data.image_size else image_dataset(cfg, augment=False, image_size=cfg.data.image_size)
     ladder_images = torch.stack([train_ds[(i * stride, None)][0] for i in range(images.shape[0])]).to(rt.device)
@@ -277,6 +280,7 @@ def run_probe(cfg: Recipe, rt: Runtime, *, weights: str | None = None, out_dir: 
         "latent_norm_mean": {k: {"raw": float(raw.mean()), "centred": float(centred.mean())}
                              for k, (raw, centred) in norms.items()},
         "blur_ladder_taus": ladder_taus,
+        "latent_norms_data": str(out / "latent_norms.npz"),
         "figures": {"unmasking": str(grid_path), "psnr_vs_k": str(curve_path), "latent_dynamics": str(dyn_path),
                     "latent_norms": str(norm_path), "blur_ladder": str(ladder_path),
                     "basis_channels": str(basis_path)},
@@ -296,8 +300,24 @@ COMPARED = (("psnr_full", "PSNR, all channels (dB)"), ("psnr_half", "PSNR, half 
             ("dynamics_error", "Ā prediction error"), ("dynamics_error_no_change", "no-change error"))
 
 
+def compare_latent_norms(results: dict[str, dict], path: Path) -> Path | None:
+    """Fig. 4(a) across runs: one row per probe (its first image), every map on one colour scale, so a tokenizer
+    trained without centring shows its larger latent norms. None when a probe has no latent-norm data."""
+    from ssr_cli.plots import plot_latent_norms
+
+    files = [r.get("latent_norms_data") for r in results.values()]
+    if not all(f and Path(f).is_file() for f in files):
+        return None
+    data = [np.load(f) for f in files]
+    first = {key: [d[key][0] for d in data] for key in data[0].files if key != "tau"}
+    return plot_latent_norms(first["sharp_images"], first["blurred_images"],
+                             {k: (first[f"{k}_raw"], first[f"{k}_centred"]) for k in ("sharp", "blurred")}, path,
+                             tau=float(data[0]["tau"]), row_labels=list(results), shared_scale=True)
+
+
 def compare_probes(results: dict[str, dict], out_dir: Path) -> Path:
-    """Several probes (label -> :func:`run_probe` result) side by side: one PSNR-vs-k figure and a table."""
+    """Several probes (label -> :func:`run_probe` result) side by side: one PSNR-vs-k figure, the latent-norm
+    maps of :func:`compare_latent_norms` and a table."""
     from rich.table import Table
 
     from ssr_cli.plots import plot_curves
@@ -318,5 +338,6 @@ def compare_probes(results: dict[str, dict], out_dir: Path) -> Path:
     # the Ā error of each column is that of its own run's Ā: learned for an SSR run, the recipe's otherwise
     table.add_row("Ā scored", *(r.get("dynamics", {}).get("source", "recipe") for r in results.values()))
     console.print(table)
-    console.print(f"comparison figure: {path}")
+    norms = compare_latent_norms(results, Path(out_dir) / "compare_latent_norms.png")
+    console.print(f"comparison figures: {path}" + (f", {norms}" if norms else ""))
     return path

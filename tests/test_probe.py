@@ -250,6 +250,10 @@ def test_probe_scores_the_learned_dynamics(tmp_path):
         with Image.open(result["figures"][name]) as im:
             assert im.format == "PNG" and im.size[0] > 0
     assert result["blur_ladder_taus"] == pytest.approx(list(np.linspace(0.0, cfg.regularizer.tau_max, 6)))
+    # Fig. 4(a)'s data: the per-position channel norm of the first image's latent.
+    with np.load(result["latent_norms_data"]) as saved_maps, torch.no_grad():
+        z = tok.encode_latent(pool[:1]).double().numpy()
+        np.testing.assert_allclose(saved_maps["sharp_raw"], np.linalg.norm(z, axis=1), rtol=1e-5)
 
 
 def test_pipeline_redoes_the_probe_when_the_learned_dynamics_change(tmp_path):
@@ -286,3 +290,22 @@ def test_probe_after_a_real_ssr_finetune_scores_what_it_learned(tmp_path):
     result = run_probe(cfg, Runtime(device=torch.device("cpu")))
     assert result["dynamics"]["source"] == "learned"
     assert result["dynamics"]["delta"] == pytest.approx(float(learned.delta), rel=1e-6)
+
+
+def test_compare_draws_latent_norms_of_runs_on_one_scale(tmp_path):
+    from ssr_cli.probe import compare_latent_norms
+
+    rng = np.random.default_rng(4)
+    results = {}
+    for label, gain, size in (("with C", 1.0, 4), ("without C", 5.0, 2)):  # latents of different sizes
+        z_sharp = torch.from_numpy(gain * rng.normal(size=(1, 3, size, size)))
+        maps = {"sharp": latent_norm_maps(z_sharp), "blurred": latent_norm_maps(0.5 * z_sharp)}
+        path = tmp_path / f"{label}.npz"
+        np.savez(path, tau=np.float64(10.0), sharp_images=rng.uniform(-1, 1, (1, 3, 8, 8)),
+                 blurred_images=rng.uniform(-1, 1, (1, 3, 8, 8)),
+                 **{f"{k}_{part}": m.numpy() for k, pair in maps.items() for part, m in zip(("raw", "centred"), pair)})
+        results[label] = {"latent_norms_data": str(path)}
+    out = compare_latent_norms(results, tmp_path / "cmp.png")
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+    assert compare_latent_norms({"a": {}}, tmp_path / "none.png") is None  # an older probe.json without the data

@@ -43,7 +43,8 @@ def probe_channels(
     channel that stands for it) and probe.json (PSNR vs k, two frequency-order scores, the Ā-prediction error
     under blur). The Ā scored is the one the run learned (<run>/finetune/ssr_dynamics.safetensors) when it
     exists, else the recipe's initial A and Δ; probe.json "dynamics" says which. With --compare, also
-    compare_psnr_vs_k.png.
+    compare_psnr_vs_k.png and compare_latent_norms.png (one row per run, one colour scale: e.g. a run trained
+    with regularizer.mean_centering = false beside one with it, as in Fig. 4(a)).
     """
     cfg = load_recipe(current_run_recipe(recipe), set_, device)
     if dry_run:
