@@ -1,5 +1,6 @@
-"""``ssr evaluate``: reconstruction (PSNR, SSIM, LPIPS, rFID) and generation (FID, sFID, IS, precision,
-recall, KID) metrics, printed as a table and written to ``<run>/eval.json``.
+"""``ssr evaluate``: reconstruction (PSNR, SSIM, LPIPS, rFID; for KL tokenizers the KL of the raw posterior in
+nats per image) and generation (FID, sFID, IS, precision, recall, KID) metrics, printed as a table and written
+to ``<run>/eval.json``.
 
 Reconstruction runs the (fine-tuned) tokenizer over an image set at a resolution (resize + center crop).
 Generation compares the run's ``samples.npz`` (or any ADM-style batch) with a reference: an image folder
@@ -102,10 +103,24 @@ def paired_rfid(acc_originals, acc_recons, ids_originals: list[int], ids_recons:
     return frechet_distance(*acc_recons.stats("pool"), *acc_originals.stats("pool"))
 
 
+def posterior_kl(posterior) -> np.ndarray | None:
+    """KL(q‖N(0, I)) per image in nats, summed over the latent elements, of the raw (unscaled, unshifted)
+    posterior (paper Fig. 4(b); :meth:`DiagonalGaussian.kl`), computed in float32 whatever the autocast dtype;
+    None for a deterministic tokenizer (a tensor latent)."""
+    from ssr_cli.models.tokenizer import DiagonalGaussian
+
+    if not isinstance(posterior, DiagonalGaussian):
+        return None
+    raw = DiagonalGaussian(posterior.mean.float(), posterior.logvar.float(), scale=posterior.scale,
+                           shift=posterior.shift)
+    return raw.kl().double().cpu().numpy()
+
+
 @torch.no_grad()
 def reconstruction(cfg: Recipe, rt: Runtime, *, weights: str | None = None) -> dict:
     from ssr_cli.finetune import build_tokenizer, load_tokenizer_for_run
     from ssr_cli.metrics import FeatureAccumulator, reconstruction_metrics, to_uint8
+    from ssr_cli.models.tokenizer import latent_of
 
     e = cfg.eval
     size = e.image_size or cfg.data.image_size
@@ -127,10 +142,14 @@ def reconstruction(cfg: Recipe, rt: Runtime, *, weights: str | None = None) -> d
         for images, _, indices in ordered_batches(ds, e.batch_size, limit=n):
             x = images.to(rt.device)
             with rt.autocast():
-                recon = tokenizer.decode(tokenizer.encode_latent(x))
+                posterior = tokenizer.encode(x)
+                recon = tokenizer.decode(latent_of(posterior))
             recon = recon.float().clamp(-1, 1)
             for key, value in reconstruction_metrics(x, recon, lpips_model).items():
                 per_image.setdefault(key, []).append(value)
+            kl = posterior_kl(posterior)
+            if kl is not None:
+                per_image.setdefault("kl", []).append(kl)
             if inception:
                 acc_real.update(inception(to_uint8(x)))
                 ids_real.extend(indices.tolist())
@@ -329,7 +348,7 @@ def run_evaluate(cfg: Recipe, rt: Runtime, *, gfid: bool | None = None, samples:
 
 
 COMPARE_KEYS = {
-    "reconstruction": ("psnr", "ssim", "lpips", "rfid"),
+    "reconstruction": ("psnr", "ssim", "lpips", "rfid", "kl"),
     "generation": ("fid", "sfid", "inception_score", "precision", "recall", "kid"),
 }
 
@@ -407,6 +426,7 @@ def _jsonable(value):
 
 LABELS = {
     "psnr": "PSNR (dB, uint8)", "ssim": "SSIM (data range 255)", "lpips": "LPIPS", "rfid": "rFID",
+    "kl": "KL (nats/image, raw posterior)",
     "fid": "FID", "sfid": "sFID", "inception_score": "Inception Score", "precision": "precision",
     "recall": "recall", "kid": "KID",
 }

@@ -23,6 +23,7 @@ from ssr_cli.recipe import Recipe
 from ssr_cli.training import fixed_images, fixed_seed, image_dataset, train_spec
 
 EXPORT_NAME = "tokenizer.safetensors"
+DYNAMICS_NAME = "ssr_dynamics.safetensors"
 
 
 def build_tokenizer(cfg: Recipe, weights: str | Path | None = "recipe"):
@@ -47,6 +48,11 @@ def build_tokenizer(cfg: Recipe, weights: str | Path | None = "recipe"):
 
 def finetuned_weights(cfg: Recipe) -> Path:
     return cfg.run_dir() / EXPORT_NAME
+
+
+def learned_dynamics_path(cfg: Recipe) -> Path:
+    """Where the fine-tune stage of an SSR run writes the A, Ā and Δ it learned (:func:`regularizers.save_dynamics`)."""
+    return cfg.run_dir() / "finetune" / DYNAMICS_NAME
 
 
 def load_tokenizer_for_run(cfg: Recipe):
@@ -202,7 +208,7 @@ def _stage(cfg: Recipe, rt: Runtime, tokenizer, *, name: str, kind: str, steps: 
     if rt.is_main and hasattr(regularizer, "dynamics"):
         from ssr_cli.regularizers import save_dynamics
 
-        save_dynamics(regularizer.dynamics, run_dir / "ssr_dynamics.safetensors")
+        save_dynamics(regularizer.dynamics, run_dir / DYNAMICS_NAME)
 
 
 FINETUNE_KEY = ".finetune_inputs.json"

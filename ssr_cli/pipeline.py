@@ -68,6 +68,7 @@ def _tokenizer_sha256(cfg: Recipe) -> str | None:
 def stage_inputs(cfg: Recipe, stage: str) -> dict:
     """What a stage's result depends on (content hashes of the files it reads, the settings that shape it); a
     result recorded with other inputs is redone."""
+    from ssr_cli.finetune import learned_dynamics_path
     from ssr_cli.generate import DIT_DIR, EMA_FILE, dit_inputs, samples_dir
     from ssr_cli.inputs import file_sha256, settings
     from ssr_cli.latents import latents_fingerprint, latents_dir
@@ -84,7 +85,9 @@ def stage_inputs(cfg: Recipe, stage: str) -> dict:
     if stage == "evaluate":
         return {"eval": settings(cfg.eval), "tokenizer": tokenizer,
                 "samples": file_sha256(samples_dir(cfg) / "samples.npz")}
-    return {"probe": settings(cfg.probe), "regularizer": settings(cfg.regularizer), "tokenizer": tokenizer}
+    # the probe scores the Ā the run learned when it has one (ssr_cli.probe.probe_dynamics)
+    return {"probe": settings(cfg.probe), "regularizer": settings(cfg.regularizer), "tokenizer": tokenizer,
+            "dynamics": file_sha256(learned_dynamics_path(cfg))}
 
 
 def _record_path(cfg: Recipe, stage: str) -> Path:
@@ -174,7 +177,7 @@ def summarize(cfg: Recipe, timings: dict[str, str]) -> dict:
 
 
 SUMMARY_METRICS = {
-    "reconstruction": ("psnr", "ssim", "lpips", "rfid"),
+    "reconstruction": ("psnr", "ssim", "lpips", "rfid", "kl"),
     "generation": ("fid", "sfid", "inception_score", "precision", "recall", "kid"),
 }
 
@@ -204,7 +207,8 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
         rows.append((f"probe PSNR, all {len(k)} channels", f"{probe['psnr_full']:.2f} dB"))
         rows.append(("probe frequency-order Spearman ρ", f"{probe['frequency_order_spearman']:.3f}"))
         rows.append(("probe blur-decay order Spearman ρ", f"{probe['blur_decay_spearman']:.3f}"))
-        rows.append(("probe Ā prediction error (no-change)",
+        scored = probe.get("dynamics", {}).get("source", "recipe")
+        rows.append((f"probe Ā prediction error (no-change), {scored} Ā",
                      f"{probe['dynamics_error']:.3f} ({probe['dynamics_error_no_change']:.3f})"))
     if unavailable:
         rows.append(("unavailable (see eval.json for why)", ", ".join(unavailable)))

@@ -113,6 +113,80 @@ def plot_curves(x, curves: dict[str, np.ndarray], path: str | Path, *, xlabel: s
     return _save(fig, path, dpi)
 
 
+def _rgb(image: np.ndarray) -> np.ndarray:
+    """(3, H, W) in [-1, 1] -> (H, W, 3) in [0, 1] for imshow."""
+    return np.clip((np.transpose(image, (1, 2, 0)) + 1.0) / 2.0, 0.0, 1.0)
+
+
+def plot_latent_norms(sharp: np.ndarray, blurred: np.ndarray, maps: dict[str, tuple[np.ndarray, np.ndarray]],
+                      path: str | Path, *, tau: float, row_labels: list[str] | None = None,
+                      shared_scale: bool = False, dpi: int = 110) -> Path:
+    """Paper Fig. 4(a): per row the input, ‖z‖ and ‖C(z)‖ maps for the sharp image, then the same for the image
+    blurred with variance ``tau``. sharp, blurred: (N, 3, H, W) in [-1, 1]; maps["sharp"|"blurred"] = (raw,
+    centred) per-position norms (N, h, w). Raw maps share one colour scale per row, centred maps another, so
+    sharp and blurred compare directly; ``shared_scale``: one scale over all rows (rows = runs, to compare
+    latent norms across tokenizers, e.g. trained with and without centring; then the arguments may be lists of
+    per-row arrays of different sizes)."""
+    n = len(sharp)
+    fig, axes = plt.subplots(n, 6, figsize=(12, 2.1 * n), squeeze=False)
+    titles = ["sharp input", "‖z‖ sharp", "‖C(z)‖ sharp", f"blurred τ={tau:g}", "‖z‖ blurred", "‖C(z)‖ blurred"]
+    for i in range(n):
+        rows = range(n) if shared_scale else [i]
+        raw_max = max([float(np.max(maps[k][0][j])) for k in maps for j in rows] + [1e-12])
+        cen_max = max([float(np.max(maps[k][1][j])) for k in maps for j in rows] + [1e-12])
+        for j, (key, image) in enumerate((("sharp", sharp), ("blurred", blurred))):
+            axes[i, 3 * j].imshow(_rgb(image[i]))
+            im_raw = axes[i, 3 * j + 1].imshow(maps[key][0][i], cmap="magma", vmin=0, vmax=raw_max)
+            im_cen = axes[i, 3 * j + 2].imshow(maps[key][1][i], cmap="magma", vmin=0, vmax=cen_max)
+        fig.colorbar(im_raw, ax=axes[i, 4], fraction=0.046, pad=0.04)
+        fig.colorbar(im_cen, ax=axes[i, 5], fraction=0.046, pad=0.04)
+        if row_labels:
+            axes[i, 0].set_ylabel(row_labels[i], fontsize=8)
+    for ax, title in zip(axes[0], titles):
+        ax.set_title(title, fontsize=9)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return _save(fig, path, dpi)
+
+
+def _tile_mosaic(maps: np.ndarray, W: int, H: int, gap: int = 1) -> np.ndarray:
+    """(W·H, h, w) maps -> one (H·(h+gap), W·(w+gap)) array, map n = w + W·h at block (h, w), each divided by its
+    largest magnitude (so in [-1, 1]); NaN between the blocks."""
+    _, h, w = maps.shape
+    out = np.full((H * (h + gap) - gap, W * (w + gap) - gap), np.nan)
+    for n in range(W * H):
+        peak = float(np.abs(maps[n]).max()) or 1.0
+        r, c = (n // W) * (h + gap), (n % W) * (w + gap)
+        out[r:r + h, c:c + w] = maps[n] / peak
+    return out
+
+
+def plot_basis_channels(basis_maps: np.ndarray, channel_maps: np.ndarray, W: int, H: int, path: str | Path, *,
+                        basis: str, dpi: int = 110) -> Path:
+    """Paper Fig. 9: the W×H grid of basis functions (left; block (h, w) is φ_(w,h), channel n = w + W·h) beside
+    the same grid of latent channel maps (right). basis_maps: (C, Hpx, Wpx); channel_maps: (C, h, w); each block
+    on its own symmetric colour scale."""
+    C = W * H
+    if basis_maps.shape[0] != C or channel_maps.shape[0] != C:
+        raise ValueError(f"need {C} basis and channel maps for a {W}x{H} grid, got {basis_maps.shape[0]} and "
+                         f"{channel_maps.shape[0]}")
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="white")
+    fig, axes = plt.subplots(1, 2, figsize=(2 * (1.1 * W + 0.6), 1.1 * H + 0.9))
+    for ax, maps, title in ((axes[0], basis_maps, f"{basis} basis functions φ_(w,h)"),
+                            (axes[1], channel_maps, f"latent channel n = w + {W}·h (centred)")):
+        mosaic = _tile_mosaic(np.asarray(maps, dtype=np.float64), W, H)
+        ax.imshow(np.ma.masked_invalid(mosaic), cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
+        bh, bw = (mosaic.shape[0] + 1) / H, (mosaic.shape[1] + 1) / W
+        ax.set_xticks((np.arange(W) + 0.5) * bw - 1, [f"w={w}" for w in range(W)], fontsize=7)
+        ax.set_yticks((np.arange(H) + 0.5) * bh - 1, [f"h={h}" for h in range(H)], fontsize=7)
+        ax.tick_params(length=0)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        ax.set_title(title, fontsize=9)
+    return _save(fig, path, dpi)
+
+
 SKIPPED_CURVES = ("step", "steps_per_s", "img_per_s")
 
 

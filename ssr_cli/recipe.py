@@ -283,6 +283,9 @@ class ProbeConfig(Section):
     image_size: int | None = Field(None, ge=8)
     taus: list[float] = Field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0, 6.0, 8.0, 10.0])
     channels_shown: int = Field(4, ge=1)
+    fill: Literal["dataset_mean", "image_mean", "zero"] = "dataset_mean"
+    """Value of a masked channel in the partial decodes: its mean over the score images and positions
+    ("dataset_mean"), the image's own spatial mean of that channel ("image_mean"), or 0 ("zero")."""
 
 
 class VAEConfig(Section):

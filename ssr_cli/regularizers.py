@@ -583,3 +583,29 @@ def save_dynamics(dynamics: "SSRDynamics", path: str | Path) -> Path:
 
     return save_weights({"A": dynamics.a_continuous().detach(), "A_bar": dynamics.a_bar().detach(),
                          "delta": dynamics.delta.detach().reshape(1)}, path)
+
+
+def load_dynamics(path: str | Path) -> SSRDynamics:
+    """The dynamics :func:`save_dynamics` wrote, as a frozen :class:`SSRDynamics` (A, Δ and the discretization
+    that reproduces the stored Ā; A's sparsity pattern is its nonzero entries). WeightsError for a file that is
+    not such a record."""
+    from safetensors.torch import load_file
+
+    from ssr_cli.models.weights import WeightsError
+
+    try:
+        state = load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for a damaged or foreign file
+        raise WeightsError(f"{path}: not a readable SSR dynamics file ({exc}); delete it or re-run `ssr finetune`") from exc
+    if set(state) != {"A", "A_bar", "delta"} or state["A"].ndim != 2 or state["A"].shape != state["A_bar"].shape:
+        raise WeightsError(f"{path}: expected the tensors A (C, C), A_bar (C, C) and delta (1,) that `ssr finetune` "
+                           f"writes, found {sorted(state)}; delete it or re-run `ssr finetune`")
+    a, a_bar, delta = state["A"].double(), state["A_bar"].double(), float(state["delta"].reshape(-1)[0])
+    if not delta > 0:
+        raise WeightsError(f"{path}: Δ = {delta} is not positive; delete it or re-run `ssr finetune`")
+    for discretization in ("zoh", "euler"):
+        dynamics = SSRDynamics(a, delta_init=delta, discretization=discretization, learn_a=False)
+        if torch.allclose(dynamics.a_bar(), a_bar, rtol=1e-5, atol=1e-6):
+            return dynamics
+    raise WeightsError(f"{path}: the stored A_bar is neither exp(ΔA) nor I + ΔA of the stored A and Δ; "
+                       "delete it or re-run `ssr finetune`")

@@ -43,6 +43,9 @@ def evaluate(
 ) -> None:
     """Reconstruction (PSNR, SSIM, LPIPS, rFID) and generation (FID, sFID, IS, precision, recall, KID) metrics.
 
+    For KL tokenizers also the KL of the raw (unscaled, unshifted) posterior to N(0, I), nats per image
+    summed over the latent elements (the paper's Fig. 4(b)); absent for deterministic tokenizers.
+
     Inception (eval.inception_weights) and LPIPS (eval.lpips_weights) weights come from local files; a
     metric that cannot be computed is reported as unavailable with the reason. Prints a table and writes JSON.
     --compare other recipes' runs, e.g. recipes/s4d_vae.toml --compare recipes/cnn_vae.toml; runs evaluated
