@@ -299,8 +299,11 @@ def build_probe_dit(shape: tuple[int, int, int], *, model: str, depth: int, hidd
     from ssr_cli.generate import build_dit_from
 
     c, h, _ = shape
-    return build_dit_from({"name": model, "input_size": h, "in_channels": c, "num_classes": 1, "class_dropout": 0.0,
-                           "depth": depth, "hidden_size": hidden, "num_heads": heads})
+    try:
+        return build_dit_from({"name": model, "input_size": h, "in_channels": c, "num_classes": 1,
+                               "class_dropout": 0.0, "depth": depth, "hidden_size": hidden, "num_heads": heads})
+    except ValueError as exc:  # name the keys to change: the DiT's own message speaks of its arguments
+        raise ValueError(f"diffusability.probe_model / probe_depth / probe_hidden / probe_heads: {exc}") from None
 
 
 def flow_probe(train_x: torch.Tensor, heldout_x: torch.Tensor, run_dir: Path, rt: Runtime, *, t_grid: list[float],

@@ -196,6 +196,22 @@ def _frozen_lpips_class():
     return FrozenLPIPS
 
 
+def _check_lpips_net(net: str) -> None:
+    if net not in _LPIPS_BACKBONE_FILES:
+        raise ValueError(f"load_lpips: net must be one of {sorted(_LPIPS_BACKBONE_FILES)}, got {net!r}")
+
+
+def build_lpips(net: str = "alex"):
+    """The LPIPS v0.1 network with its calibrated linear heads (shipped inside the ``lpips`` package) and a
+    randomly initialised backbone: the model :func:`load_lpips` fills, and what ``--dry-run`` builds."""
+    _check_lpips_net(net)
+    with warnings.catch_warnings():
+        # lpips builds its torchvision trunk with the deprecated `pretrained=` argument; the trunk is
+        # randomly initialized here (pnet_rand=True), so nothing is downloaded.
+        warnings.filterwarnings("ignore", message=r".*(pretrained|weight enum).*", category=UserWarning)
+        return _frozen_lpips_class()(net=net, pretrained=True, pnet_rand=True, verbose=False)
+
+
 def load_lpips(net: str = "alex", weights_path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
     """LPIPS v0.1 with its backbone loaded from a local file; frozen, in eval mode, differentiable in its inputs.
 
@@ -206,8 +222,7 @@ def load_lpips(net: str = "alex", weights_path: str | os.PathLike | None = None,
     Call as ``model(x, y)`` with x, y (B, 3, H, W) in [-1, 1]; returns (B, 1, 1, 1).
     Raises FileNotFoundError when the backbone file is missing.
     """
-    if net not in _LPIPS_BACKBONE_FILES:
-        raise ValueError(f"load_lpips: net must be one of {sorted(_LPIPS_BACKBONE_FILES)}, got {net!r}")
+    _check_lpips_net(net)
     if weights_path is None:
         weights_path = Path(torch.hub.get_dir()) / "checkpoints" / _LPIPS_BACKBONE_FILES[net]
     weights_path = Path(weights_path)
@@ -219,12 +234,7 @@ def load_lpips(net: str = "alex", weights_path: str | os.PathLike | None = None,
             f"data: lpips/alexnet-owt-7be5be79.features-only.pth), and set the recipe key "
             f"`eval.lpips_weights` (evaluation) or `loss.lpips_weights` (training loss) to its path."
         )
-    with warnings.catch_warnings():
-        # lpips builds its torchvision trunk with the deprecated `pretrained=` argument; the trunk is
-        # randomly initialized here (pnet_rand=True) and overwritten below.
-        warnings.filterwarnings("ignore", message=r".*(pretrained|weight enum).*", category=UserWarning)
-        model = _frozen_lpips_class()(net=net, pretrained=True, pnet_rand=True, verbose=False)
-
+    model = build_lpips(net)
     state = torch.load(weights_path, weights_only=True, map_location="cpu")
     features = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
     # Map torchvision's `features.K.*` to lpips' `sliceN.K.*` by the layer index K.

@@ -91,17 +91,28 @@ def partial_decodes(tokenizer, z: torch.Tensor, order: list[int], fill: torch.Te
     return out
 
 
+def probe_dynamics(cfg: Recipe, channels: int):
+    """``(W, H, SSRDynamics)``: the [regularizer]'s basis grid over a latent of ``channels`` channels and its
+    dynamics, whose Ā the probe scores; a grid that does not fit the channels is a ValueError naming
+    ``regularizer.grid`` (raised by the run and by ``--dry-run`` alike)."""
+    from ssr_cli.regularizers import SSRDynamics, resolve_grid
+
+    r = cfg.regularizer
+    grid_w, grid_h = resolve_grid(channels, r.grid)
+    return grid_w, grid_h, SSRDynamics.from_basis(r.basis, grid_w, grid_h, orthonormal=r.orthonormal,
+                                                  delta_init=r.delta_init, discretization=r.discretization)
+
+
 @torch.no_grad()
 def run_probe(cfg: Recipe, rt: Runtime, *, weights: str | None = None, out_dir: Path | None = None) -> dict:
     from scipy.stats import spearmanr
 
-    from ssr_cli.bases import frequency_order, grid_for_channels, project
+    from ssr_cli.bases import frequency_order, project
     from ssr_cli.blur import gaussian_blur
     from ssr_cli.finetune import build_tokenizer, load_tokenizer_for_run
     from ssr_cli.images import save_grid
     from ssr_cli.metrics import psnr_uint8
     from ssr_cli.plots import plot_curves, plot_latent_dynamics
-    from ssr_cli.regularizers import SSRDynamics
     from ssr_cli.training import image_dataset
 
     out = Path(out_dir) if out_dir else cfg.run_dir() / "probe"
@@ -122,7 +133,7 @@ def run_probe(cfg: Recipe, rt: Runtime, *, weights: str | None = None, out_dir: 
 
     z_pool = tokenizer.encode_latent(pool)
     channels = z_pool.shape[1]
-    grid_w, grid_h = grid_for_channels(channels, cfg.regularizer.grid)
+    grid_w, grid_h, recipe_dynamics = probe_dynamics(cfg, channels)
     order = frequency_order(grid_w, grid_h)
     fill = z_pool.mean(dim=(0, 2, 3))
 
@@ -139,8 +150,6 @@ def run_probe(cfg: Recipe, rt: Runtime, *, weights: str | None = None, out_dir: 
     decay = blur_decay(tokenizer, pool, max(cfg.probe.taus))
     r = cfg.regularizer
     pairs = [(float(t1), float(t1 + r.delta_tau)) for t1 in np.linspace(0.0, r.tau_max - r.delta_tau, 4)]
-    recipe_dynamics = SSRDynamics.from_basis(r.basis, grid_w, grid_h, orthonormal=r.orthonormal,
-                                             delta_init=r.delta_init, discretization=r.discretization)
     dyn_err = dynamics_error(tokenizer, pool, recipe_dynamics, pairs, mean_centering=r.mean_centering)
     rho_decay = (float(spearmanr(np.arange(channels), -np.log(decay[order])).statistic)
                  if channels > 2 else float("nan"))
