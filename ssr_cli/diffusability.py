@@ -420,7 +420,9 @@ class _Context:
         """Posterior means of ``num_latents`` images spread over the data set (cached in ``<out>/latents``)."""
         if self._latents is not None:
             return self._latents
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import save_file
+
+        from ssr_cli.models.weights import read_safetensors
 
         from ssr_cli.engine.progress import make_progress
         from ssr_cli.training import image_dataset
@@ -429,7 +431,7 @@ class _Context:
         key = _digest({**self.space_key, "num_latents": d.num_latents})
         path = self.out / "latents" / f"latents_{key}.safetensors"
         if path.is_file():
-            self._latents = load_file(str(path))
+            self._latents = read_safetensors(path, "diffusability's cached latents")
         else:
             ds = image_dataset(self.cfg, augment=False)
             picks = _spread(len(ds), d.num_latents)
