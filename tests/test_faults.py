@@ -297,6 +297,29 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_resume_is_identical(tmp_pa
     assert all(torch.equal(a, b) for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()))
 
 
+@pytest.mark.slow  # a CLI process: ~10 s, mostly its start-up
+def test_sigterm_to_the_cli_process_checkpoints_and_exits_0(tmp_path):
+    """What a scheduler does: SIGTERM to `ssr finetune` mid-run. It writes a checkpoint at the next step
+    boundary, says so, releases the run folder's lock and exits 0."""
+    import time
+
+    cfg = _recipe(tmp_path, name="term", train={"steps": 10_000, "ckpt_every_steps": 100_000, "log_every_steps": 1})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "400"}
+    proc = subprocess.Popen([sys.executable, "-m", "ssr_cli", "finetune", str(_toml(tmp_path, cfg))],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    metrics = cfg.run_dir() / "finetune" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        time.sleep(0.1)  # training (and its SIGTERM handler) is running once steps are logged
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    steps = [s for s, _ in Checkpointer(cfg.run_dir() / "finetune" / "checkpoints").list()]
+    assert len(steps) == 1 and 2 <= steps[0] < 10_000
+    assert f"SIGTERM: checkpoint written at step {steps[0]}" in " ".join(output.split())
+    assert not (cfg.run_dir() / ".lock").exists()
+
+
 def test_more_steps_continue_a_finished_run_on_the_new_schedule(tmp_path):
     """Raising the step count of a finished run continues it from its last checkpoint; the LR of the new steps
     is the schedule of the *new* length (a warmup_cosine decay is stretched over the new total, so the LR
@@ -345,6 +368,17 @@ def test_a_second_writer_on_one_run_folder_is_refused(tmp_path):
     result = CliRunner().invoke(app, ["encode-latents", str(_toml(tmp_path, cfg))])
     assert "stale lock" in " ".join(result.output.split()) and "no tokenizer" in " ".join(result.output.split())
     assert not (cfg.run_dir() / ".lock").exists()  # released at exit
+
+
+def test_a_lock_from_another_host_is_refused_and_kept(tmp_path):
+    cfg = _recipe(tmp_path, name="remote")
+    cfg.run_dir().mkdir(parents=True)
+    lock = cfg.run_dir() / ".lock"
+    lock.write_text(json.dumps({"pid": 1, "host": "elsewhere.invalid"}))  # a PID that cannot be checked from here
+    result = CliRunner().invoke(app, ["encode-latents", str(_toml(tmp_path, cfg))], env={"COLUMNS": "400"})
+    assert result.exit_code == 2
+    assert "in use by PID 1 on host elsewhere.invalid" in result.output and "delete the lock file" in result.output
+    assert json.loads(lock.read_text())["host"] == "elsewhere.invalid"  # not taken over
 
 
 # ---------------------------------------------------------------- inputs
