@@ -75,6 +75,20 @@ def build_dynamics(cfg: Recipe):
                                   discretization=r.discretization, learn_a=r.learn_a)
 
 
+def build_arms(cfg: Recipe) -> list[str]:
+    """What ``--dry-run`` builds (and the run builds first): the arms, the denoiser and, for an SSR arm, its
+    dynamics; a bad grid or kind is a ValueError. Returns a description of each."""
+    kinds = arms_of(cfg)
+    dynamics = build_dynamics(cfg) if "ssr" in kinds else None
+    count = sum(p.numel() for p in build_denoiser(cfg).parameters())
+    built = [f"denoiser {count / 1e6:.3f}M parameters ({count:,}; arms: "
+             f"{', '.join('baseline' if k == 'none' else k for k in kinds)})"]
+    if dynamics is not None:
+        built.append(f"SSR on the {cfg.denoise.bottleneck_channels} bottleneck channels "
+                     f"({sum(p.numel() for p in dynamics.parameters()):,} A nonzeros and log Δ)")
+    return built
+
+
 class DenoiseTask(nn.Module):
     """What the engine trains: noise is drawn inside ``forward`` from torch's per-step seeded RNG (so the
     two arms of a comparison see the same noise), then :func:`denoise_loss` with or without SSR."""

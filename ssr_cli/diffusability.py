@@ -299,8 +299,11 @@ def build_probe_dit(shape: tuple[int, int, int], *, model: str, depth: int, hidd
     from ssr_cli.generate import build_dit_from
 
     c, h, _ = shape
-    return build_dit_from({"name": model, "input_size": h, "in_channels": c, "num_classes": 1, "class_dropout": 0.0,
-                           "depth": depth, "hidden_size": hidden, "num_heads": heads})
+    try:
+        return build_dit_from({"name": model, "input_size": h, "in_channels": c, "num_classes": 1,
+                               "class_dropout": 0.0, "depth": depth, "hidden_size": hidden, "num_heads": heads})
+    except ValueError as exc:  # name the keys to change: the DiT's own message speaks of its arguments
+        raise ValueError(f"diffusability.probe_model / probe_depth / probe_hidden / probe_heads: {exc}") from None
 
 
 def flow_probe(train_x: torch.Tensor, heldout_x: torch.Tensor, run_dir: Path, rt: Runtime, *, t_grid: list[float],
@@ -417,7 +420,9 @@ class _Context:
         """Posterior means of ``num_latents`` images spread over the data set (cached in ``<out>/latents``)."""
         if self._latents is not None:
             return self._latents
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import save_file
+
+        from ssr_cli.models.weights import read_safetensors
 
         from ssr_cli.engine.progress import make_progress
         from ssr_cli.training import image_dataset
@@ -426,7 +431,7 @@ class _Context:
         key = _digest({**self.space_key, "num_latents": d.num_latents})
         path = self.out / "latents" / f"latents_{key}.safetensors"
         if path.is_file():
-            self._latents = load_file(str(path))
+            self._latents = read_safetensors(path, "diffusability's cached latents")
         else:
             ds = image_dataset(self.cfg, augment=False)
             picks = _spread(len(ds), d.num_latents)

@@ -253,10 +253,10 @@ def generation(cfg: Recipe, rt: Runtime, samples: Path, inception=None) -> dict:
         with np.load(samples) as f:
             labels = f["arr_1"]
     bs = cfg.eval.batch_size
+    ref = reference_stats(cfg, inception, resolution=shape[1])  # first: a bad reference fails before the samples' pass
     # Rows kept: pool (precision/recall, KID) and logits (IS), float32 (lossless); spatial only as running stats.
     fake = extract_features(_npz_batches(samples, bs, "evaluate: sample features"), inception, batch_size=bs,
                             keep=("pool", "logits"), rows_dtype=np.float32)
-    ref = reference_stats(cfg, inception, resolution=shape[1])
     m = compute_generation_metrics(fake, ref, inception.fc_is_zero, kid_subsets=cfg.eval.kid_subsets,
                                    kid_subset_size=cfg.eval.kid_subset_size, seed=cfg.run.seed)
     m["samples"] = str(samples)

@@ -160,7 +160,7 @@ def run_train_dit(cfg: Recipe, rt: Runtime) -> Path:
 
 
 def load_trained_dit(cfg: Recipe, use_ema: bool = True) -> tuple[nn.Module, dict]:
-    from safetensors.torch import load_file
+    from ssr_cli.models.weights import read_safetensors
 
     out = cfg.run_dir() / DIT_DIR
     if not (out / CONFIG_FILE).is_file():
@@ -170,7 +170,7 @@ def load_trained_dit(cfg: Recipe, use_ema: bool = True) -> tuple[nn.Module, dict
     kwargs.pop("imported_from", None)
     model = build_dit_from(kwargs)
     if use_ema:
-        model.load_state_dict(load_file(str(out / EMA_FILE)))
+        model.load_state_dict(read_safetensors(out / EMA_FILE, "the DiT's EMA weights (written by train-dit)"))
     else:
         state = Checkpointer(out / "checkpoints").load_latest()
         if state is None:
@@ -182,11 +182,11 @@ def load_trained_dit(cfg: Recipe, use_ema: bool = True) -> tuple[nn.Module, dict
 def dit_latent_stats(cfg: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std), each (C,), of the run's DiT: its own copy (written by train-dit and import-dit), else the
     latent cache's (DiTs trained before the copy existed)."""
-    from safetensors.torch import load_file
+    from ssr_cli.models.weights import read_safetensors
 
     path = cfg.run_dir() / DIT_DIR / STATS_FILE
     if path.is_file():
-        stats = load_file(str(path))
+        stats = read_safetensors(path, "the DiT's latent statistics (mean, std)")
         return stats["mean"], stats["std"]
     return load_stats(latents_dir(cfg))
 

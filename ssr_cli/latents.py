@@ -228,18 +228,25 @@ def read_manifest(directory: Path) -> dict:
                             f"or a LightningDiT latent folder (*.safetensors shards and {STATS}), found neither")
 
 
+def open_shard(path: Path, what: str = "a latent shard (.safetensors, written by `ssr encode-latents`)"):
+    """``safe_open`` of a latent shard (memory-mapped, never unpickled); a file that is not safetensors (a pickle
+    under a shard's name, a damaged file) is one WeightsError line naming it."""
+    from ssr_cli.errors import one_line
+    from ssr_cli.models.weights import WeightsError
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for files that are not safetensors
+        raise WeightsError(f"{path}: expected {what}, but it cannot be read as safetensors ({one_line(exc)})") from None
+
+
 def _lightningdit_manifest(directory: Path, shards: list[Path]) -> dict:
     """The manifest of a LightningDiT latent folder, read from its shards."""
     from ssr_cli.models.weights import WeightsError
 
     labels, flips, shape = [], [], None
     for path in shards:
-        try:
-            handle = safe_open(str(path), framework="pt")
-        except Exception as exc:  # safetensors raises its own error type for files that are not safetensors
-            raise WeightsError(f"{path}: expected a LightningDiT latent shard (.safetensors), but it cannot be read "
-                               f"as safetensors ({exc})") from None
-        with handle as f:
+        with open_shard(path, "a LightningDiT latent shard (.safetensors)") as f:
             keys = set(f.keys())
             if not {"latents", "labels"} <= keys:
                 raise WeightsError(f"{path}: expected a LightningDiT latent shard with 'latents' and 'labels' "
@@ -261,7 +268,9 @@ def load_stats(directory: Path) -> tuple[torch.Tensor, torch.Tensor]:
     if (Path(directory) / STATS).is_file():
         return read_stats(Path(directory) / STATS)
     if (Path(directory) / LEGACY_STATS).is_file():
-        stats = load_file(str(Path(directory) / LEGACY_STATS))
+        from ssr_cli.models.weights import read_safetensors
+
+        stats = read_safetensors(Path(directory) / LEGACY_STATS, "latent statistics (mean, std)")
         return stats["mean"], stats["std"]
     raise FileNotFoundError(f"no latent statistics in {directory} (expected {STATS}); run `ssr encode-latents`")
 
@@ -280,7 +289,7 @@ class LatentShards(Dataset):
         self.offsets = [0]
         labels = []
         for path in self.shards:
-            with safe_open(str(path), framework="pt") as f:
+            with open_shard(path) as f:
                 labels.append(f.get_tensor("labels"))
             self.offsets.append(self.offsets[-1] + labels[-1].shape[0])
         self.labels = torch.cat(labels)
@@ -289,7 +298,7 @@ class LatentShards(Dataset):
     def _row(self, index: int, key: str) -> torch.Tensor:
         k = int(np.searchsorted(self.offsets, index, side="right") - 1)
         if k not in self._handles:
-            self._handles[k] = safe_open(str(self.shards[k]), framework="pt")
+            self._handles[k] = open_shard(self.shards[k])
         return self._handles[k].get_slice(key)[index - self.offsets[k]]
 
     def __getstate__(self):

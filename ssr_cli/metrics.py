@@ -38,6 +38,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ssr_cli.errors import one_line
+from ssr_cli.models.weights import read_torch_tensors
+
 __all__ = [
     "MetricUnavailable",
     "to_uint8",
@@ -196,6 +199,22 @@ def _frozen_lpips_class():
     return FrozenLPIPS
 
 
+def _check_lpips_net(net: str) -> None:
+    if net not in _LPIPS_BACKBONE_FILES:
+        raise ValueError(f"load_lpips: net must be one of {sorted(_LPIPS_BACKBONE_FILES)}, got {net!r}")
+
+
+def build_lpips(net: str = "alex"):
+    """The LPIPS v0.1 network with its calibrated linear heads (shipped inside the ``lpips`` package) and a
+    randomly initialised backbone: the model :func:`load_lpips` fills, and what ``--dry-run`` builds."""
+    _check_lpips_net(net)
+    with warnings.catch_warnings():
+        # lpips builds its torchvision trunk with the deprecated `pretrained=` argument; the trunk is
+        # randomly initialized here (pnet_rand=True), so nothing is downloaded.
+        warnings.filterwarnings("ignore", message=r".*(pretrained|weight enum).*", category=UserWarning)
+        return _frozen_lpips_class()(net=net, pretrained=True, pnet_rand=True, verbose=False)
+
+
 def load_lpips(net: str = "alex", weights_path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
     """LPIPS v0.1 with its backbone loaded from a local file; frozen, in eval mode, differentiable in its inputs.
 
@@ -206,8 +225,7 @@ def load_lpips(net: str = "alex", weights_path: str | os.PathLike | None = None,
     Call as ``model(x, y)`` with x, y (B, 3, H, W) in [-1, 1]; returns (B, 1, 1, 1).
     Raises FileNotFoundError when the backbone file is missing.
     """
-    if net not in _LPIPS_BACKBONE_FILES:
-        raise ValueError(f"load_lpips: net must be one of {sorted(_LPIPS_BACKBONE_FILES)}, got {net!r}")
+    _check_lpips_net(net)
     if weights_path is None:
         weights_path = Path(torch.hub.get_dir()) / "checkpoints" / _LPIPS_BACKBONE_FILES[net]
     weights_path = Path(weights_path)
@@ -219,13 +237,8 @@ def load_lpips(net: str = "alex", weights_path: str | os.PathLike | None = None,
             f"data: lpips/alexnet-owt-7be5be79.features-only.pth), and set the recipe key "
             f"`eval.lpips_weights` (evaluation) or `loss.lpips_weights` (training loss) to its path."
         )
-    with warnings.catch_warnings():
-        # lpips builds its torchvision trunk with the deprecated `pretrained=` argument; the trunk is
-        # randomly initialized here (pnet_rand=True) and overwritten below.
-        warnings.filterwarnings("ignore", message=r".*(pretrained|weight enum).*", category=UserWarning)
-        model = _frozen_lpips_class()(net=net, pretrained=True, pnet_rand=True, verbose=False)
-
-    state = torch.load(weights_path, weights_only=True, map_location="cpu")
+    model = build_lpips(net)
+    state = read_torch_tensors(weights_path, f"a torchvision {net} state dict")
     features = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
     # Map torchvision's `features.K.*` to lpips' `sliceN.K.*` by the layer index K.
     slice_of_layer = {}
@@ -272,7 +285,7 @@ def _fc_is_zero_state(state: Mapping[str, torch.Tensor]) -> bool:
 def fc_is_zero(weights_path: str | os.PathLike) -> bool:
     """True when the Inception state dict at ``weights_path`` has an all-zero (or no) classification layer,
     i.e. its logits carry no class information and the Inception Score is meaningless."""
-    return _fc_is_zero_state(torch.load(weights_path, weights_only=True, map_location="cpu"))
+    return _fc_is_zero_state(read_torch_tensors(weights_path, "an Inception state dict"))
 
 
 @contextlib.contextmanager
@@ -322,7 +335,7 @@ class InceptionFeatures:
             )
         # torch-fidelity reads the file with weights_only=False; loading it here first with
         # weights_only=True guarantees the file holds only tensors before that happens.
-        state = torch.load(weights_path, weights_only=True, map_location="cpu")
+        state = read_torch_tensors(weights_path, "an Inception state dict (torch-fidelity layout)")
         self.fc_is_zero = _fc_is_zero_state(state)
         del state
         self.device = torch.device(device)
@@ -756,9 +769,13 @@ def load_reference(
         raise FileNotFoundError(f"reference file not found: {path}")
     from ssr_cli.npz import check_images, iter_npz_batches, npz_array_info
 
-    with np.load(path, allow_pickle=False) as data:
-        keys = set(data.files)
-        arrays = {k: data[k] for k in keys if k != "arr_0"}  # arr_0 (the images) is streamed, never loaded whole
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            keys = set(data.files)
+            arrays = {k: data[k] for k in keys if k != "arr_0"}  # arr_0 (the images) is streamed, never loaded whole
+    except ValueError as exc:  # e.g. an object array: numpy refuses to unpickle it (allow_pickle=False)
+        raise ValueError(f"{path}: not a reference batch of plain arrays ({one_line(exc)}; pickled objects are "
+                         "never loaded); remake it with `ssr evaluate --make-ref`") from None
     if "format" in arrays and str(arrays["format"]) == REFERENCE_FORMAT:
         return ReferenceStats(
             mu=arrays["mu"], sigma=arrays["sigma"], mu_s=arrays.get("mu_s"), sigma_s=arrays.get("sigma_s"),

@@ -107,24 +107,65 @@ def _read_json(path: Path) -> dict | None:
 
 def check_builds(cfg: Recipe, stages: tuple[str, ...] = STAGES) -> list[str]:
     """What ``--dry-run`` checks: build the models these stages would build (no data, no weights files), so a
-    mismatch between tokenizer, regularizer and DiT fails here as it would in the run. Returns what was built."""
+    mismatch between tokenizer, regularizer, DiT and the networks of evaluate / probe-channels / diffusability /
+    denoise fails here as it would in the run. Returns what was built."""
     import torch
 
     from ssr_cli.finetune import build_regularizer, build_tokenizer
     from ssr_cli.generate import _dit_kwargs, build_dit_from
     from ssr_cli.vae_train import is_vae_family
 
-    tok = build_tokenizer(cfg, weights=None)
-    built = [f"tokenizer {cfg.tokenizer.family}/{cfg.tokenizer.size}"]
+    built: list[str] = []
+    if "denoise" in stages:  # no tokenizer: a denoiser and its SSR dynamics
+        from ssr_cli.denoise import build_arms
+
+        built += build_arms(cfg)
+        if not set(stages) - {"denoise"}:
+            return built
+    tok = build_tokenizer(cfg, weights=None).eval()
+    built.append(f"tokenizer {cfg.tokenizer.family}/{cfg.tokenizer.size}")
+
+    @torch.no_grad()
+    def latent_of(size: int, batch: int = 1) -> torch.Tensor:
+        return tok.encode_latent(torch.zeros(batch, 3, size, size))
+
     if "finetune" in stages and not is_vae_family(cfg):
         build_regularizer(cfg, cfg.regularizer.kind, tok.latent_channels, None)
         built.append(f"regularizer {cfg.regularizer.kind} on {tok.latent_channels} channels")
     if {"train-dit", "sample"} & set(stages):
-        with torch.no_grad():
-            z = tok.eval().encode_latent(torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size))
+        z = latent_of(cfg.data.image_size)
         kwargs = _dit_kwargs(cfg, {"latent_shape": list(z.shape[1:]), "num_classes": cfg.dit.num_classes or 1})
         build_dit_from(kwargs)
         built.append(f"DiT {cfg.dit.model} on latents {tuple(z.shape[1:])}")
+    if "evaluate" in stages and (cfg.eval.reconstruction or is_vae_family(cfg)):
+        vae = is_vae_family(cfg)  # the VAEs are evaluated at data.image_size, without LPIPS
+        size = cfg.data.image_size if vae else cfg.eval.image_size or cfg.data.image_size
+        with torch.no_grad():
+            tok.decode(latent_of(size))
+        built.append(f"reconstruction at {size}x{size}")
+        if cfg.eval.lpips_weights and not vae:
+            from ssr_cli.metrics import build_lpips
+
+            build_lpips(cfg.eval.lpips_net)
+            built.append(f"LPIPS {cfg.eval.lpips_net}")
+    if "probe-channels" in stages:
+        from ssr_cli.probe import probe_dynamics, probe_grid
+
+        size = cfg.probe.image_size or cfg.data.image_size
+        grid_w, grid_h = probe_grid(cfg, latent_of(size).shape[1])
+        probe_dynamics(cfg, grid_w, grid_h)
+        built.append(f"probe dynamics {cfg.regularizer.basis} {grid_w}x{grid_h} at {size}x{size}")
+    if "diffusability" in stages:
+        from ssr_cli.diffusability import TransformedTokenizer, build_probe_dit
+
+        d = cfg.diffusability
+        transformed = TransformedTokenizer(tok, d.latent_transform, d.transform_strength, d.transform_seed)
+        shape = tuple(transformed.forward_map(latent_of(cfg.data.image_size, batch=2)).shape[1:])
+        built.append(f"latent transform {d.latent_transform} on latents {shape}")
+        if "flow_probe" in d.proxies:
+            build_probe_dit(shape, model=d.probe_model, depth=d.probe_depth, hidden=d.probe_hidden,
+                            heads=d.probe_heads)
+            built.append(f"flow-probe DiT {d.probe_model}")
     return built
 
 

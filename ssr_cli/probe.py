@@ -163,11 +163,19 @@ def partial_decodes(tokenizer, z: torch.Tensor, order: list[int], fill: torch.Te
     return out
 
 
+def probe_grid(cfg: Recipe, channels: int) -> tuple[int, int]:
+    """The [regularizer]'s basis grid (W, H) over a latent of ``channels`` channels; a grid that does not fit is
+    a ValueError naming ``regularizer.grid`` (raised by the run and by ``--dry-run`` alike)."""
+    from ssr_cli.regularizers import resolve_grid
+
+    return resolve_grid(channels, cfg.regularizer.grid)
+
+
 @torch.no_grad()
 def run_probe(cfg: Recipe, rt: Runtime, *, weights: str | None = None, out_dir: Path | None = None) -> dict:
     from scipy.stats import spearmanr
 
-    from ssr_cli.bases import frequency_order, grid_for_channels, project
+    from ssr_cli.bases import frequency_order, project
     from ssr_cli.blur import gaussian_blur
     from ssr_cli.finetune import build_tokenizer, load_tokenizer_for_run
     from ssr_cli.images import save_grid
@@ -193,7 +201,7 @@ def run_probe(cfg: Recipe, rt: Runtime, *, weights: str | None = None, out_dir: 
 
     z_pool = tokenizer.encode_latent(pool)
     channels = z_pool.shape[1]
-    grid_w, grid_h = grid_for_channels(channels, cfg.regularizer.grid)
+    grid_w, grid_h = probe_grid(cfg, channels)
     order = frequency_order(grid_w, grid_h)
     fill = mask_fill(z_pool, cfg.probe.fill)
 

@@ -70,10 +70,16 @@ def test_checkpointer_atomic_keep_last_and_corrupt_fallback(tmp_path):
 
 
 def test_checkpoint_with_pickled_object_is_refused(tmp_path):
+    from ssr_cli.engine.checkpoint import CheckpointRefused
+
     ck = Checkpointer(tmp_path)
-    torch.save({"step": 1, "obj": Path("x")}, ck.path_for(1))  # not plain tensors: weights_only refuses it
-    with pytest.warns(UserWarning):
-        assert ck.load_latest() is None
+    ck.save(1, {"w": torch.ones(2)})
+    torch.save({"step": 2, "obj": Path("x")}, ck.path_for(2))  # not plain tensors: weights_only refuses it
+    # Foreign content is not damage: the run stops naming the file instead of falling back to step 1 unnoticed.
+    with pytest.raises(CheckpointRefused, match=r"step_00000002\.pt holds pickled code or objects other than tensors"):
+        ck.load_latest()
+    ck.path_for(2).unlink()  # what the message says to do
+    assert ck.load_latest()["step"] == 1
 
 
 class ToyTask(nn.Module):

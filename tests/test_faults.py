@@ -297,6 +297,29 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_resume_is_identical(tmp_pa
     assert all(torch.equal(a, b) for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()))
 
 
+@pytest.mark.slow  # a CLI process: ~10 s, mostly its start-up
+def test_sigterm_to_the_cli_process_checkpoints_and_exits_0(tmp_path):
+    """What a scheduler does: SIGTERM to `ssr finetune` mid-run. It writes a checkpoint at the next step
+    boundary, says so, releases the run folder's lock and exits 0."""
+    import time
+
+    cfg = _recipe(tmp_path, name="term", train={"steps": 10_000, "ckpt_every_steps": 100_000, "log_every_steps": 1})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "400"}
+    proc = subprocess.Popen([sys.executable, "-m", "ssr_cli", "finetune", str(_toml(tmp_path, cfg))],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    metrics = cfg.run_dir() / "finetune" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        time.sleep(0.1)  # training (and its SIGTERM handler) is running once steps are logged
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    steps = [s for s, _ in Checkpointer(cfg.run_dir() / "finetune" / "checkpoints").list()]
+    assert len(steps) == 1 and 2 <= steps[0] < 10_000
+    assert f"SIGTERM: checkpoint written at step {steps[0]}" in " ".join(output.split())
+    assert not (cfg.run_dir() / ".lock").exists()
+
+
 def test_more_steps_continue_a_finished_run_on_the_new_schedule(tmp_path):
     """Raising the step count of a finished run continues it from its last checkpoint; the LR of the new steps
     is the schedule of the *new* length (a warmup_cosine decay is stretched over the new total, so the LR
@@ -345,6 +368,17 @@ def test_a_second_writer_on_one_run_folder_is_refused(tmp_path):
     result = CliRunner().invoke(app, ["encode-latents", str(_toml(tmp_path, cfg))])
     assert "stale lock" in " ".join(result.output.split()) and "no tokenizer" in " ".join(result.output.split())
     assert not (cfg.run_dir() / ".lock").exists()  # released at exit
+
+
+def test_a_lock_from_another_host_is_refused_and_kept(tmp_path):
+    cfg = _recipe(tmp_path, name="remote")
+    cfg.run_dir().mkdir(parents=True)
+    lock = cfg.run_dir() / ".lock"
+    lock.write_text(json.dumps({"pid": 1, "host": "elsewhere.invalid"}))  # a PID that cannot be checked from here
+    result = CliRunner().invoke(app, ["encode-latents", str(_toml(tmp_path, cfg))], env={"COLUMNS": "400"})
+    assert result.exit_code == 2
+    assert "in use by PID 1 on host elsewhere.invalid" in result.output and "delete the lock file" in result.output
+    assert json.loads(lock.read_text())["host"] == "elsewhere.invalid"  # not taken over
 
 
 # ---------------------------------------------------------------- inputs
@@ -545,3 +579,127 @@ def test_malicious_reference_npz_refused(tmp_path):
     with pytest.raises(ValueError, match="allow_pickle"):
         load_reference(path)
     assert not marker.exists()
+
+
+# --- the same through the CLI: exit 2, one error line, no traceback, the payload never runs ---------------------
+
+CLI_ENV = {"COLUMNS": "400", "NO_COLOR": "1"}  # wide: rich must not wrap the one line
+
+
+def _cli(*args) -> object:
+    return CliRunner().invoke(app, [str(a) for a in args], env=CLI_ENV)
+
+
+def _refused_in_one_line(result, marker: Path, *expected: str) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert not any(line.startswith((" ", "\t")) for line in result.stderr.splitlines()
+                   if line.strip() and "warnings.warn" not in line), result.stderr  # nothing continues it
+    for text in expected:
+        assert text in errors[0], errors[0]
+    assert not marker.exists()  # the pickled code never ran
+    return errors[0]
+
+
+def _signed(path: Path, marker: Path) -> Path:
+    """A malicious payload behind a valid ssr checksum header: the checksum alone must not admit it."""
+    import hashlib
+    import io
+
+    from ssr_cli.engine.checkpoint import MAGIC
+
+    buf = io.BytesIO()
+    torch.save({"weight": _Payload(marker)}, buf)
+    path.write_bytes(MAGIC + hashlib.sha256(buf.getvalue()).digest() + buf.getvalue())
+    return path
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "valid-checksum"])
+def test_cli_refuses_a_malicious_checkpoint(tmp_path, signed):
+    marker = tmp_path / "pwned"
+    cfg = _recipe(tmp_path, name="ck", train={"steps": 2})
+    ckpts = cfg.run_dir() / "finetune" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (_signed if signed else _write_malicious)(ckpts / "step_00000001.pt", marker)
+    line = _refused_in_one_line(_cli("finetune", _toml(tmp_path, cfg)), marker,
+                                "step_00000001.pt holds pickled code", "Unsupported global", "delete it")
+    assert "weights_only=False" not in line  # torch's advice to load it unsafely is not passed on
+    assert (ckpts / "step_00000001.pt").exists()  # neither used nor pruned
+
+
+def test_cli_refuses_malicious_tokenizer_weights(tmp_path):
+    marker = tmp_path / "pwned"
+    cfg = _recipe(tmp_path, name="tok", tokenizer={"weights": str(_write_malicious(tmp_path / "tok.pt", marker))})
+    _refused_in_one_line(_cli("encode-latents", _toml(tmp_path, cfg)), marker,
+                         "tok.pt: expected a plain tensor checkpoint", "Unsupported global")
+    own = _recipe(tmp_path, name="own", eval={"generation": False})  # the run's fine-tuned tokenizer, a pickle
+    own.run_dir().mkdir(parents=True)
+    _write_malicious(own.run_dir() / "tokenizer.safetensors", marker)
+    _refused_in_one_line(_cli("evaluate", _toml(tmp_path, own)), marker,
+                         "tokenizer.safetensors: expected", "cannot be read as safetensors")
+
+
+def test_cli_refuses_malicious_dit_weights(tmp_path):
+    from ssr_cli.generate import CONFIG_FILE, DIT_DIR, EMA_FILE, _dit_kwargs
+
+    marker = tmp_path / "pwned"
+    cfg = _recipe(tmp_path, name="dit")
+    toml = _toml(tmp_path, cfg)
+    stats = tmp_path / "latents_stats.pt"
+    torch.save({"mean": torch.zeros(1, 16, 1, 1), "std": torch.ones(1, 16, 1, 1)}, stats)
+    evil = _write_malicious(tmp_path / "lightningdit.pt", marker)
+    _refused_in_one_line(_cli("import-dit", evil, toml, "--stats", stats), marker,
+                         "lightningdit.pt: expected a LightningDiT .pt", "Unsupported global")
+    # A trained run whose EMA weights file was replaced by a pickle: `ssr sample` refuses it.
+    dit = cfg.run_dir() / DIT_DIR
+    dit.mkdir(parents=True)
+    (dit / CONFIG_FILE).write_text(json.dumps(_dit_kwargs(cfg, {"latent_shape": [16, 4, 4], "num_classes": 1})))
+    _write_malicious(dit / EMA_FILE, marker)
+    _refused_in_one_line(_cli("sample", toml), marker, f"{EMA_FILE}: expected the DiT's EMA weights",
+                         "cannot be read as safetensors")
+
+
+@pytest.mark.parametrize("layout", ["ssr", "lightningdit", "stats"])
+def test_cli_refuses_a_malicious_latent_shard(tmp_path, layout):
+    from ssr_cli.latents import MANIFEST, STATS
+    from ssr_cli.models.lightningdit import write_stats
+
+    marker = tmp_path / "pwned"
+    cfg = _recipe(tmp_path, name="lat")
+    folder = cfg.run_dir() / "latents"
+    folder.mkdir(parents=True)
+    shard = folder / "shard_00000.safetensors"
+    if layout == "stats":  # a valid shard, and a pickle as the statistics file
+        from safetensors.torch import save_file
+
+        save_file({"latents": torch.zeros(8, 16, 4, 4), "labels": torch.zeros(8, dtype=torch.int64)}, str(shard))
+        _write_malicious(folder / STATS, marker)
+        expected = (f"{STATS}: expected LightningDiT's latents_stats.pt", "Unsupported global")
+    else:
+        _write_malicious(shard, marker)
+        write_stats(folder / STATS, torch.zeros(16), torch.ones(16))
+        expected = ("shard_00000.safetensors: expected", "cannot be read as safetensors")
+    if layout != "lightningdit":  # ssr's own cache: a manifest naming the shard
+        (folder / MANIFEST).write_text(json.dumps({
+            "tokenizer": None, "num_images": 8, "latent_shape": [16, 4, 4], "posterior": "mean",
+            "flip_copies": False, "classes": [], "num_classes": 1, "shards": [shard.name], "stats": {"file": STATS}}))
+    _refused_in_one_line(_cli("train-dit", _toml(tmp_path, cfg)), marker, *expected)
+
+
+def test_cli_refuses_malicious_reference_statistics(tmp_path, shared_data):
+    inception = shared_data / "inception" / "pt_inception-2015-12-05-reconstructed-nofc.pth"
+    if not inception.is_file():
+        pytest.skip(f"Inception weights not found at {inception}")
+    marker = tmp_path / "pwned"
+    obj = np.empty(1, dtype=object)
+    obj[0] = _Payload(marker)
+    reference = tmp_path / "ref.npz"
+    np.savez(reference, mu=obj, sigma=np.eye(2))  # np.savez pickles object arrays
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, arr_0=np.zeros((2, 16, 16, 3), dtype=np.uint8))
+    cfg = _recipe(tmp_path, name="ref", eval={"reconstruction": False, "reference": str(reference),
+                                              "inception_weights": str(inception)})
+    _refused_in_one_line(_cli("evaluate", _toml(tmp_path, cfg), "--gfid", "--samples", samples), marker,
+                         "ref.npz: not a reference batch of plain arrays", "allow_pickle=False")

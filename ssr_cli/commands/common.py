@@ -27,9 +27,8 @@ SetOpt = Annotated[
         show_default=False,
     ),
 ]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and exit (finetune, encode-latents, "
-                                         "train-dit, sample and pipeline also build their models, without data or weights, and fail "
-                                         "where the run would).")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe, build the models the run would build "
+                                         "(without data or weights) and exit; fails (exit 2) where the run would.")]
 DeviceOpt = Annotated[
     Optional[str],
     typer.Option("--device", help="cpu, cuda or auto (overrides run.device).", show_default=False),

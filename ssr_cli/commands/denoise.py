@@ -2,17 +2,7 @@
 
 from __future__ import annotations
 
-from ssr_cli.commands.common import (
-    DeviceOpt,
-    DryRunOpt,
-    RecipeArg,
-    SetOpt,
-    console,
-    fail,
-    load_recipe,
-    print_recipe,
-    start_run,
-)
+from ssr_cli.commands.common import DeviceOpt, DryRunOpt, RecipeArg, SetOpt, load_recipe, run_dry, start_run
 
 
 def denoise(recipe: RecipeArg, set_: SetOpt = None, dry_run: DryRunOpt = False, device: DeviceOpt = None) -> None:
@@ -28,25 +18,7 @@ def denoise(recipe: RecipeArg, set_: SetOpt = None, dry_run: DryRunOpt = False, 
     """
     cfg = load_recipe(recipe, set_, device)
     if dry_run:
-        from rich.table import Table
-
-        from ssr_cli.denoise import arms_of, build_denoiser, build_dynamics
-
-        print_recipe(cfg)
-        try:
-            kinds = arms_of(cfg)
-            dynamics = build_dynamics(cfg) if "ssr" in kinds else None
-        except ValueError as exc:
-            fail(str(exc))
-        model = build_denoiser(cfg)
-        table = Table(title=f"denoiser (arms: {', '.join('baseline' if k == 'none' else k for k in kinds)})")
-        table.add_column("parameters")
-        table.add_column("count", justify="right")
-        count = sum(p.numel() for p in model.parameters())
-        table.add_row("denoiser", f"{count / 1e6:.3f}M ({count:,})")
-        if dynamics is not None:
-            table.add_row("SSR (A nonzeros, log Δ)", f"{sum(p.numel() for p in dynamics.parameters()):,}")
-        console.print(table)
+        run_dry(cfg, ("denoise",))
         return
     from ssr_cli.denoise import run_denoise
 

@@ -16,7 +16,7 @@ from ssr_cli.commands.common import (
     WeightsOpt,
     compared_results,
     load_recipe,
-    print_recipe,
+    run_dry,
     start_run,
 )
 
@@ -41,7 +41,7 @@ def diffusability(
     """
     cfg = load_recipe(recipe, set_, device)
     if dry_run:
-        print_recipe(cfg)
+        run_dry(cfg, ("diffusability",))
         return
     from ssr_cli.diffusability import compare_diffusability, run_diffusability
 

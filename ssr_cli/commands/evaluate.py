@@ -16,7 +16,7 @@ from ssr_cli.commands.common import (
     compared_results,
     current_run_recipe,
     load_recipe,
-    print_recipe,
+    run_dry,
     start_run,
 )
 
@@ -53,7 +53,7 @@ def evaluate(
     """
     cfg = load_recipe(current_run_recipe(recipe), set_, device)
     if dry_run:
-        print_recipe(cfg)
+        run_dry(cfg, ("evaluate",))
         return
     from ssr_cli.evaluation import make_reference, run_evaluate
 

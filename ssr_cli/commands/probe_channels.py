@@ -16,7 +16,7 @@ from ssr_cli.commands.common import (
     compared_results,
     current_run_recipe,
     load_recipe,
-    print_recipe,
+    run_dry,
     start_run,
 )
 
@@ -48,7 +48,7 @@ def probe_channels(
     """
     cfg = load_recipe(current_run_recipe(recipe), set_, device)
     if dry_run:
-        print_recipe(cfg)
+        run_dry(cfg, ("probe-channels",))
         return
     from ssr_cli.probe import run_probe
 

@@ -5,7 +5,9 @@ dicts (no pickled code), so they load with ``weights_only=True``. A write goes t
 the same folder, is flushed to disk and then renamed over the target, so a crash never leaves a
 half-written checkpoint under a real name. Each file starts with a header (magic + SHA-256 of the
 ``torch.save`` payload that follows), verified at load: a flipped byte is detected like a truncated file.
-Loading walks from the newest file back and skips any that fails to load or to verify, with a warning.
+Loading walks from the newest file back and skips any that fails to load or to verify, with a warning; a
+file that ``weights_only`` refuses (pickled code or other objects, which ssr never writes) stops the run
+instead (:class:`CheckpointRefused`): it was put there, not damaged, and is neither used nor pruned.
 Old checkpoints are pruned (keep-last-K) only after the new one has been read back and verified, so the
 only valid checkpoint is never deleted; a write that fails (a full disk) leaves the previous ones intact.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -22,11 +25,15 @@ from typing import Any
 
 import torch
 
-from ssr_cli.errors import UserError
+from ssr_cli.errors import UserError, one_line
 
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
 MAGIC = b"SSRCKPT1"
 """First bytes of a checksummed checkpoint; the 32-byte SHA-256 of the payload follows, then the payload."""
+
+
+class CheckpointRefused(UserError):
+    """A checkpoint holds pickled code or objects other than tensors: not loaded, and the run stops."""
 
 
 class CheckpointWriteError(UserError):
@@ -135,12 +142,19 @@ class Checkpointer:
 
     def load_latest(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
         """The newest checkpoint that loads and verifies (on the CPU; ``map_location`` is kept for callers and
-        ignored); corrupt, truncated or modified ones are skipped with a warning."""
+        ignored); corrupt, truncated or modified ones are skipped with a warning; one that ``weights_only``
+        refuses raises :class:`CheckpointRefused`."""
         for step, path in reversed(self.list()):
             try:
                 state = load_checkpoint_file(path)
-            except Exception as exc:  # noqa: BLE001 - any failure means "unusable", try the previous one
-                warnings.warn(f"skipping unreadable checkpoint {path}: {type(exc).__name__}: {exc}", stacklevel=2)
+            except pickle.UnpicklingError as exc:  # weights_only refused it: not damage but foreign content
+                raise CheckpointRefused(
+                    f"{path} holds pickled code or objects other than tensors ({one_line(exc)}); ssr never writes "
+                    "such a checkpoint, so it is not loaded: delete it (or restore a trusted copy) and run again "
+                    "to resume from the previous one") from None
+            except Exception as exc:  # noqa: BLE001 - any other failure means "unusable", try the previous one
+                warnings.warn(f"skipping unreadable checkpoint {path}: {type(exc).__name__}: {one_line(exc)}",
+                              stacklevel=2)
                 continue
             if not isinstance(state, dict) or state.get("step") != step:
                 warnings.warn(f"skipping checkpoint {path}: its content does not match its name", stacklevel=2)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ssr_cli.models.dit import DIT_SIZES, DiT, build_dit, rope_2d_angles
-from ssr_cli.models.weights import WeightsError
+from ssr_cli.models.weights import WeightsError, read_torch_tensors
 
 _ROPE_KEYS = ("feat_rope.freqs_cos", "feat_rope.freqs_sin")
 
@@ -40,11 +40,7 @@ def checkpoint_state(path: str | Path, use: str = "ema") -> dict[str, torch.Tens
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"LightningDiT checkpoint not found: {path}")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        raise WeightsError(f"{path}: expected a LightningDiT .pt readable with weights_only=True, found an "
-                           f"unreadable file ({exc})") from exc
+    data = read_torch_tensors(path, "a LightningDiT .pt")
     if not isinstance(data, dict):
         raise WeightsError(f"{path}: expected a dict (a state dict or {{'model', 'ema'}}), found {type(data).__name__}")
     if use in data and isinstance(data[use], dict):
@@ -150,10 +146,7 @@ def read_stats(path: str | Path, latent_multiplier: float = 1.0) -> tuple[torch.
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"latent statistics not found: {path} (LightningDiT's latents_stats.pt)")
-    try:
-        stats = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise WeightsError(f"{path}: expected LightningDiT's latents_stats.pt, found an unreadable file ({exc})") from exc
+    stats = read_torch_tensors(path, "LightningDiT's latents_stats.pt")
     if not (isinstance(stats, dict) and all(isinstance(stats.get(k), torch.Tensor) for k in ("mean", "std"))):
         found = sorted(stats) if isinstance(stats, dict) else type(stats).__name__
         raise WeightsError(f"{path}: expected a dict with tensors 'mean' and 'std', found {found}")

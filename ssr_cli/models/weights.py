@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ssr_cli.errors import UserError
+from ssr_cli.errors import UserError, one_line
 
 RECIPE_KEY = "tokenizer.weights"
 _TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
@@ -82,6 +82,27 @@ def compare_state_dicts(model_state: dict[str, torch.Tensor], file_state: dict[s
     return report
 
 
+def read_safetensors(path: str | Path, what: str = "a safetensors weights file") -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file on the CPU; a damaged or foreign file (a pickle under that name, say:
+    it is never unpickled) is one WeightsError line naming it."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a damaged or foreign file
+        raise WeightsError(f"{path}: expected {what}, but it cannot be read as safetensors ({one_line(exc)})") from None
+
+
+def read_torch_tensors(path: str | Path, what: str, hint: str = ""):
+    """``torch.load(path, weights_only=True)`` on the CPU: no pickled code runs. A file it refuses (code, objects
+    other than tensors) or cannot read is one WeightsError line: ``{path}: expected {what} …{hint}``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise WeightsError(f"{path}: expected {what} readable with weights_only=True, found an unreadable or unsafe "
+                           f"file ({one_line(exc)}){hint}") from None
+
+
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a weights file into a flat ``{name: tensor}`` dict on the CPU (dtypes as stored)."""
     if str(path).startswith(("hf://", "http://", "https://")):
@@ -102,20 +123,10 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         )
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path), device="cpu")
-        except Exception as exc:  # safetensors raises its own error types for a damaged or foreign file
-            raise WeightsError(f"{path}: not a readable .safetensors file ({exc})") from exc
+        state = read_safetensors(path)
     elif suffix in _TORCH_SUFFIXES:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise WeightsError(
-                f"{path}: not a plain tensor checkpoint loadable with weights_only=True ({exc}); convert it to "
-                ".safetensors or save only the state_dict"
-            ) from exc
+        state = read_torch_tensors(path, "a plain tensor checkpoint",
+                                   "; convert it to .safetensors or save only the state_dict")
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
     elif suffix == ".jit":
