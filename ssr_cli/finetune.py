@@ -219,8 +219,10 @@ def finetune_inputs(cfg: Recipe) -> dict:
     loss, data and training settings and the seed (not ``train.steps``: more steps extend a run)."""
     from ssr_cli.inputs import file_sha256, settings
 
+    # A pretrain-only run (train.steps = 0) never uses the regularizer: its settings do not shape the output.
+    regularizer = settings(cfg.regularizer) if cfg.train.steps else None
     return {"start": file_sha256(cfg.tokenizer.weights), "tokenizer": settings(cfg.tokenizer, "weights"),
-            "regularizer": settings(cfg.regularizer), "loss": settings(cfg.loss), "seed": cfg.run.seed,
+            "regularizer": regularizer, "loss": settings(cfg.loss), "seed": cfg.run.seed,
             "data": settings(cfg.data, "num_workers", "max_unreadable_fraction"),
             "train": settings(cfg.train, "steps", "ckpt_every_steps", "keep_last", "log_every_steps",
                               "image_every_steps", "max_nonfinite_steps")}

@@ -131,7 +131,8 @@ class Study:
         return time.perf_counter() - t0
 
     def fingerprint(self, args: list, inputs: list[Path]) -> str:
-        payload = {"args": args, "common": self.common(), "recipe": sha256(RECIPE),
+        common = [s for s in self.common() if not s.startswith("run.threads=")]  # threads do not shape results
+        payload = {"args": args, "common": common, "recipe": sha256(RECIPE),
                    "inputs": {str(p): sha256(p) for p in inputs}}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
