@@ -32,3 +32,25 @@ def test_quickstart_seed_driver_reports_and_skips_finished_runs(tmp_path, capsys
     driver.main(argv)
     assert "s0-ssr: finished, skipped" in capsys.readouterr().out
     assert (tmp_path / "runs" / "s0-ssr" / "probe" / "probe.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow  # pretrain, reference, one whole chain (pipeline, Kodak, diffusability) at toy size
+def test_cifar10_study_driver_runs_a_toy_chain_reports_and_then_does_nothing(tmp_path, capsys):
+    study = _load(ROOT / "studies" / "cifar10" / "study.py")
+    argv = ["--toy", "--only", "none", "--threads", "1", "--out", str(tmp_path / "runs")]
+    assert study.main(argv) == 0
+    results = tmp_path / "runs" / "results"
+    report = json.loads((results / "report.json").read_text())
+    row = report["rows"]["none-s0"]
+    # every measure of the chain was produced by its command: reconstruction, Kodak, generation, probe, proxies
+    for key in ("psnr", "ssim", "kodak_psnr", "gfid", "psnr_half", "dyn_err", "flow_loss", "ifid", "hf"):
+        assert row[key] is not None and row[key] == row[key], key
+    assert 5.0 < row["psnr"] < 60.0 and row["gfid"] > 0
+    assert "none-s0" not in report["pending"] and "ssr-s0" in report["pending"]
+    assert "| recon only |" in (results / "report.md").read_text()
+    stamp = (tmp_path / "runs" / "none-s0" / "eval.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert study.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "none-s0: finished, skipped" in out and "nothing to do" in out
+    assert (tmp_path / "runs" / "none-s0" / "eval.json").stat().st_mtime_ns == stamp
