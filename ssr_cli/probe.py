@@ -101,7 +101,7 @@ def run_probe(cfg: Recipe, rt: Runtime, *, weights: str | None = None, out_dir: 
     from ssr_cli.images import save_grid
     from ssr_cli.metrics import psnr_uint8
     from ssr_cli.plots import plot_curves, plot_latent_dynamics
-    from ssr_cli.regularizers import SSRDynamics
+    from ssr_cli.regularizers import dynamics_from_config
     from ssr_cli.training import image_dataset
 
     out = Path(out_dir) if out_dir else cfg.run_dir() / "probe"
@@ -139,8 +139,7 @@ def run_probe(cfg: Recipe, rt: Runtime, *, weights: str | None = None, out_dir: 
     decay = blur_decay(tokenizer, pool, max(cfg.probe.taus))
     r = cfg.regularizer
     pairs = [(float(t1), float(t1 + r.delta_tau)) for t1 in np.linspace(0.0, r.tau_max - r.delta_tau, 4)]
-    recipe_dynamics = SSRDynamics.from_basis(r.basis, grid_w, grid_h, orthonormal=r.orthonormal,
-                                             delta_init=r.delta_init, discretization=r.discretization)
+    recipe_dynamics = dynamics_from_config(r, channels, image_size=cfg.data.image_size, seed=cfg.run.seed)
     dyn_err = dynamics_error(tokenizer, pool, recipe_dynamics, pairs, mean_centering=r.mean_centering)
     rho_decay = (float(spearmanr(np.arange(channels), -np.log(decay[order])).statistic)
                  if channels > 2 else float("nan"))
@@ -159,7 +158,8 @@ def run_probe(cfg: Recipe, rt: Runtime, *, weights: str | None = None, out_dir: 
         zt = tokenizer.encode_latent(blurred)
         latent_means.append(zt[0, shown].mean(dim=(-2, -1)).float().cpu().numpy())
         g = gaussian_blur(grey[None, None], torch.tensor([tau], device=first.device))[0, 0].cpu().numpy()
-        coeff = project(g, cfg.regularizer.basis, grid_w, grid_h)
+        # a random A has no basis functions: its plot shows the image's Fourier coefficients
+        coeff = project(g, "fourier" if r.basis == "random" else r.basis, grid_w, grid_h)
         true_coeffs.append(np.real(coeff)[shown])
     labels = [f"ch {c} (w,h)=({c % grid_w},{c // grid_w})" for c in shown]
     dyn_path = plot_latent_dynamics(taus, np.stack(latent_means), np.stack(true_coeffs), labels,
