@@ -226,3 +226,23 @@ def test_denoise_ssr_feature_loss_follows_latent_loss(reading):
     # the two readings differ by the squared change of the channel means (nonzero for different inputs)
     other = ssr_feature_loss(model, dyn, i1, i2, latent_loss="carried_mean" if reading == "centred" else "centred")
     assert abs(float(other) - float(got)) > 1e-6
+
+
+# ----------------------------------------------------------------------------------------------- derive-a
+
+
+def test_derive_a_with_recipe_readings(tmp_path):
+    """derive-a on a recipe: discretization "auto" prints ZOH's Ā; a random-A recipe is one clear error."""
+    from typer.testing import CliRunner
+
+    from ssr_cli.cli import app
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[regularizer]\ndiscretization = "auto"\n')
+    out = tmp_path / "A.npy"
+    result = CliRunner().invoke(app, ["derive-a", str(recipe), "--out", str(out)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "zoh" in result.output
+    recipe.write_text('[regularizer]\nbasis = "random"\n')
+    result = CliRunner().invoke(app, ["derive-a", str(recipe)], env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "pass --basis" in result.output
