@@ -43,6 +43,8 @@ from scipy import special as _special
 
 BASES = ("fourier", "chebyshev", "legendre", "hermite")
 DISCRETIZATIONS = ("euler", "zoh")
+RANDOM_A_STREAM = 0x5A4D
+"""Label in the seed of the random A, so it never shares a random stream with anything else drawn from run.seed."""
 HERMITE_ALPHA = 0.5
 """Paper eq. 68: the Hermite variable is u = (2x − L)/(α·L); α = ½ maps the image [0, L] to u ∈ [−2, 2]."""
 
@@ -250,13 +252,14 @@ def delta_from_blur(basis: str, W: int, H: int, blur_gap: float, image_size: int
 def random_a_matrix(channels: int, seed: int, *, normalize: bool = True) -> np.ndarray:
     """A seeded random A for the random-A ablation (paper Table 4), (C, C) float64.
 
-    A = −M·Mᵀ with M a C×C matrix of standard normal entries (numpy's PCG64 seeded with ``seed``): dense,
+    A = −M·Mᵀ with M a C×C matrix of standard normal entries (numpy's PCG64 seeded with the SeedSequence of
+    (``seed``, C, a label of this use), so the run seed gives one A per channel count and no other stream): dense,
     symmetric and negative semi-definite, like the heat-flow generators of the real bases (their spectra are
     ≤ 0), so exp(Δ·A) is a contraction for every Δ ≥ 0 and the ablation tests structure, not stability.
     ``normalize`` divides by max|A| (max|A| = 1, the other bases' initialisation)."""
     if channels < 1:
         raise ValueError(f"number of channels must be >= 1, got {channels}")
-    m = np.random.default_rng(seed).standard_normal((channels, channels))
+    m = np.random.default_rng([int(seed) % 2**64, channels, RANDOM_A_STREAM]).standard_normal((channels, channels))
     A = -(m @ m.T)
     A = 0.5 * (A + A.T)  # exactly symmetric
     return A / np.max(np.abs(A)) if normalize else A

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssr_cli import bases
 from ssr_cli.blur import gaussian_blur, sample_tau_pairs
 from ssr_cli.models.tokenizer import DiagonalGaussian, latent_of
 
@@ -87,10 +88,8 @@ def resolve_grid(latent_channels: int, grid: str | tuple[int, int] | None = None
     if grid is None:
         return most_square_grid(latent_channels)
     if isinstance(grid, str):
-        from ssr_cli.bases import parse_grid
-
         try:
-            w, h = parse_grid(grid)
+            w, h = bases.parse_grid(grid)
         except ValueError as exc:
             raise ValueError(f"regularizer.grid = {grid!r}: {exc}") from None
     else:
@@ -203,10 +202,8 @@ class SSRDynamics(nn.Module):
     ) -> "SSRDynamics":
         """Dynamics initialised from ``bases.a_matrix(basis, width, height, domain=domain)`` (normalised to
         max|A| = 1 unless ``normalize`` is False)."""
-        from ssr_cli.bases import a_matrix, nonzero_mask
-
-        a = a_matrix(basis, width, height, normalize=normalize, orthonormal=orthonormal, domain=domain)
-        return cls(a, mask=nonzero_mask(a), **kwargs)
+        a = bases.a_matrix(basis, width, height, normalize=normalize, orthonormal=orthonormal, domain=domain)
+        return cls(a, mask=bases.nonzero_mask(a), **kwargs)
 
     @property
     def channels(self) -> int:
@@ -303,9 +300,6 @@ def build_dynamics(
     dynamics of a blur of ``delta_tau`` px² at ``image_size`` px (``bases.delta_from_blur``); this needs A to be
     proportional to the orthonormal-coefficient generator (Fourier, or ``orthonormal``), else ValueError.
     """
-    from ssr_cli import bases
-    from ssr_cli.engine.runtime import step_seed
-
     if a_normalization not in A_NORMALIZATIONS:
         raise ValueError(f"regularizer.a_normalization must be one of {', '.join(A_NORMALIZATIONS)}, "
                          f"got {a_normalization!r}")
@@ -318,7 +312,7 @@ def build_dynamics(
         if delta_source != "fixed" or not normalize:
             raise ValueError("regularizer.basis = 'random' has no physical time: it needs "
                              "regularizer.delta_source = 'fixed' and regularizer.a_normalization = 'max'")
-        a = bases.random_a_matrix(latent_channels, step_seed(seed, "random-A"))
+        a = bases.random_a_matrix(latent_channels, seed)
         return SSRDynamics(a, mask=np.ones_like(a, dtype=bool), delta_init=delta_init, **common)
     width, height = resolve_grid(latent_channels, grid)
     domain = bases.image_domain(width, height, image_aspect)
