@@ -308,13 +308,13 @@ def build_dynamics(
     method = resolve_discretization(discretization, basis)
     common = dict(discretization=method, learn_a=learn_a, learn_delta=learn_delta)
     normalize = a_normalization == "max"
+    width, height = resolve_grid(latent_channels, grid)  # checked for a random A too (the probe orders by it)
     if basis == "random":
         if delta_source != "fixed" or not normalize:
             raise ValueError("regularizer.basis = 'random' has no physical time: it needs "
                              "regularizer.delta_source = 'fixed' and regularizer.a_normalization = 'max'")
         a = bases.random_a_matrix(latent_channels, seed)
         return SSRDynamics(a, mask=np.ones_like(a, dtype=bool), delta_init=delta_init, **common)
-    width, height = resolve_grid(latent_channels, grid)
     domain = bases.image_domain(width, height, image_aspect)
     a = bases.a_matrix(basis, width, height, normalize=normalize, orthonormal=orthonormal, domain=domain)
     delta = delta_init
