@@ -3,6 +3,8 @@ discretization "auto", the random-A ablation, and denoise's latent-loss reading.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import scipy.linalg as sla
@@ -247,3 +249,31 @@ def test_derive_a_with_recipe_readings(tmp_path):
     recipe.write_text('[regularizer]\nbasis = "random"\n')
     result = CliRunner().invoke(app, ["derive-a", str(recipe)], env={"COLUMNS": "200"})
     assert result.exit_code == 2 and "pass --basis" in result.output
+
+
+# ----------------------------------------------------------------------------------------------- finetune
+
+
+@pytest.mark.parametrize("keys", [{"delta_source": "blur_gap"}, {"basis": "random", "latent_space": "raw"}])
+def test_tiny_finetune_records_the_start_delta(tmp_path, keys, one_thread):
+    """A 3-step SSR fine-tune with the new readings: it runs, logs delta, and saves the Δ it started from."""
+    from safetensors.torch import load_file
+
+    from ssr_cli.engine.runtime import setup_runtime
+    from ssr_cli.finetune import run_finetune
+
+    cfg = from_dict({
+        "run": {"name": "t", "out_dir": str(tmp_path), "device": "cpu", "precision": "fp32"},
+        "data": {"source": "builtin", "image_size": 16, "builtin_crops": 8},
+        "tokenizer": {"family": "kl-ae", "size": "tiny"},
+        "regularizer": {"kind": "ssr", "alpha": 1.0, "lambda_pred_lpips": 0.0, **keys},
+        "loss": {"lambda_lpips": 0.0},
+        "train": {"steps": 3, "batch_size": 4, "ckpt_every_steps": 10, "log_every_steps": 1,
+                  "image_every_steps": 100, "lr": 1e-3, "lr_min": 1e-5},
+    })
+    run_finetune(cfg, setup_runtime("cpu", "fp32"))
+    saved = load_file(tmp_path / "t" / "finetune" / "ssr_dynamics.safetensors")
+    start = B.delta_from_blur("fourier", 4, 4, 4.0, 16) if "delta_source" in keys else 0.1
+    assert float(saved["delta_init"]) == pytest.approx(start, rel=1e-6)
+    lines = (tmp_path / "t" / "finetune" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and all(np.isfinite(json.loads(x)["ssr_latent"]) for x in lines)
