@@ -216,7 +216,7 @@ def a_matrix(basis: str, W: int, H: int, *, normalize: bool = True, orthonormal:
     Ph, Dh = gram_1d(basis, H)
     sx, _ = domain_map(basis, lx)
     sy, _ = domain_map(basis, ly)
-    # ∂²/∂x² = sx²·∂²/∂u² and dx dy = du dv/(sx sy): the x-term carries sx/sy (= L_y/L_x for every basis here).
+    # ∂²/∂x² = sx²·∂²/∂u², dx dy = du dv/(sx sy): the x-term carries sx/sy (= L_y/L_x for every basis here).
     A = 0.5 * ((sx / sy) * np.kron(Ph, Dw) + (sy / sx) * np.kron(Dh, Pw))
     if orthonormal:
         inv_norm = 1.0 / np.sqrt(norms_sq(basis, W, H, domain=(lx, ly)))

@@ -346,7 +346,8 @@ class DenoiseConfig(Section):
     feature_norm: bool = True
     """GroupNorm(1) without affine on the bottleneck features (fixes their scale; SSR diverges without it)."""
     lambda_ssr: float = Field(0.1, ge=0.0)
-    """Weight of the SSR latent term added (with probability regularizer.alpha) to the L1 loss."""
+    """Weight of the SSR latent term (in the reading regularizer.latent_loss) added, with probability
+    regularizer.alpha, to the L1 loss."""
     normalize_latent: bool = False
     """Divide the SSR MSE by the mean square of the centred target features."""
     blur_source: Literal["noisy", "clean"] = "noisy"
