@@ -43,6 +43,8 @@ from scipy import special as _special
 
 BASES = ("fourier", "chebyshev", "legendre", "hermite")
 DISCRETIZATIONS = ("euler", "zoh")
+RANDOM_A_STREAM = 0x5A4D
+"""Label in the seed of the random A, so it never shares a random stream with anything else drawn from run.seed."""
 HERMITE_ALPHA = 0.5
 """Paper eq. 68: the Hermite variable is u = (2x − L)/(α·L); α = ½ maps the image [0, L] to u ∈ [−2, 2]."""
 
@@ -161,35 +163,63 @@ def gram_1d(basis: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     return P, D
 
 
-def norms_sq(basis: str, W: int, H: int) -> np.ndarray:
-    """(C,) squared norms ‖φ_n‖²_ω of the paper's 2D basis functions on the physical domain [0,W]×[0,H]."""
+def image_domain(W: int, H: int, aspect: float = 1.0) -> tuple[float, float]:
+    """Physical side lengths (L_x, L_y) of the basis domain for an image of width/height ratio ``aspect``.
+
+    The domain has the image's shape, whatever the grid (the grid only indexes the basis functions): its
+    longer side is max(W, H) units and the other follows the aspect ratio. A square image gives a square
+    domain (an 8×4 grid on it: 8×8 units), so a W×W grid keeps today's [0, W]² domain."""
+    if not aspect > 0 or W < 1 or H < 1:
+        raise ValueError(f"need W, H >= 1 and an aspect ratio > 0, got W={W}, H={H}, aspect={aspect}")
+    side = float(max(W, H))
+    return (side, side / aspect) if aspect >= 1 else (side * aspect, side)
+
+
+def _domain(W: int, H: int, domain: tuple[float, float] | None) -> tuple[float, float]:
+    """(L_x, L_y): ``domain`` when given (checked), else the grid's own [0, W]×[0, H]."""
+    if domain is None:
+        return float(W), float(H)
+    lx, ly = (float(v) for v in domain)
+    if not (lx > 0 and ly > 0):
+        raise ValueError(f"domain side lengths must be > 0, got {domain}")
+    return lx, ly
+
+
+def norms_sq(basis: str, W: int, H: int, *, domain: tuple[float, float] | None = None) -> np.ndarray:
+    """(C,) squared norms ‖φ_n‖²_ω of the paper's 2D basis functions on the physical domain [0,L_x]×[0,L_y]
+    (``domain``; default the grid's [0,W]×[0,H])."""
     basis = check_basis(basis)
-    sx, _ = domain_map(basis, W)
-    sy, _ = domain_map(basis, H)
+    lx, ly = _domain(W, H, domain)
+    sx, _ = domain_map(basis, lx)
+    sy, _ = domain_map(basis, ly)
     Pw = np.diag(gram_1d(basis, W)[0])
     Ph = np.diag(gram_1d(basis, H)[0])
     # dx dy = du dv / (sx sy)
     return np.kron(Ph, Pw) / (sx * sy)
 
 
-def a_matrix(basis: str, W: int, H: int, *, normalize: bool = True, orthonormal: bool = False) -> np.ndarray:
+def a_matrix(basis: str, W: int, H: int, *, normalize: bool = True, orthonormal: bool = False,
+             domain: tuple[float, float] | None = None) -> np.ndarray:
     """The continuous-time A, (C, C) float64 with C = W·H, rows/columns in channel order n = w + W·h.
 
     A[k, n] = ½·⟨∇²φ_n, φ_k⟩_ω (paper eq. 40); ``orthonormal=True`` gives ½·⟨∇²ψ_n, ψ_k⟩_ω for the
     normalized basis ψ_n = φ_n/‖φ_n‖, the exact generator of orthonormal coefficients (time = Gaussian
-    variance in physical units², the image spanning [0,W]×[0,H]). ``normalize=True`` divides by max|A| so
-    that max|A| = 1 (the paper's initialisation); an all-zero A (e.g. a 1×1 grid) is returned unchanged."""
+    variance in physical units², the image spanning the domain). ``domain`` = (L_x, L_y): the physical
+    domain [0, L_x]×[0, L_y] the image spans (:func:`image_domain`); default the grid's [0, W]×[0, H].
+    ``normalize=True`` divides by max|A| so that max|A| = 1 (the paper's initialisation); an all-zero A
+    (e.g. a 1×1 grid) is returned unchanged."""
     basis = check_basis(basis)
     if W < 1 or H < 1:
         raise ValueError(f"grid must be at least 1x1, got W={W}, H={H}")
+    lx, ly = _domain(W, H, domain)
     Pw, Dw = gram_1d(basis, W)
     Ph, Dh = gram_1d(basis, H)
-    sx, _ = domain_map(basis, W)
-    sy, _ = domain_map(basis, H)
-    # ∂²/∂x² = sx²·∂²/∂u² and dx dy = du dv/(sx sy): the x-term carries sx/sy (= H/W for every basis here).
+    sx, _ = domain_map(basis, lx)
+    sy, _ = domain_map(basis, ly)
+    # ∂²/∂x² = sx²·∂²/∂u², dx dy = du dv/(sx sy): the x-term carries sx/sy (= L_y/L_x for every basis here).
     A = 0.5 * ((sx / sy) * np.kron(Ph, Dw) + (sy / sx) * np.kron(Dh, Pw))
     if orthonormal:
-        inv_norm = 1.0 / np.sqrt(norms_sq(basis, W, H))
+        inv_norm = 1.0 / np.sqrt(norms_sq(basis, W, H, domain=(lx, ly)))
         A = inv_norm[:, None] * A * inv_norm[None, :]
     if normalize:
         peak = np.max(np.abs(A))
@@ -198,18 +228,41 @@ def a_matrix(basis: str, W: int, H: int, *, normalize: bool = True, orthonormal:
     return A
 
 
-def delta_from_blur(basis: str, W: int, H: int, blur_gap: float, image_size: int) -> float:
+def delta_from_blur(basis: str, W: int, H: int, blur_gap: float, image_size: int, *,
+                    domain: tuple[float, float] | None = None, normalized: bool = True) -> float:
     """The step Δ that makes exp(Δ·A_n) the exact coefficient dynamics of a Gaussian blur gap (issue 13, item 4).
 
-    ``blur_gap`` is the blur variance Δ_I in pixels² at the training resolution ``image_size`` (pixels per side);
-    the image spans the basis domain [0, W]×[0, H], so one pixel is W/image_size domain units and the gap is
-    Δ_I·(W/image_size)² units². A_n = A/max|A| with A the orthonormal-coefficient generator (time = variance),
-    hence Δ = Δ_I·(W/image_size)²·max|A|. Exact for the periodic Fourier basis; for the others it is the same
-    physical time, while their truncated dynamics are only approximate."""
+    ``blur_gap`` is the blur variance Δ_I in pixels² at the training resolution ``image_size`` (pixels across
+    the image's width); the image spans the basis domain [0, L_x]×[0, L_y] (``domain``, default the grid's
+    [0, W]×[0, H]), so one pixel is L_x/image_size domain units and the gap is Δ_I·(L_x/image_size)² units².
+    A_n = A/max|A| with A the orthonormal-coefficient generator (time = variance), hence
+    Δ = Δ_I·(L_x/image_size)²·max|A|; ``normalized=False`` (A used unnormalised) gives Δ_I·(L_x/image_size)².
+    Exact for the periodic Fourier basis; for the others it is the same physical time, while their truncated
+    dynamics are only approximate."""
     if blur_gap < 0 or image_size < 1:
         raise ValueError(f"blur gap must be ≥ 0 and image size ≥ 1, got {blur_gap} and {image_size}")
-    A = a_matrix(basis, W, H, normalize=False, orthonormal=True)
-    return float(blur_gap * (W / image_size) ** 2 * np.max(np.abs(A)))
+    lx, ly = _domain(W, H, domain)
+    physical = blur_gap * (lx / image_size) ** 2
+    if not normalized:
+        return float(physical)
+    A = a_matrix(basis, W, H, normalize=False, orthonormal=True, domain=(lx, ly))
+    return float(physical * np.max(np.abs(A)))
+
+
+def random_a_matrix(channels: int, seed: int, *, normalize: bool = True) -> np.ndarray:
+    """A seeded random A for the random-A ablation (paper Table 4), (C, C) float64.
+
+    A = −M·Mᵀ with M a C×C matrix of standard normal entries (numpy's PCG64 seeded with the SeedSequence of
+    (``seed``, C, a label of this use), so the run seed gives one A per channel count and no other stream): dense,
+    symmetric and negative semi-definite, like the heat-flow generators of the real bases (their spectra are
+    ≤ 0), so exp(Δ·A) is a contraction for every Δ ≥ 0 and the ablation tests structure, not stability.
+    ``normalize`` divides by max|A| (max|A| = 1, the other bases' initialisation)."""
+    if channels < 1:
+        raise ValueError(f"number of channels must be >= 1, got {channels}")
+    m = np.random.default_rng([int(seed) % 2**64, channels, RANDOM_A_STREAM]).standard_normal((channels, channels))
+    A = -(m @ m.T)
+    A = 0.5 * (A + A.T)  # exactly symmetric
+    return A / np.max(np.abs(A)) if normalize else A
 
 
 def discretize(A: np.ndarray, delta: float, method: str = "zoh") -> np.ndarray:
@@ -332,7 +385,8 @@ def _cell_integrals_1d(basis: str, n: int, length: float, edges_x: np.ndarray) -
     return np.diff(F, axis=1) / s  # dx = du / s
 
 
-def project(image_2d: np.ndarray, basis: str, W: int, H: int, *, orthonormal: bool = False) -> np.ndarray:
+def project(image_2d: np.ndarray, basis: str, W: int, H: int, *, orthonormal: bool = False,
+            domain: tuple[float, float] | None = None) -> np.ndarray:
     """Basis coefficients of a grey image, (C,) (complex128 for Fourier, float64 otherwise).
 
     The image (height_px, width_px) is read as piecewise constant on pixel cells covering the physical
@@ -340,23 +394,26 @@ def project(image_2d: np.ndarray, basis: str, W: int, H: int, *, orthonormal: bo
     coefficient is the exact weighted inner product c_n = ⟨I, φ_n⟩_ω of that function, computed from closed-
     form antiderivatives (no quadrature error, Chebyshev's endpoint singularity included). ``orthonormal``
     returns b_n = c_n/‖φ_n‖_ω (coefficients in the orthonormal basis). For Fourier the real part is the
-    cosine projection; real and imaginary parts obey the same diagonal dynamics."""
+    cosine projection; real and imaginary parts obey the same diagonal dynamics. ``domain`` = (L_x, L_y): the
+    window the image covers, [0, L_x]×[0, L_y] (default the grid's [0, W]×[0, H]; see :func:`a_matrix`)."""
     basis = check_basis(basis)
     img = np.asarray(image_2d, dtype=np.float64)
     if img.ndim != 2:
         raise ValueError(f"project expects a 2D grey image (height, width), got shape {img.shape}")
+    lx, ly = _domain(W, H, domain)
     return _project_cells(img, basis, W, H,
-                          np.linspace(0.0, W, img.shape[1] + 1), np.linspace(0.0, H, img.shape[0] + 1),
-                          orthonormal=orthonormal)
+                          np.linspace(0.0, lx, img.shape[1] + 1), np.linspace(0.0, ly, img.shape[0] + 1),
+                          orthonormal=orthonormal, domain=(lx, ly))
 
 
 def _project_cells(img: np.ndarray, basis: str, W: int, H: int, edges_x: np.ndarray, edges_y: np.ndarray,
-                   *, orthonormal: bool) -> np.ndarray:
-    Qx = _cell_integrals_1d(basis, W, W, edges_x)  # (W, width)
-    Qy = _cell_integrals_1d(basis, H, H, edges_y)  # (H, height)
+                   *, orthonormal: bool, domain: tuple[float, float] | None = None) -> np.ndarray:
+    lx, ly = _domain(W, H, domain)
+    Qx = _cell_integrals_1d(basis, W, lx, edges_x)  # (W, width)
+    Qy = _cell_integrals_1d(basis, H, ly, edges_y)  # (H, height)
     c = (Qy @ img @ Qx.T).reshape(-1)  # (H, W) → n = w + W·h
     if orthonormal:
-        c = c / np.sqrt(norms_sq(basis, W, H))
+        c = c / np.sqrt(norms_sq(basis, W, H, domain=(lx, ly)))
     return c if basis == "fourier" else c.real
 
 

@@ -63,16 +63,14 @@ def build_denoiser(cfg: Recipe) -> nn.Module:
 
 def build_dynamics(cfg: Recipe):
     """SSRDynamics of [regularizer] over the denoiser's bottleneck channels (W·H of regularizer.grid)."""
-    from ssr_cli.regularizers import SSRDynamics, resolve_grid
+    from ssr_cli.regularizers import dynamics_from_config
 
-    r = cfg.regularizer
     try:
-        width, height = resolve_grid(cfg.denoise.bottleneck_channels, r.grid)
+        return dynamics_from_config(cfg.regularizer, cfg.denoise.bottleneck_channels,
+                                    image_size=cfg.data.image_size, seed=cfg.run.seed)
     except ValueError as exc:
         raise ValueError(f"{exc} (here the channels are the denoiser's bottleneck: denoise.bottleneck_channels = "
                          f"{cfg.denoise.bottleneck_channels})") from None
-    return SSRDynamics.from_basis(r.basis, width, height, orthonormal=r.orthonormal, delta_init=r.delta_init,
-                                  discretization=r.discretization, learn_a=r.learn_a)
 
 
 def build_arms(cfg: Recipe) -> list[str]:
@@ -109,7 +107,7 @@ class DenoiseTask(nn.Module):
         target = self._target.shadow.bottleneck_features if self._target is not None else None
         return denoise_loss(self.model, clean, noisy, dynamics=self.dynamics, alpha=r.alpha, lambda_ssr=d.lambda_ssr,
                             tau_max=r.tau_max, delta_tau=r.delta_tau, mean_centering=r.mean_centering,
-                            normalize_latent=d.normalize_latent, blur_source=d.blur_source, step_rng=step_rng,
+                            latent_loss=r.latent_loss, normalize_latent=d.normalize_latent, blur_source=d.blur_source, step_rng=step_rng,
                             target_features=target)
 
 

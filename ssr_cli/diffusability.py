@@ -532,7 +532,7 @@ def _spectrum(ctx: _Context) -> dict:
 def _equivariance(ctx: _Context) -> dict:
     from ssr_cli.bases import grid_for_channels
     from ssr_cli.probe import dynamics_error
-    from ssr_cli.regularizers import SSRDynamics
+    from ssr_cli.regularizers import dynamics_from_config
 
     cfg = ctx.cfg
     images, _, _ = ctx.pool()
@@ -553,8 +553,8 @@ def _equivariance(ctx: _Context) -> dict:
         out.update(blur_dynamics_error=None, blur_dynamics_note=str(exc))
         return out
     pairs = [(float(t1), float(t1 + r.delta_tau)) for t1 in np.linspace(0.0, r.tau_max - r.delta_tau, 4)]
-    dynamics = SSRDynamics.from_basis(r.basis, grid_w, grid_h, orthonormal=r.orthonormal, delta_init=r.delta_init,
-                                      discretization=r.discretization)
+    dynamics = dynamics_from_config(r, ctx.tokenizer.latent_channels, image_size=cfg.data.image_size,
+                                    seed=cfg.run.seed)
     with torch.no_grad():
         err = dynamics_error(ctx.tokenizer, images, dynamics, pairs, mean_centering=r.mean_centering)
     out.update(blur_dynamics_error=err["relative"], blur_no_change_error=err["no_change"],

@@ -123,9 +123,14 @@ def build_regularizer(cfg: Recipe, kind: str, latent_channels: int, lpips_fn):
         lambda_lpips_ssr=r.lambda_pred_lpips,
         discretization=r.discretization,
         delta_init=r.delta_init,
+        delta_source=r.delta_source,
+        a_normalization=r.a_normalization,
+        image_size=cfg.data.image_size,
+        seed=cfg.run.seed,
         learn_a=r.learn_a,
         mean_centering=r.mean_centering,
         latent_loss=r.latent_loss,
+        latent_space=r.latent_space,
         tau_max=r.tau_max,
         delta_tau=r.delta_tau,
         eq_probability=r.eq_probability,
@@ -171,8 +176,7 @@ def reconstruction_grid(task: FinetuneTask, images: torch.Tensor, path: Path, ta
     labels = ["input", "recon", f"blur t={tau1:.1f}", f"blur t={tau1 + delta_tau:.1f}"]
     dynamics = getattr(task.regularizer, "dynamics", None)
     if dynamics is not None:
-        z2_hat = dynamics.predict(tok.encode_latent(x1), mean_centering=task.regularizer.mean_centering)
-        rows.append(tok.decode(z2_hat))
+        rows.append(tok.decode(task.regularizer.predict_scaled(tok, tok.encode_latent(x1))))
         labels.append("D(A z1)")
     return save_grid([r.clamp(-1, 1).cpu() for r in rows], path, row_labels=labels)
 
@@ -193,6 +197,12 @@ def _stage(cfg: Recipe, rt: Runtime, tokenizer, *, name: str, kind: str, steps: 
     regularizer = build_regularizer(cfg, kind, tokenizer.latent_channels, lpips_fn)
     target = EMA(tokenizer.to(rt.device), cfg.regularizer.ema_decay) if kind == "ssr" else None
     task = FinetuneTask(tokenizer, regularizer, target)
+    if rt.is_main and hasattr(regularizer, "dynamics"):
+        r = cfg.regularizer
+        source = (f"blur gap {r.delta_tau:g} px² at {cfg.data.image_size} px" if r.delta_source == "blur_gap"
+                  else "regularizer.delta_init")
+        console.print(f"{name}: SSR Δ starts at {float(regularizer.dynamics.delta_start):.6g} ({source}; "
+                      f"A {r.basis}, a_normalization {r.a_normalization}, {regularizer.dynamics.discretization})")
     emas = {"target": (target, lambda: task.tokenizer)} if target is not None else {}
     fixed = fixed_images(cfg, 4)
     spec = train_spec(

@@ -133,7 +133,7 @@ def probe_dynamics(cfg: Recipe, grid_w: int, grid_h: int):
     (``<run>/finetune/ssr_dynamics.safetensors``) when that file exists, else the recipe's initial A and Δ."""
     from ssr_cli.errors import UserError
     from ssr_cli.finetune import learned_dynamics_path
-    from ssr_cli.regularizers import SSRDynamics, load_dynamics
+    from ssr_cli.regularizers import dynamics_from_config, load_dynamics
 
     r = cfg.regularizer
     path = learned_dynamics_path(cfg)
@@ -143,8 +143,7 @@ def probe_dynamics(cfg: Recipe, grid_w: int, grid_h: int):
             raise UserError(f"{path} holds a {dynamics.channels}-channel A but the tokenizer's latent has "
                             f"{grid_w * grid_h} channels; probe this run's own tokenizer, or delete the file")
     else:
-        dynamics = SSRDynamics.from_basis(r.basis, grid_w, grid_h, orthonormal=r.orthonormal,
-                                          delta_init=r.delta_init, discretization=r.discretization)
+        dynamics = dynamics_from_config(r, grid_w * grid_h, image_size=cfg.data.image_size, seed=cfg.run.seed)
         source = "recipe"
     record = {"source": source, "path": str(path) if source == "learned" else None,
               "delta": float(dynamics.delta.detach()), "discretization": dynamics.discretization}
@@ -237,7 +236,8 @@ def run_probe(cfg: Recipe, rt: Runtime, *, weights: str | None = None, out_dir: 
         zt = tokenizer.encode_latent(blurred)
         latent_means.append(zt[0, shown].mean(dim=(-2, -1)).float().cpu().numpy())
         g = gaussian_blur(grey[None, None], torch.tensor([tau], device=first.device))[0, 0].cpu().numpy()
-        coeff = project(g, cfg.regularizer.basis, grid_w, grid_h)
+        # a random A has no basis functions: its plot shows the image's Fourier coefficients
+        coeff = project(g, "fourier" if r.basis == "random" else r.basis, grid_w, grid_h)
         true_coeffs.append(np.real(coeff)[shown])
     labels = [f"ch {c} (w,h)=({c % grid_w},{c // grid_w})" for c in shown]
     dyn_path = plot_latent_dynamics(taus, np.stack(latent_means), np.stack(true_coeffs), labels,
@@ -266,8 +266,9 @@ def run_probe(cfg: Recipe, rt: Runtime, *, weights: str | None = None, out_dir: 
     # Fig. 9: the basis function each channel stands for, beside that channel's (centred) map of the first image.
     z_first = tokenizer.encode_latent(images[:1])[0].double()
     channel_maps = (z_first - z_first.mean(dim=(-2, -1), keepdim=True)).cpu().numpy()
-    basis_path = plot_basis_channels(channel_basis_maps(r.basis, grid_w, grid_h, *images.shape[-2:]), channel_maps,
-                                     grid_w, grid_h, out / "basis_channels.png", basis=r.basis)
+    shown = "fourier" if r.basis == "random" else r.basis  # a random A has no basis functions: Fourier's are drawn
+    basis_path = plot_basis_channels(channel_basis_maps(shown, grid_w, grid_h, *images.shape[-2:]), channel_maps,
+                                     grid_w, grid_h, out / "basis_channels.png", basis=shown)
     result = {
         "tokenizer": f"{cfg.tokenizer.family}/{cfg.tokenizer.size}",
         "weights": str(source) if source else None,

@@ -87,9 +87,12 @@ class TokenizerConfig(Section):
 
 class RegularizerConfig(Section):
     kind: Literal["ssr", "eq_vae", "scale", "none"] = "ssr"
-    basis: Literal["fourier", "chebyshev", "legendre", "hermite"] = "fourier"
+    basis: Literal["fourier", "chebyshev", "legendre", "hermite", "random"] = "fourier"
+    """The basis behind A; "random": a dense seeded random A = −M·Mᵀ normalised to max|A| = 1 (seed from run.seed;
+    the random-A ablation of the paper's Table 4)."""
     grid: str | None = None
-    """W×H basis grid, e.g. "4x4"; must satisfy W·H = latent channels. None: most square factorisation."""
+    """W×H basis grid, e.g. "4x4"; must satisfy W·H = latent channels. None: most square factorisation. The grid
+    only indexes the basis functions: their domain has the image's aspect ratio (square training crops: square)."""
     orthonormal: bool = False
     alpha: float = Field(0.25, ge=0.0, le=1.0)
     """Probability of the regularization branch at each step."""
@@ -99,8 +102,15 @@ class RegularizerConfig(Section):
     """Weight of the MAE between the decoded SSR prediction D(ẑ2) and blur(x, τ2) (inside λ_I's term)."""
     lambda_pred_lpips: float = Field(0.1, ge=0.0)
     """Weight of the LPIPS between D(ẑ2) and blur(x, τ2); [loss].lambda_lpips weighs the reconstruction's."""
-    discretization: Literal["euler", "zoh"] = "zoh"
+    discretization: Literal["euler", "zoh", "auto"] = "zoh"
+    """Ā = exp(ΔA) ("zoh", exact for any A), I + ΔA ("euler", first order); "auto" picks ZOH for every basis."""
     delta_init: float = Field(0.1, gt=0.0)
+    """Δ when delta_source = "fixed" (Table 3: 0.1 for the max-normalised A)."""
+    delta_source: Literal["fixed", "blur_gap"] = "fixed"
+    """"fixed": Δ = delta_init (Table 3). "blur_gap": the Δ that makes Ā the exact coefficient dynamics of a blur
+    of delta_tau px² at data.image_size (§4.2–4.3; 0.0217 for the 4×4 Fourier A at 256²)."""
+    a_normalization: Literal["max", "none"] = "max"
+    """"max": A / max|A| (max|A| = 1, Table 3); "none": the raw generator (time = blur variance in domain units²)."""
     learn_a: bool = True
     a_lr_mult: float = Field(0.1, ge=0.0)
     mean_centering: bool = True
@@ -109,6 +119,9 @@ class RegularizerConfig(Section):
     """With mean_centering: "centred" = MSE(C(z2), Ā·C(z1)), eq. 24 read literally (default; channel means may move
     under blur, as in the paper's Fig. 5); "carried_mean" = MSE(z2, mean(z1) + Ā·C(z1)), which adds a penalty on
     the channel means moving (the behaviour before 0.2). The decoder sees mean(z1) + Ā·C(z1) in both."""
+    latent_space: Literal["scaled", "raw"] = "scaled"
+    """Latent the SSR term reads for tokenizers with a scale/shift (Flux, SD): "scaled" = scale·(μ − shift), the
+    latent the generator sees (default); "raw" = the posterior mean μ itself. Same for scale 1, shift 0."""
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     tau_max: float = Field(10.0, gt=0.0)
     """Largest blur variance, pixels² at the training resolution."""
@@ -127,6 +140,17 @@ class RegularizerConfig(Section):
             raise ValueError(
                 f"regularizer.delta_tau ({self.delta_tau}) must be smaller than regularizer.tau_max ({self.tau_max})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _dynamics_readings(self) -> "RegularizerConfig":
+        if self.basis == "random" and (self.delta_source != "fixed" or self.a_normalization != "max"):
+            raise ValueError("regularizer.basis = 'random' has no physical time or scale: it needs "
+                             "regularizer.delta_source = 'fixed' and regularizer.a_normalization = 'max'")
+        if self.delta_source == "blur_gap" and self.basis != "fourier" and not self.orthonormal:
+            raise ValueError(f"regularizer.delta_source = 'blur_gap' with basis '{self.basis}' needs "
+                             "regularizer.orthonormal = true (the paper-literal polynomial A is not the generator of "
+                             "any coefficients, so no Δ makes Ā the blur's dynamics)")
         return self
 
 
@@ -332,7 +356,8 @@ class DenoiseConfig(Section):
     feature_norm: bool = True
     """GroupNorm(1) without affine on the bottleneck features (fixes their scale; SSR diverges without it)."""
     lambda_ssr: float = Field(0.1, ge=0.0)
-    """Weight of the SSR latent term added (with probability regularizer.alpha) to the L1 loss."""
+    """Weight of the SSR latent term (in the reading regularizer.latent_loss) added, with probability
+    regularizer.alpha, to the L1 loss."""
     normalize_latent: bool = False
     """Divide the SSR MSE by the mean square of the centred target features."""
     blur_source: Literal["noisy", "clean"] = "noisy"

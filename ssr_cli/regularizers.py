@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssr_cli import bases
 from ssr_cli.blur import gaussian_blur, sample_tau_pairs
 from ssr_cli.models.tokenizer import DiagonalGaussian, latent_of
 
@@ -87,10 +88,8 @@ def resolve_grid(latent_channels: int, grid: str | tuple[int, int] | None = None
     if grid is None:
         return most_square_grid(latent_channels)
     if isinstance(grid, str):
-        from ssr_cli.bases import parse_grid
-
         try:
-            w, h = parse_grid(grid)
+            w, h = bases.parse_grid(grid)
         except ValueError as exc:
             raise ValueError(f"regularizer.grid = {grid!r}: {exc}") from None
     else:
@@ -186,6 +185,8 @@ class SSRDynamics(nn.Module):
             torch.tensor(math.log(delta_init), dtype=torch.float32),
             requires_grad=learn_a if learn_delta is None else learn_delta,
         )
+        # the Δ training started from (delta_init or the blur-gap Δ), written beside the learned one
+        self.register_buffer("delta_start", torch.tensor(float(delta_init), dtype=torch.float32), persistent=False)
 
     @classmethod
     def from_basis(
@@ -196,13 +197,13 @@ class SSRDynamics(nn.Module):
         *,
         orthonormal: bool = False,
         normalize: bool = True,
+        domain: tuple[float, float] | None = None,
         **kwargs,
     ) -> "SSRDynamics":
-        """Dynamics initialised from ``bases.a_matrix(basis, width, height)`` (normalised to max|A| = 1)."""
-        from ssr_cli.bases import a_matrix, nonzero_mask
-
-        a = a_matrix(basis, width, height, normalize=normalize, orthonormal=orthonormal)
-        return cls(a, mask=nonzero_mask(a), **kwargs)
+        """Dynamics initialised from ``bases.a_matrix(basis, width, height, domain=domain)`` (normalised to
+        max|A| = 1 unless ``normalize`` is False)."""
+        a = bases.a_matrix(basis, width, height, normalize=normalize, orthonormal=orthonormal, domain=domain)
+        return cls(a, mask=bases.nonzero_mask(a), **kwargs)
 
     @property
     def channels(self) -> int:
@@ -251,6 +252,93 @@ class SSRDynamics(nn.Module):
 
 
 LATENT_LOSSES = ("centred", "carried_mean")
+LATENT_SPACES = ("scaled", "raw")
+DELTA_SOURCES = ("fixed", "blur_gap")
+A_NORMALIZATIONS = ("max", "none")
+
+
+# What regularizer.discretization = "auto" picks, per basis. ZOH, Ā = exp(ΔA), is the exact solution of
+# dz/dτ = A·z over a step Δ for any A: the diagonal Fourier A, the nilpotent (strictly upper-triangular)
+# polynomial A's, a dense random A. Euler, I + ΔA, is only its first-order truncation, never closer, and at
+# C ≤ 64 channels the matrix exponential costs nothing, so no basis has a reason for Euler.
+AUTO_DISCRETIZATION = {"fourier": "zoh", "chebyshev": "zoh", "legendre": "zoh", "hermite": "zoh", "random": "zoh"}
+
+
+def resolve_discretization(discretization: str, basis: str) -> str:
+    """"zoh" / "euler" as given; "auto": :data:`AUTO_DISCRETIZATION` [basis] (ZOH for every basis)."""
+    if discretization == "auto":
+        return AUTO_DISCRETIZATION.get(basis, "zoh")
+    if discretization not in ("zoh", "euler"):
+        raise ValueError(f"regularizer.discretization must be 'zoh', 'euler' or 'auto', got {discretization!r}")
+    return discretization
+
+
+def build_dynamics(
+    basis: str,
+    latent_channels: int,
+    *,
+    grid: str | tuple[int, int] | None = None,
+    orthonormal: bool = False,
+    a_normalization: str = "max",
+    delta_source: str = "fixed",
+    delta_init: float = 0.1,
+    delta_tau: float = 4.0,
+    image_size: int | None = None,
+    image_aspect: float = 1.0,
+    discretization: str = "zoh",
+    learn_a: bool = True,
+    learn_delta: bool | None = None,
+    seed: int = 0,
+) -> SSRDynamics:
+    """The SSR dynamics of a ``[regularizer]`` section over ``latent_channels`` channels.
+
+    A: ``basis`` on the W×H ``grid`` (:func:`resolve_grid`) over a domain with the image's aspect ratio
+    (``bases.image_domain``: the grid only indexes the basis functions), or for ``basis = "random"`` a dense
+    seeded random A (``bases.random_a_matrix``, seed derived from ``seed`` = run.seed). ``a_normalization``
+    "max" divides A by max|A| (Table 3), "none" keeps the raw generator (time = blur variance in domain units²).
+    Δ: ``delta_source`` "fixed" = ``delta_init`` (Table 3); "blur_gap" = the Δ that makes Ā the exact coefficient
+    dynamics of a blur of ``delta_tau`` px² at ``image_size`` px (``bases.delta_from_blur``); this needs A to be
+    proportional to the orthonormal-coefficient generator (Fourier, or ``orthonormal``), else ValueError.
+    """
+    if a_normalization not in A_NORMALIZATIONS:
+        raise ValueError(f"regularizer.a_normalization must be one of {', '.join(A_NORMALIZATIONS)}, "
+                         f"got {a_normalization!r}")
+    if delta_source not in DELTA_SOURCES:
+        raise ValueError(f"regularizer.delta_source must be one of {', '.join(DELTA_SOURCES)}, got {delta_source!r}")
+    method = resolve_discretization(discretization, basis)
+    common = dict(discretization=method, learn_a=learn_a, learn_delta=learn_delta)
+    normalize = a_normalization == "max"
+    width, height = resolve_grid(latent_channels, grid)  # checked for a random A too (the probe orders by it)
+    if basis == "random":
+        if delta_source != "fixed" or not normalize:
+            raise ValueError("regularizer.basis = 'random' has no physical time: it needs "
+                             "regularizer.delta_source = 'fixed' and regularizer.a_normalization = 'max'")
+        a = bases.random_a_matrix(latent_channels, seed)
+        return SSRDynamics(a, mask=np.ones_like(a, dtype=bool), delta_init=delta_init, **common)
+    domain = bases.image_domain(width, height, image_aspect)
+    a = bases.a_matrix(basis, width, height, normalize=normalize, orthonormal=orthonormal, domain=domain)
+    delta = delta_init
+    if delta_source == "blur_gap":
+        if image_size is None:
+            raise ValueError("regularizer.delta_source = 'blur_gap' needs the training resolution (data.image_size)")
+        generator = bases.a_matrix(basis, width, height, normalize=False, orthonormal=True, domain=domain)
+        ratio = np.max(np.abs(a)) / max(np.max(np.abs(generator)), 1e-300)
+        if not np.allclose(a, ratio * generator, rtol=1e-9, atol=1e-12 * np.max(np.abs(a))):
+            raise ValueError(f"regularizer.delta_source = 'blur_gap': the paper-literal {basis} A is not a "
+                             "coefficient generator, so no Δ makes Ā the blur's dynamics; set "
+                             "regularizer.orthonormal = true (or delta_source = 'fixed')")
+        # A = ratio·A_orth, so exp(Δ·A) = exp(Δ_phys·A_orth) for Δ = Δ_phys / ratio
+        delta = bases.delta_from_blur(basis, width, height, delta_tau, image_size, domain=domain,
+                                      normalized=False) / ratio
+    return SSRDynamics(a, mask=bases.nonzero_mask(a), delta_init=delta, **common)
+
+
+def dynamics_from_config(r, latent_channels: int, *, image_size: int | None, seed: int) -> SSRDynamics:
+    """:func:`build_dynamics` from a recipe's ``[regularizer]`` section ``r`` (training images are square)."""
+    return build_dynamics(r.basis, latent_channels, grid=r.grid, orthonormal=r.orthonormal,
+                          a_normalization=r.a_normalization, delta_source=r.delta_source, delta_init=r.delta_init,
+                          delta_tau=r.delta_tau, image_size=image_size, discretization=r.discretization,
+                          learn_a=r.learn_a, seed=seed)
 
 
 def latent_mse(z2_hat: torch.Tensor, z2: torch.Tensor, reading: str = "centred") -> torch.Tensor:
@@ -324,6 +412,9 @@ class SSRRegularizer(Regularizer):
     ``target_encoder`` without gradient; ẑ2 = dynamics.predict(z1);
     loss = λ_z·MSE(z2, ẑ2) + λ_I·(λ_MAE·MAE(I2, D(ẑ2)) + λ_LPIPS·LPIPS(I2, D(ẑ2))).
 
+    ``latent_space``: "scaled" (default) reads z1, z2 in the tokenizer's scaled space z = scale·(raw − shift) (the
+    latent the generator sees; for Flux λ_z then weighs like 0.13× a raw-latent MSE), "raw" in the raw posterior
+    mean (z/scale + shift); the prediction is mapped back to the scaled space before decoding.
     z1 is the posterior mean for KL tokenizers (the paper writes z1 = E(I_τ1) as a deterministic map, and the
     EMA target is a mean too: a sample would add the posterior noise to the latent MSE and push σ → 0).
     target_encoder=None falls back to the trained encoder under no_grad (stop-gradient, no EMA).
@@ -342,6 +433,7 @@ class SSRRegularizer(Regularizer):
         lambda_lpips_ssr: float = 0.1,
         mean_centering: bool = True,
         latent_loss: str = "centred",
+        latent_space: str = "scaled",
         tau_max: float = 10.0,
         delta_tau: float = 4.0,
         **recon_kwargs,
@@ -349,6 +441,9 @@ class SSRRegularizer(Regularizer):
         super().__init__(**recon_kwargs)
         if latent_loss not in LATENT_LOSSES:
             raise ValueError(f"regularizer.latent_loss must be one of {', '.join(LATENT_LOSSES)}, got {latent_loss!r}")
+        if latent_space not in LATENT_SPACES:
+            raise ValueError(f"regularizer.latent_space must be one of {', '.join(LATENT_SPACES)}, "
+                             f"got {latent_space!r}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"regularizer.alpha must be in [0, 1], got {alpha}")
         if not 0 < delta_tau <= tau_max:
@@ -361,8 +456,21 @@ class SSRRegularizer(Regularizer):
         self.lambda_lpips_ssr = lambda_lpips_ssr
         self.mean_centering = mean_centering
         self.latent_loss = latent_loss
+        self.latent_space = latent_space
         self.tau_max = tau_max
         self.delta_tau = delta_tau
+
+    def _raw_space(self, tokenizer) -> tuple[bool, float, float]:
+        """(read raw latents?, scale, shift): raw only when latent_space = "raw" and the tokenizer rescales."""
+        scale, shift = float(tokenizer.scale_factor), float(tokenizer.shift_factor)
+        return self.latent_space == "raw" and (scale != 1.0 or shift != 0.0), scale, shift
+
+    def predict_scaled(self, tokenizer, z1: torch.Tensor) -> torch.Tensor:
+        """ẑ2 in the tokenizer's scaled space (what the decoder takes) from the scaled z1, under latent_space."""
+        raw, scale, shift = self._raw_space(tokenizer)
+        if not raw:
+            return self.dynamics.predict(z1, mean_centering=self.mean_centering)
+        return scale * (self.dynamics.predict(z1.float() / scale + shift, mean_centering=self.mean_centering) - shift)
 
     def ssr_terms(self, tokenizer, x: torch.Tensor, tau1: torch.Tensor,
                   target_encoder: TargetEncoder | None = None) -> dict[str, torch.Tensor]:
@@ -378,10 +486,13 @@ class SSRRegularizer(Regularizer):
         with torch.no_grad():
             z2 = target_encoder(i2) if target_encoder is not None else tokenizer.encode_latent(i2)
         z2 = z2.detach()
+        raw, scale, shift = self._raw_space(tokenizer)
+        if raw:  # the raw posterior means, before the tokenizer's z = scale·(raw − shift)
+            z1, z2 = z1.float() / scale + shift, z2.float() / scale + shift
         z2_hat = self.dynamics.predict(z1, mean_centering=self.mean_centering)
         latent = latent_mse(z2_hat, z2.float(), "centred" if self.mean_centering and self.latent_loss == "centred"
                             else "carried_mean")
-        x2_hat = tokenizer.decode(z2_hat)
+        x2_hat = tokenizer.decode(scale * (z2_hat - shift) if raw else z2_hat)
         mae = (x2_hat.float() - i2.float()).abs().mean()
         lpips = _zero(x)
         if self.lpips_fn is not None and self.lambda_lpips_ssr > 0:
@@ -537,10 +648,15 @@ def build_regularizer(
     lambda_lpips_ssr: float = 0.1,
     discretization: str = "zoh",
     delta_init: float = 0.1,
+    delta_source: str = "fixed",
+    a_normalization: str = "max",
+    image_size: int | None = None,
+    seed: int = 0,
     learn_a: bool = True,
     learn_delta: bool | None = None,
     mean_centering: bool = True,
     latent_loss: str = "centred",
+    latent_space: str = "scaled",
     tau_max: float = 10.0,
     delta_tau: float = 4.0,
     lambda_mae: float = 1.0,
@@ -554,9 +670,11 @@ def build_regularizer(
     """The regularizer of ``kind`` ∈ {ssr, eq_vae, scale, none} (recipe section ``[regularizer]``).
 
     lambda_mae / lambda_lpips / kl_weight: the reconstruction loss (``[loss]``), used by every kind.
-    SSR only: basis and grid (W·H must equal latent_channels, else ValueError naming ``regularizer.grid``),
-    the A matrix normalised to max|A| = 1, discretization, delta_init, learn_a (learn_delta follows it unless
-    given), alpha, the λ's of eq. 23, mean_centering, latent_loss (:func:`latent_mse`), tau_max, delta_tau. EQ-VAE: eq_probability.
+    SSR only: the dynamics (:func:`build_dynamics`: basis, grid — W·H must equal latent_channels, else
+    ValueError naming ``regularizer.grid`` —, a_normalization, delta_source with delta_init or the blur gap
+    delta_tau at image_size, discretization, learn_a — learn_delta follows it unless given —, seed for the random
+    A), alpha, the λ's of eq. 23, mean_centering, latent_loss (:func:`latent_mse`), latent_space, tau_max,
+    delta_tau. EQ-VAE: eq_probability.
     FT-SE: se_weight, se_factors.
     """
     recon = dict(lambda_mae=lambda_mae, lambda_lpips=lambda_lpips, kl_weight=kl_weight, lpips_fn=lpips_fn)
@@ -567,13 +685,14 @@ def build_regularizer(
     if kind == "scale":
         return ScaleRegularizer(se_weight=se_weight, factors=se_factors, **recon)
     if kind == "ssr":
-        width, height = resolve_grid(latent_channels, grid)
-        dynamics = SSRDynamics.from_basis(basis, width, height, orthonormal=orthonormal, delta_init=delta_init,
-                                          discretization=discretization, learn_a=learn_a, learn_delta=learn_delta)
+        dynamics = build_dynamics(basis, latent_channels, grid=grid, orthonormal=orthonormal,
+                                  a_normalization=a_normalization, delta_source=delta_source, delta_init=delta_init,
+                                  delta_tau=delta_tau, image_size=image_size, discretization=discretization,
+                                  learn_a=learn_a, learn_delta=learn_delta, seed=seed)
         return SSRRegularizer(dynamics, alpha=alpha, lambda_latent=lambda_latent, lambda_image=lambda_image,
                               lambda_mae_ssr=lambda_mae_ssr, lambda_lpips_ssr=lambda_lpips_ssr,
-                              mean_centering=mean_centering, latent_loss=latent_loss, tau_max=tau_max,
-                              delta_tau=delta_tau, **recon)
+                              mean_centering=mean_centering, latent_loss=latent_loss, latent_space=latent_space,
+                              tau_max=tau_max, delta_tau=delta_tau, **recon)
     raise ValueError(f"regularizer.kind must be one of {', '.join(KINDS)}, got {kind!r}")
 
 
@@ -582,7 +701,8 @@ def save_dynamics(dynamics: "SSRDynamics", path: str | Path) -> Path:
     from ssr_cli.models.weights import save_weights
 
     return save_weights({"A": dynamics.a_continuous().detach(), "A_bar": dynamics.a_bar().detach(),
-                         "delta": dynamics.delta.detach().reshape(1)}, path)
+                         "delta": dynamics.delta.detach().reshape(1),
+                         "delta_init": dynamics.delta_start.detach().reshape(1)}, path)
 
 
 def load_dynamics(path: str | Path) -> SSRDynamics:
@@ -597,7 +717,7 @@ def load_dynamics(path: str | Path) -> SSRDynamics:
         state = load_file(str(path), device="cpu")
     except Exception as exc:  # safetensors raises its own error types for a damaged or foreign file
         raise WeightsError(f"{path}: not a readable SSR dynamics file ({exc}); delete it or re-run `ssr finetune`") from exc
-    if set(state) != {"A", "A_bar", "delta"} or state["A"].ndim != 2 or state["A"].shape != state["A_bar"].shape:
+    if not {"A", "A_bar", "delta"} <= set(state) <= {"A", "A_bar", "delta", "delta_init"} or state["A"].ndim != 2 or state["A"].shape != state["A_bar"].shape:
         raise WeightsError(f"{path}: expected the tensors A (C, C), A_bar (C, C) and delta (1,) that `ssr finetune` "
                            f"writes, found {sorted(state)}; delete it or re-run `ssr finetune`")
     a, a_bar, delta = state["A"].double(), state["A_bar"].double(), float(state["delta"].reshape(-1)[0])

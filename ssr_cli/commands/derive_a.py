@@ -97,7 +97,7 @@ def derive_a(
         "--orthonormal", help="A for the orthonormal basis: the exact dynamics of orthonormal coefficients.")] = False,
     discretization: Annotated[Optional[str], typer.Option(
         "--discretization", callback=_disc_cb, show_default=False,
-        help="euler (Ā = I + ΔA) or zoh (Ā = exp(ΔA)) (default: zoh, or regularizer.discretization)")] = None,
+        help="euler (Ā = I + ΔA) or zoh (Ā = exp(ΔA)) (default: zoh, or regularizer.discretization, whose 'auto' is zoh)")] = None,
     delta: Annotated[Optional[float], typer.Option(
         "--delta", callback=_delta_cb, show_default=False,
         help="Discretization step Δ (default: 0.1, or regularizer.delta_init)")] = None,
@@ -134,6 +134,8 @@ def derive_a(
     elif set_:
         fail("--set needs a RECIPE argument (e.g. ssr derive-a recipes/flux.toml --set regularizer.basis=\"legendre\")")
 
+    if basis is None and reg is not None and reg.basis == "random":
+        fail("the recipe's regularizer.basis = 'random' is a seeded random A, not a basis to derive: pass --basis")
     basis = basis or (reg.basis if reg else "fourier")
     size = size or (reg.grid if reg and reg.grid else None)
     if size is None:
@@ -148,6 +150,10 @@ def derive_a(
         fail(str(exc))
     orthonormal = orthonormal or bool(reg and reg.orthonormal)
     discretization = discretization or (reg.discretization if reg else "zoh")
+    if discretization == "auto":  # the recipe's "auto": what fine-tuning resolves it to for this basis
+        from ssr_cli.regularizers import resolve_discretization
+
+        discretization = resolve_discretization(discretization, basis)
     if blur_gap is not None:
         if image_size is None or delta is not None:
             fail("--blur-gap needs --image-size and replaces --delta (e.g. --blur-gap 4 --image-size 256)")

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssr_cli.blur import gaussian_blur, sample_tau_pairs
+from ssr_cli.regularizers import latent_mse
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -151,13 +152,14 @@ class Denoiser(nn.Module):
 
 
 def ssr_feature_loss(model: Denoiser, dynamics, inputs_tau1: torch.Tensor, inputs_tau2: torch.Tensor, *,
-                     mean_centering: bool = True, normalize_latent: bool = False,
+                     mean_centering: bool = True, latent_loss: str = "centred", normalize_latent: bool = False,
                      target_features: FeatureFn | None = None) -> torch.Tensor:
     """The SSR latent term between the bottleneck features of two inputs, τ2 > τ1 (a float32 scalar).
 
     z1 = model.bottleneck_features(inputs_tau1) (with gradient), z2 = target_features(inputs_tau2) under no_grad
-    (default: the model itself), ẑ2 = dynamics.predict(z1); MSE(ẑ2, z2), divided by mean((z2 − mean_hw z2)²)
-    when ``normalize_latent``. ``dynamics``: an :class:`ssr_cli.regularizers.SSRDynamics` whose channel count
+    (default: the model itself), ẑ2 = dynamics.predict(z1); the latent MSE of ``regularizers.latent_mse`` in
+    the reading ``latent_loss`` ("centred": MSE(C(z2), C(ẑ2)), as fine-tuning; "carried_mean": MSE(z2, ẑ2); without
+    mean_centering always the latter), divided by mean((z2 − mean_hw z2)²) when ``normalize_latent``. ``dynamics``: an :class:`ssr_cli.regularizers.SSRDynamics` whose channel count
     equals the bottleneck's.
     """
     if dynamics.channels != model.bottleneck_channels:
@@ -169,7 +171,7 @@ def ssr_feature_loss(model: Denoiser, dynamics, inputs_tau1: torch.Tensor, input
     with torch.no_grad():
         z2 = (target_features or model.bottleneck_features)(inputs_tau2).detach()
     z2_hat = dynamics.predict(z1, mean_centering=mean_centering)
-    mse = F.mse_loss(z2_hat.float(), z2.float())
+    mse = latent_mse(z2_hat, z2, "centred" if mean_centering and latent_loss == "centred" else "carried_mean")
     if not normalize_latent:
         return mse
     scale = (z2 - z2.mean(dim=(-2, -1), keepdim=True)).float().pow(2).mean()
@@ -178,7 +180,8 @@ def ssr_feature_loss(model: Denoiser, dynamics, inputs_tau1: torch.Tensor, input
 
 def denoise_loss(model: Denoiser, clean: torch.Tensor, noisy: torch.Tensor, *, dynamics=None, alpha: float = 1.0,
                  lambda_ssr: float = 0.1, tau_max: float = 10.0, delta_tau: float = 4.0,
-                 mean_centering: bool = True, normalize_latent: bool = False, blur_source: str = "noisy",
+                 mean_centering: bool = True, latent_loss: str = "centred", normalize_latent: bool = False,
+                 blur_source: str = "noisy",
                  noise: torch.Tensor | None = None, step_rng: torch.Generator | None = None,
                  target_features: FeatureFn | None = None) -> dict[str, torch.Tensor]:
     """One training objective: L1(model(noisy), clean) [+ λ_ssr·SSR term with probability ``alpha``].
@@ -207,7 +210,7 @@ def denoise_loss(model: Denoiser, clean: torch.Tensor, noisy: torch.Tensor, *, d
                 else:
                     n = noisy - clean if noise is None else noise
                     i1, i2 = gaussian_blur(clean, tau1) + n, gaussian_blur(clean, tau2) + n
-            ssr = ssr_feature_loss(model, dynamics, i1, i2, mean_centering=mean_centering,
+            ssr = ssr_feature_loss(model, dynamics, i1, i2, mean_centering=mean_centering, latent_loss=latent_loss,
                                    normalize_latent=normalize_latent, target_features=target_features)
             branch = torch.ones((), device=clean.device)
     return {"loss": l1 + lambda_ssr * ssr, "l1": l1, "ssr_latent": ssr, "branch": branch}
