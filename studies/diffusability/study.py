@@ -6,14 +6,15 @@ Run from the project root:
     python studies/diffusability/study.py --toy      # the same plumbing on a toy size, seconds
     python studies/diffusability/study.py --report   # only (re)write the report from the finished jsons
 
-Every number comes from the committed commands, run in-process in this order, each resumable:
-1. tokenizers: ``ssr finetune`` for the KL-AE from scratch and its fine-tunes (none / ssr / eq_vae / scale);
-   TAEF2 is pretrained (../shared/data/taesd). A finished tokenizer (its tokenizer.safetensors) is skipped.
+Every number comes from the committed commands, in this order, each resumable:
+1. tokenizers: those of the CIFAR-10 study (``studies/cifar10``: the pretrained KL-AE and its seed-0 fine-tunes
+   none / ssr / eq_vae / scale, made by that study's driver when missing, with its recipe ``study.toml``);
+   TAEF2 is pretrained (../shared/data/taesd).
 2. proxies: ``ssr diffusability`` per latent space and seed (the KL-AE spaces, TAEF2, and controlled
    degradations of the ``none`` fine-tune: additive noise of growing strength, a fixed spatial permutation,
    a random orthogonal channel mixing). Each proxy is cached, the flow probe resumes from its checkpoints.
-3. ground truth: ``ssr diffusability`` with only the flow probe at a larger budget (LightningDiT-S/1, 50K
-   steps, FID of 5000 samples; toy: its held-out loss) per space.
+3. ground truth: ``ssr diffusability`` with only the flow probe at the CIFAR-10 study's generation budget
+   (LightningDiT-S/2, depth 6, width 192, 3000 steps of 64, FID of 2000 samples; toy: its held-out loss).
 4. report: Spearman ρ between each proxy and the ground truth over the spaces, per seed, mean ± std, with a
    figure, in ``<out>/report.md`` (``report.json``, ``report.png``, ``spaces.png``).
 Interrupt it at any point and run the same command again: it continues where it stopped.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,20 +45,21 @@ class Space:
     """An ``ssr finetune`` call producing ``weights`` (skipped once the file exists)."""
 
 
-def _finetune(recipe: str, run: str, sets: list[str]) -> list[str]:
-    return ["finetune", recipe, "--set", f'run.name="{run}"', *sum((["--set", s] for s in sets), [])]
+CIFAR10 = ROOT / "studies" / "cifar10"
+CIFAR10_RECIPE = CIFAR10 / "study.toml"
+
+
+def _cifar10_weights(run: str) -> str:
+    return str(CIFAR10 / "runs" / run / "tokenizer.safetensors")
 
 
 def full_spaces(recipe: str) -> list[Space]:
-    runs = Path("runs")
-    scratch = str(runs / "dfz-klae" / "tokenizer.safetensors")
-    spaces = [Space("klae-scratch", weights=scratch,
-                    prepare=_finetune(recipe, "dfz-klae", ['regularizer.kind="none"', "train.steps=1"]))]
+    """The tokenizers of the CIFAR-10 study (studies/cifar10: the pretrained KL-AE, its four seed-0 fine-tunes)
+    made by that study's driver when missing, TAEF2 as released, and degradations of the recon-only fine-tune."""
+    prepare = [sys.executable, str(CIFAR10 / "study.py"), "--only", "main"]
+    spaces = [Space("klae-pretrained", weights=_cifar10_weights("pretrain"), prepare=prepare)]
     for kind in ("none", "ssr", "eq_vae", "scale"):
-        spaces.append(Space(f"ft-{kind}", weights=str(runs / f"dfz-ft-{kind}" / "tokenizer.safetensors"),
-                            prepare=_finetune(recipe, f"dfz-ft-{kind}", [f'tokenizer.weights="{scratch}"',
-                                                                         "train.pretrain_steps=0",
-                                                                         f'regularizer.kind="{kind}"'])))
+        spaces.append(Space(f"ft-{kind}", weights=_cifar10_weights(f"{kind}-s0"), prepare=prepare))
     spaces.append(Space("taef2", sets=['tokenizer.family="taesd"', 'tokenizer.size="taef2"',
                                        'tokenizer.weights="../shared/data/taesd/taef2_encoder.pth"',
                                        'regularizer.grid="8x4"']))
@@ -69,11 +72,15 @@ def full_spaces(recipe: str) -> list[Space]:
     return spaces
 
 
-FULL_GT = ['diffusability.proxies=["flow_probe"]', "diffusability.probe_depth=12", "diffusability.probe_hidden=384",
-           "diffusability.probe_heads=6", "diffusability.probe_steps=50000", "diffusability.probe_batch=128",
-           "diffusability.probe_lr=2e-4", "diffusability.probe_ckpt_every=1000", "diffusability.num_latents=50000",
-           "diffusability.holdout=1000", "diffusability.num_images=5000", "diffusability.probe_samples=5000"]
+# Ground truth: the same DiT, budget and FID protocol as the CIFAR-10 study's generation arms (LightningDiT-S/2,
+# depth 6, width 192, 3000 steps of 64, FID of 2000 samples), here trained by the flow probe of each space.
+FULL_GT = ['diffusability.proxies=["flow_probe"]', "diffusability.probe_depth=6", "diffusability.probe_hidden=192",
+           "diffusability.probe_heads=3", "diffusability.probe_steps=3000", "diffusability.probe_batch=64",
+           "diffusability.probe_lr=5e-4", "diffusability.probe_ckpt_every=250", "diffusability.num_latents=50000",
+           "diffusability.holdout=1000", "diffusability.num_images=2000", "diffusability.probe_samples=2000"]
+
 TOY_GT = ['diffusability.proxies=["flow_probe"]', "diffusability.probe_steps=12", "diffusability.probe_hidden=32"]
+
 
 
 def toy_spaces(out: Path) -> list[Space]:
@@ -119,11 +126,15 @@ def diffusability_args(recipe: str, space: Space, seed: int, out: Path, extra: l
 
 
 def run_study(out: Path, *, toy: bool, seeds: list[int], device: str | None) -> None:
-    recipe = str(HERE / ("toy.toml" if toy else "cifar10.toml"))
+    recipe = str(HERE / "toy.toml" if toy else CIFAR10_RECIPE)
     spaces = toy_spaces(out) if toy else full_spaces(recipe)
     for space in spaces:
         if space.prepare and not Path(space.weights).is_file():
-            run_cli(space.prepare + (["--device", device] if device else []))
+            if space.prepare[0] == sys.executable:  # another study's driver makes it
+                print("$ " + " ".join(space.prepare), flush=True)
+                subprocess.run(space.prepare + (["--device", device] if device else []), check=True, cwd=ROOT)
+            else:
+                run_cli(space.prepare + (["--device", device] if device else []))
     for space in spaces:
         for seed in seeds:
             run_cli(diffusability_args(recipe, space, seed, out / space.name / f"seed{seed}", [], device))
@@ -259,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     seeds = args.seeds or ([0, 1] if args.toy else [0, 1, 2])
     if args.report:
-        names = [s.name for s in (toy_spaces(out) if args.toy else full_spaces(str(HERE / "cifar10.toml")))]
+        names = [s.name for s in (toy_spaces(out) if args.toy else full_spaces(str(CIFAR10_RECIPE)))]
         write_report(out, names, seeds, toy=args.toy)
     else:
         run_study(out, toy=args.toy, seeds=seeds, device=args.device)
