@@ -67,8 +67,14 @@ def run_all(args) -> None:
                 print(f"s{seed}-{arm}: finished, skipped")
                 continue
             sets = _sets(args, seed, arm)
-            timing = {"finetune_s": _ssr("finetune", sets), "probe_s": _ssr("probe-channels", sets)}
-            (run_dir / "study_timing.json").write_text(json.dumps(timing))
+            timing_path, log = run_dir / "study_timing.json", run_dir / "finetune" / "metrics.jsonl"
+            trained_before = log.stat().st_size if log.is_file() else -1
+            timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+            finetune_s = _ssr("finetune", sets)
+            if (log.stat().st_size if log.is_file() else -1) != trained_before or "finetune_s" not in timing:
+                timing["finetune_s"] = finetune_s  # it trained: its time (else the earlier training's is kept)
+            timing["probe_s"] = _ssr("probe-channels", sets)
+            timing_path.write_text(json.dumps(timing))
 
 
 def _fmt(values: list[float]) -> str:
