@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -143,14 +144,26 @@ class Study:
         done = record.get(name, {})
         if done.get("fingerprint") == fp and all(p.is_file() for p in outputs):
             return False
-        seconds = action()
+        t0 = time.perf_counter()
+        try:
+            seconds = action()
+        except BaseException:  # interrupted or failed: its time counts towards the step's total when it resumes
+            self._record(record_path, name, {**done, "fingerprint": None, "earlier_attempts_s": round(
+                done.get("earlier_attempts_s", 0.0) + time.perf_counter() - t0, 1)})
+            raise
+        earlier = done.get("earlier_attempts_s", 0.0) if done.get("fingerprint") in (None, fp) else 0.0
+        self._record(record_path, name, {"fingerprint": fp, "seconds": round(seconds + earlier, 1),
+                                         "finished": time.strftime("%Y-%m-%d %H:%M")})
+        return True
+
+    @staticmethod
+    def _record(record_path: Path, name: str, entry: dict) -> None:
         record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-        record[name] = {"fingerprint": fp, "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M")}
-        run_dir.mkdir(parents=True, exist_ok=True)
+        record[name] = entry
+        record_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = record_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=2))
         tmp.replace(record_path)
-        return True
 
     # -- shared inputs -----------------------------------------------------------------------------------
     def pretrained(self) -> Path:
@@ -381,7 +394,8 @@ def write_report(results: Path, toy: bool = False) -> Path:
             paper = PAPER_BASIS.get(arm.name, "—") if group != "taef2" else None
             lines.append(f"| {arm.label} | " + " | ".join(cells) + (f" | {paper} |" if paper is not None else " |"))
     # timing
-    lines += ["", "## Time per step on this machine (seconds, mean over the runs that did it)", "",
+    lines += ["", "## Time per step on this machine (seconds, mean over the runs that did it; interrupted attempts "
+              "included, on a 2-core CPU shared with other work at times)", "",
               "| step | runs | mean s |", "|---|---|---|"]
     per_step: dict[str, list[float]] = {}
     for r in rows.values():
@@ -432,6 +446,8 @@ def plot_psnr_vs_k(rows: dict, path: Path) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM (a scheduler, the end of a session) unwinds like Ctrl-C, so the step's time so far is recorded.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=None, help="run folders (default studies/cifar10/runs)")
     p.add_argument("--results", type=Path, default=None, help="jsons + report (default studies/cifar10/results; "
