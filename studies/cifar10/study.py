@@ -446,8 +446,6 @@ def plot_psnr_vs_k(rows: dict, path: Path) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # SIGTERM (a scheduler, the end of a session) unwinds like Ctrl-C, so the step's time so far is recorded.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=None, help="run folders (default studies/cifar10/runs)")
     p.add_argument("--results", type=Path, default=None, help="jsons + report (default studies/cifar10/results; "
@@ -482,4 +480,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM (a scheduler, the end of a session) unwinds like Ctrl-C, so the step's time so far is recorded.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     raise SystemExit(main())
