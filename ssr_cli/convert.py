@@ -8,12 +8,11 @@ export-tokenizer  the run's (fine-tuned) kl-ae tokenizer as a diffusers ``Autoen
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
 
+from ssr_cli.engine.atomic import write_json_atomic
 from ssr_cli.engine.progress import console
 from ssr_cli.generate import CONFIG_FILE, DIT_DIR, EMA_FILE, STATS_FILE, dit_latent_stats, load_trained_dit
 from ssr_cli.recipe import Recipe
@@ -32,9 +31,7 @@ def import_dit(cfg: Recipe, checkpoint: str | Path, stats: str | Path, *, latent
     out = cfg.run_dir() / DIT_DIR
     out.mkdir(parents=True, exist_ok=True)
     save_weights({"mean": mean, "std": std}, out / STATS_FILE)
-    tmp = out / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(json.dumps({**kwargs, "imported_from": str(checkpoint), "latents": str(stats)}, indent=2))
-    os.replace(tmp, out / CONFIG_FILE)
+    write_json_atomic(out / CONFIG_FILE, {**kwargs, "imported_from": str(checkpoint), "latents": str(stats)}, indent=2)
     save_weights(model, out / EMA_FILE)
     n = sum(p.numel() for p in model.parameters())
     console.print(f"[green]imported LightningDiT {checkpoint} ({use}, depth {kwargs['depth']}, width "

@@ -20,7 +20,6 @@ metrics.jsonl, images/, denoiser.safetensors, denoise_eval.json; ssr/ also ssr_d
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from torch import nn
 
 from ssr_cli.data import build_dataset
 from ssr_cli.engine import EMA, train
+from ssr_cli.engine.atomic import write_json_atomic
 from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import console
 from ssr_cli.engine.runtime import Runtime, step_seed
@@ -242,12 +242,12 @@ def run_denoise(cfg: Recipe, rt: Runtime) -> dict:
         arm = ARM_DIRS[kind]
         res = {"arm": arm, "steps": cfg.train.steps, "noise_sigma": cfg.denoise.noise_sigma,
                **evaluate_arm(model, synthetic, real, rt.device)}
-        (cfg.run_dir() / arm / EVAL_FILE).write_text(json.dumps(res, indent=2))
+        write_json_atomic(cfg.run_dir() / arm / EVAL_FILE, res, indent=2)
         results[arm] = res
     if rt.is_main:
         if len(results) > 1:
             comparison = {"arms": results, "delta_ssr_minus_baseline": _deltas(results["baseline"], results["ssr"])}
-            (cfg.run_dir() / COMPARISON_FILE).write_text(json.dumps(comparison, indent=2))
+            write_json_atomic(cfg.run_dir() / COMPARISON_FILE, comparison, indent=2)
         print_denoise_table(results, cfg)
         console.print(f"results written under {cfg.run_dir()}")
     rt.barrier()

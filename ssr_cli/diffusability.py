@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -43,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssr_cli.engine.atomic import atomic_write, write_json_atomic, write_text_atomic
 from ssr_cli.engine.progress import console
 from ssr_cli.engine.runtime import Runtime, generator_for, step_seed
 from ssr_cli.recipe import Recipe
@@ -365,10 +365,7 @@ def _digest(obj) -> str:
 
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, indent=2)
 
 
 def _spread(n_total: int, n: int) -> list[int]:
@@ -451,10 +448,7 @@ class _Context:
             tensors = {"latents": torch.cat(zs).contiguous()}
             if kls:
                 tensors["kl"] = torch.cat(kls)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            save_file(tensors, str(tmp))
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
             self._latents = tensors
         z = self._latents["latents"]
         train = z[: z.shape[0] - d.holdout]
@@ -699,7 +693,7 @@ def print_summary(results: dict[str, dict], out: Path, name: str = "ranking.md")
         table.add_row(proxy, *cells)
     console.print(table)
     path = Path(out) / name
-    path.write_text(ranking_markdown(results))
+    write_text_atomic(path, ranking_markdown(results))
     console.print(f"diffusability: results in {out}")
     return path
 

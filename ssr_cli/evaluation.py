@@ -18,6 +18,7 @@ import torch
 from rich.table import Table
 
 from ssr_cli.data import build_dataset, ordered_batches, take_subset
+from ssr_cli.engine.atomic import write_json_atomic
 from ssr_cli.engine.progress import console, make_progress
 from ssr_cli.engine.runtime import Runtime
 from ssr_cli.recipe import Recipe
@@ -339,8 +340,7 @@ def run_evaluate(cfg: Recipe, rt: Runtime, *, gfid: bool | None = None, samples:
             else:
                 result["generation"] = {"unavailable": {"all": f"no samples at {samples} (run `ssr sample`)"}}
         path = Path(out) if out else cfg.run_dir() / "eval.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_jsonable(result), indent=2))
+        write_json_atomic(path, _jsonable(result), indent=2)
         print_table(result)
         console.print(f"metrics written to {path}")
     rt.barrier()

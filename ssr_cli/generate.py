@@ -8,7 +8,6 @@ samples are de-normalised before decoding. Outputs live in ``<run>/dit/`` (check
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from torch import nn
 
 from ssr_cli.data import batch_source
 from ssr_cli.engine import EMA, TrainSpec, train
+from ssr_cli.engine.atomic import write_json_atomic
 from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import console, make_progress
 from ssr_cli.engine.runtime import Runtime, step_seed
@@ -149,9 +149,7 @@ def run_train_dit(cfg: Recipe, rt: Runtime) -> Path:
     train(spec, rt)
     if rt.is_main:
         # Config first, weights last: the EMA file's presence is what marks the stage complete.
-        tmp = out / f".{CONFIG_FILE}.tmp"
-        tmp.write_text(json.dumps({**kwargs, "latents": str(lat_dir)}, indent=2))
-        os.replace(tmp, out / CONFIG_FILE)
+        write_json_atomic(out / CONFIG_FILE, {**kwargs, "latents": str(lat_dir)}, indent=2)
         save_weights({"mean": mean, "std": std}, out / STATS_FILE)
         save_weights(ema.shadow, out / EMA_FILE)
         console.print(f"[green]DiT EMA weights written to {out / EMA_FILE}")
@@ -280,8 +278,6 @@ def write_npz(out: Path, n: int, labels: list[int], protocol: dict | None = None
             writer.write("arr_0", image(i)[None])
         writer.add("arr_1", np.asarray(labels[:n], dtype=np.int64))
     if protocol is not None:
-        tmp = out / ".samples.json.tmp"
-        tmp.write_text(json.dumps(protocol, indent=2))
-        os.replace(tmp, out / "samples.json")
+        write_json_atomic(out / "samples.json", protocol, indent=2)
     console.print(f"[green]{n} samples in {out / 'png'}, ADM batch {out / 'samples.npz'} {(n, *first.shape)}")
     return out / "samples.npz"

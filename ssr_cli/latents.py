@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
+from ssr_cli.engine.atomic import atomic_write, write_json_atomic
 from ssr_cli.engine.progress import console, make_progress
 from ssr_cli.engine.runtime import Runtime, generator_for
 from ssr_cli.inputs import file_sha256, refresh, settings
@@ -55,9 +55,8 @@ def _shard_ok(path: Path, expected_rows: int) -> bool:
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                                             metadata=metadata))
 
 
 def _cache_key(cfg: Recipe, weights_sha256: str | None, n: int) -> dict:
@@ -166,9 +165,7 @@ def encode_latents(cfg: Recipe, rt: Runtime) -> Path:
                       "subset": "stratified" if lc.stats_count < n else "all", "seed": cfg.run.seed},
             "recipe": dump(cfg),
         }
-        tmp = out / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, out / MANIFEST)
+        write_json_atomic(out / MANIFEST, manifest, indent=2)
         console.print(f"[green]latents: {n} images, latent {tuple(manifest['latent_shape'])}, {n_shards} shard(s) in {out}")
     rt.barrier()
     return out
@@ -212,9 +209,7 @@ def compute_stats(shards: list[Path], count: int, seed: int = 0) -> dict[str, to
 def _save_stats(stats: dict[str, torch.Tensor], path: Path) -> None:
     from ssr_cli.models.lightningdit import write_stats
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write_stats(tmp, stats["mean"], stats["std"])
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: write_stats(tmp, stats["mean"], stats["std"]))
 
 
 def read_manifest(directory: Path) -> dict:

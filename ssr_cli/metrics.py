@@ -28,7 +28,6 @@ import contextlib
 import functools
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ssr_cli.engine.atomic import atomic_path
 from ssr_cli.errors import one_line
 from ssr_cli.models.weights import read_torch_tensors
 
@@ -742,15 +742,8 @@ def save_reference_stats(path: str | os.PathLike, feats: Mapping[str, np.ndarray
     arrays["pool"] = np.asarray(feats["pool"], dtype=np.float32)
     arrays["num_images"] = np.asarray(len(feats["pool"]), dtype=np.int64)
     arrays["format"] = np.asarray(REFERENCE_FORMAT)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)  # a file object: np.savez would append .npz to a name without it
     return path
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from ssr_cli.engine.atomic import write_json_atomic
 from ssr_cli.engine.progress import console
 from ssr_cli.engine.runtime import Runtime
 from ssr_cli.recipe import Recipe
@@ -197,11 +198,11 @@ def run_pipeline(cfg: Recipe, rt: Runtime, stages: tuple[str, ...] = STAGES) -> 
         actions[stage]()
         rt.barrier()
         if rt.is_main and stage != "finetune":
-            _record_path(cfg, stage).write_text(json.dumps(stage_inputs(cfg, stage)))
+            write_json_atomic(_record_path(cfg, stage), stage_inputs(cfg, stage))
         timings[stage] = f"{time.perf_counter() - t0:.1f} s"
     summary = summarize(cfg, timings)
     if rt.is_main:
-        (cfg.run_dir() / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json_atomic(cfg.run_dir() / "summary.json", summary, indent=2)
         print_summary(summary)
     return summary
 

@@ -17,12 +17,12 @@ Works for any tokenizer, regularized or not, so runs can be compared side by sid
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ssr_cli.engine.atomic import write_json_atomic
 from ssr_cli.engine.progress import console
 from ssr_cli.engine.runtime import Runtime
 from ssr_cli.recipe import Recipe
@@ -295,7 +295,7 @@ def run_probe(cfg: Recipe, rt: Runtime, *, weights: str | None = None, out_dir: 
                     "basis_channels": str(basis_path)},
     }
     if rt.is_main:
-        (out / "probe.json").write_text(json.dumps(result, indent=2))
+        write_json_atomic(out / "probe.json", result, indent=2)
         console.print(f"probe-channels: PSNR k=1 {psnr_k[0]:.2f} dB → k={channels} {psnr_k[-1]:.2f} dB; "
                       f"frequency-order Spearman ρ = {rho:.3f}; blur-decay order ρ = {rho_decay:.3f}; "
                       f"Ā prediction error {dyn_err['relative']:.3f} (no-change {dyn_err['no_change']:.3f}) with the "

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ssr_cli.engine.atomic import write_text_atomic
 from ssr_cli.errors import UserError
 
 
@@ -598,9 +599,4 @@ def dump(recipe: Recipe) -> str:
 
 
 def write_resolved(recipe: Recipe, run_dir: Path) -> Path:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / "recipe.resolved.toml"
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(dump(recipe))
-    tmp.replace(target)
-    return target
+    return write_text_atomic(run_dir / "recipe.resolved.toml", dump(recipe))

@@ -15,7 +15,6 @@ alarm's counters (updated on rank 0 from the per-dimension KL, under no_grad; no
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from torch import nn
 
 from ssr_cli.data import ordered_batches
 from ssr_cli.engine import train
+from ssr_cli.engine.atomic import write_json_atomic
 from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import console
 from ssr_cli.engine.runtime import Runtime, step_seed
@@ -271,9 +271,7 @@ def evaluate_vae(cfg: Recipe, rt: Runtime, *, weights: str | Path | None = None,
         reason = note or "FID needs at least 2 images"
         result["unavailable"].update(fid_prior=reason, rfid=reason)
     if out is not None and rt.is_main:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
+        write_json_atomic(out, result, indent=2)
     return result
 
 

@@ -18,6 +18,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from ssr_cli.engine.atomic import write_text_atomic
+
 console = Console(stderr=True)
 
 
@@ -135,7 +137,7 @@ class MetricsLog:
                     kept.append(line)
             except json.JSONDecodeError:
                 continue
-        self.path.write_text("".join(k + "\n" for k in kept))
+        write_text_atomic(self.path, "".join(k + "\n" for k in kept))
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ssr_cli.engine.atomic import write_text_atomic
 from ssr_cli.models.kl_ae import KLAEParams, KLAutoEncoder
 from ssr_cli.models.weights import WeightsError
 
@@ -209,5 +210,5 @@ def export_diffusers(model: KLAutoEncoder, folder: str | Path, sample_size: int 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_weights(to_diffusers(model), folder / WEIGHT_FILES[0], metadata={"format": "pt"})
-    (folder / CONFIG).write_text(json.dumps(config_from_params(model.params, sample_size), indent=2) + "\n")
+    write_text_atomic(folder / CONFIG, json.dumps(config_from_params(model.params, sample_size), indent=2) + "\n")
     return folder
