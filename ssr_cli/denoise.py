@@ -30,7 +30,7 @@ from ssr_cli.data import build_dataset
 from ssr_cli.engine import EMA, train
 from ssr_cli.engine.atomic import write_json_atomic
 from ssr_cli.engine.optim import ParamGroup
-from ssr_cli.engine.progress import console
+from ssr_cli.engine.progress import console, print_result_table
 from ssr_cli.engine.runtime import Runtime, step_seed
 from ssr_cli.recipe import Recipe
 from ssr_cli.training import fixed_seed, image_dataset, train_spec
@@ -264,17 +264,9 @@ def _deltas(base: dict, ssr: dict) -> dict:
 
 def print_denoise_table(results: dict[str, dict], cfg: Recipe) -> None:
     """Rows: (set, metric); columns: noisy input, each arm and, for two arms, SSR − baseline."""
-    from rich.table import Table
-
     first = next(iter(results.values()))
-    table = Table(title=f"ssr denoise: σ = {cfg.denoise.noise_sigma:g}/255, {cfg.train.steps} steps")
-    table.add_column("set")
-    table.add_column("metric")
-    table.add_column("noisy input", justify="right")
-    for arm in results:
-        table.add_column(arm, justify="right")
-    if len(results) == 2:
-        table.add_column("SSR − baseline", justify="right")
+    values = ["noisy input", *results] + (["SSR − baseline"] if len(results) == 2 else [])
+    rows = []
     sets = {"synthetic": f"synthetic ×{int(first['synthetic']['count'])}"}
     if first.get("real"):
         sets["real"] = f"real pairs ×{int(first['real']['count'])} ({Path(cfg.denoise.eval_pairs).name})"
@@ -286,5 +278,6 @@ def print_denoise_table(results: dict[str, dict], cfg: Recipe) -> None:
                 a, b = (res[part][metric] for res in results.values())
                 diff = b - a
                 row.append(("+" if diff >= 0 else "") + fmt.format(diff) if math.isfinite(diff) else "-")
-            table.add_row(*row)
-    console.print(table)
+            rows.append(row)
+    print_result_table(f"ssr denoise: σ = {cfg.denoise.noise_sigma:g}/255, {cfg.train.steps} steps", ["set", "metric"],
+                       values, rows)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssr_cli.engine.atomic import atomic_write, write_json_atomic, write_text_atomic
-from ssr_cli.engine.progress import console
+from ssr_cli.engine.progress import console, print_result_table
 from ssr_cli.engine.runtime import Runtime, generator_for, step_seed
 from ssr_cli.recipe import Recipe
 
@@ -677,21 +677,17 @@ def ranking_markdown(results: dict[str, dict]) -> str:
 
 
 def print_summary(results: dict[str, dict], out: Path, name: str = "ranking.md") -> Path:
-    from rich.table import Table
-
-    table = Table(title="ssr diffusability" + (": comparison (rank in brackets)" if len(results) > 1 else ""))
-    table.add_column("proxy")
-    for label in results:
-        table.add_column(label, justify="right")
     ranks = ranking(results)
+    rows = []
     for key, proxy, _ in RANKED:
         cells = []
         for label, r in results.items():
             v = r["summary"].get(key)
             cells.append("—" if v is None else (f"{v:.4g}" + (f" (#{ranks[key].index(label) + 1})"
                                                                if len(results) > 1 else "")))
-        table.add_row(proxy, *cells)
-    console.print(table)
+        rows.append((proxy, *cells))
+    print_result_table("ssr diffusability" + (": comparison (rank in brackets)" if len(results) > 1 else ""),
+                       ["proxy"], list(results), rows)
     path = Path(out) / name
     write_text_atomic(path, ranking_markdown(results))
     console.print(f"diffusability: results in {out}")

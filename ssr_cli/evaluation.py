@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.table import Table
 
 from ssr_cli.data import build_dataset, ordered_batches, take_subset
 from ssr_cli.engine.atomic import write_json_atomic
-from ssr_cli.engine.progress import console, make_progress
+from ssr_cli.engine.progress import console, make_progress, print_result_table
 from ssr_cli.engine.runtime import Runtime
 from ssr_cli.recipe import Recipe
 from ssr_cli.training import image_dataset
@@ -347,10 +346,11 @@ def run_evaluate(cfg: Recipe, rt: Runtime, *, gfid: bool | None = None, samples:
     return result
 
 
-COMPARE_KEYS = {
+HEADLINE_METRICS = {
     "reconstruction": ("psnr", "ssim", "lpips", "rfid", "kl"),
     "generation": ("fid", "sfid", "inception_score", "precision", "recall", "kid"),
 }
+"""The eval.json numbers compared across runs and summarised by the pipeline, per part, in table order."""
 
 
 # Recorded but not part of what must match: a different seed is a repeat of the same protocol.
@@ -361,7 +361,7 @@ def protocol_differences(results: dict[str, dict]) -> list[str]:
     """Protocol fields (eval.json ``<part>.protocol``) in which the compared runs differ, one line each, for the
     parts that carry numbers; file paths count only where the files have no hash to compare."""
     lines = []
-    for part in COMPARE_KEYS:
+    for part in HEADLINE_METRICS:
         protocols = {label: r[part]["protocol"] for label, r in results.items()
                      if isinstance(r.get(part), dict) and "protocol" in r[part]}
         if len(protocols) < 2:
@@ -395,21 +395,18 @@ def print_comparison(results: dict[str, dict]) -> None:
 
         print_vae_table(results, title="ssr evaluate: comparison")
         return
-    table = Table(title="ssr evaluate: comparison")
-    table.add_column("metric")
-    for label in results:
-        table.add_column(label, justify="right")
-    for part, keys in COMPARE_KEYS.items():
+    table_rows = []
+    for part, keys in HEADLINE_METRICS.items():
         for key in keys:
             values = [r.get(part, {}).get(key) for r in results.values()]
             if all(v is None for v in values):
                 continue
-            table.add_row(f"{part} {LABELS[key]}",
-                          *(f"{v:.4f}" if isinstance(v, float) else "[dim]unavailable" for v in values))
+            table_rows.append((f"{part} {LABELS[key]}",
+                               *(f"{v:.4f}" if isinstance(v, float) else "[dim]unavailable" for v in values)))
         rows = [dict(protocol_rows((r.get(part) or {}).get("protocol"))) for r in results.values()]
         for label in dict.fromkeys(k for row in rows for k in row):
-            table.add_row(f"{part} {label}", *(row.get(label, "[dim]unrecorded") for row in rows))
-    console.print(table)
+            table_rows.append((f"{part} {label}", *(row.get(label, "[dim]unrecorded") for row in rows)))
+    print_result_table("ssr evaluate: comparison", ["metric"], list(results), table_rows)
 
 
 def _jsonable(value):
@@ -455,21 +452,20 @@ def protocol_rows(protocol: dict | None) -> list[tuple[str, str]]:
 
 
 def print_table(result: dict) -> None:
-    table = Table(title="ssr evaluate")
-    table.add_column("set")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
+    print_result_table("ssr evaluate", ["set", "metric"], ["value"], _result_rows(result))
+
+
+def _result_rows(result: dict):
     for part, metrics in result.items():
         unavailable = metrics.get("unavailable", {})
         for key, label in LABELS.items():
             if key in metrics or key in unavailable:
                 value = metrics.get(key)
                 text = f"{value:.4f}" if isinstance(value, float) else f"[dim]unavailable: {unavailable.get(key, '')}"
-                table.add_row(part, label, text)
+                yield part, label, text
         if "num_images" in metrics:
-            table.add_row(part, "images", str(metrics["num_images"]))
+            yield part, "images", str(metrics["num_images"])
         for label, text in protocol_rows(metrics.get("protocol")):
-            table.add_row(part, label, text)
+            yield part, label, text
         if "all" in unavailable:
-            table.add_row(part, "-", f"[dim]{unavailable['all']}")
-    console.print(table)
+            yield part, "-", f"[dim]{unavailable['all']}"

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ssr_cli.blur import gaussian_kernels
 from ssr_cli.engine.atomic import atomic_path
 from ssr_cli.errors import one_line
 from ssr_cli.models.weights import read_torch_tensors
@@ -121,14 +122,6 @@ def _psnr_of_uint8(x_u8: torch.Tensor, y_u8: torch.Tensor) -> torch.Tensor:
     return 10.0 * torch.log10(255.0**2 / mse)  # mse == 0 gives +inf, as it should
 
 
-def _gaussian_kernel_1d(sigma: float, truncate: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # Same support and normalization as scipy.ndimage.gaussian_filter (radius = int(truncate * sigma + 0.5)).
-    radius = int(truncate * sigma + 0.5)
-    offsets = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
-    weights = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    return weights / weights.sum()
-
-
 def ssim(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -151,7 +144,9 @@ def ssim(
     """
     _check_pair(x, y, "ssim")
     batch, channels, height, width = x.shape
-    kernel = _gaussian_kernel_1d(sigma, truncate, dtype, x.device)
+    # scipy.ndimage.gaussian_filter's support and normalisation (radius int(truncate·σ + 0.5))
+    tau = torch.tensor([float(sigma) ** 2], dtype=torch.float64, device=x.device)
+    kernel = gaussian_kernels(tau, int(truncate * sigma + 0.5), truncate)[0].to(dtype)
     win = kernel.numel()
     if height < win or width < win:
         raise ValueError(f"ssim: images of {height}x{width} are smaller than the {win}x{win} Gaussian window")

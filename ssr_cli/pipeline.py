@@ -13,11 +13,11 @@ import json
 import time
 from pathlib import Path
 
-from rich.table import Table
 
 from ssr_cli.engine.atomic import write_json_atomic
-from ssr_cli.engine.progress import console
+from ssr_cli.engine.progress import console, print_result_table
 from ssr_cli.engine.runtime import Runtime
+from ssr_cli.evaluation import HEADLINE_METRICS
 from ssr_cli.recipe import Recipe
 
 STAGES = ("finetune", "encode-latents", "train-dit", "sample", "evaluate", "probe-channels")
@@ -218,19 +218,13 @@ def summarize(cfg: Recipe, timings: dict[str, str]) -> dict:
     return out
 
 
-SUMMARY_METRICS = {
-    "reconstruction": ("psnr", "ssim", "lpips", "rfid", "kl"),
-    "generation": ("fid", "sfid", "inception_score", "precision", "recall", "kid"),
-}
-
-
 def summary_rows(summary: dict) -> list[tuple[str, str]]:
     """(name, value) rows: stage timings, headline metrics, probe numbers; unavailable ones named."""
     rows = [(f"stage {k}", v) for k, v in summary["stages"].items()]
     if summary.get("unreadable_images"):
         rows.append(("unreadable images (skipped)", f"{summary['unreadable_images']} (see unreadable_images.txt)"))
     unavailable: list[str] = []
-    for part, keys in SUMMARY_METRICS.items():
+    for part, keys in HEADLINE_METRICS.items():
         metrics = summary.get("eval", {}).get(part)
         if metrics is None:
             continue
@@ -258,10 +252,5 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
 
 
 def print_summary(summary: dict) -> None:
-    table = Table(title=f"ssr pipeline: {summary['run']}")
-    table.add_column("stage / metric")
-    table.add_column("value", justify="right")
-    for k, v in summary_rows(summary):
-        table.add_row(k, v)
-    console.print(table)
+    print_result_table(f"ssr pipeline: {summary['run']}", ["stage / metric"], ["value"], summary_rows(summary))
     console.print(f"details: {summary['run']}/summary.json, eval.json, probe/")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ssr_cli.engine.atomic import write_json_atomic
-from ssr_cli.engine.progress import console
+from ssr_cli.engine.progress import console, print_result_table
 from ssr_cli.engine.runtime import Runtime
 from ssr_cli.recipe import Recipe
 
@@ -327,8 +327,6 @@ def compare_latent_norms(results: dict[str, dict], path: Path) -> Path | None:
 def compare_probes(results: dict[str, dict], out_dir: Path) -> Path:
     """Several probes (label -> :func:`run_probe` result) side by side: one PSNR-vs-k figure, the latent-norm
     maps of :func:`compare_latent_norms` and a table."""
-    from rich.table import Table
-
     from ssr_cli.plots import plot_curves
 
     lengths = {len(r["psnr_vs_k"]) for r in results.values()}
@@ -338,15 +336,10 @@ def compare_probes(results: dict[str, dict], out_dir: Path) -> Path:
     path = plot_curves(k, {label: np.asarray(r["psnr_vs_k"]) for label, r in results.items()},
                        Path(out_dir) / "compare_psnr_vs_k.png", xlabel="channels kept (frequency order)",
                        ylabel="PSNR (dB)", title="partial decodes")
-    table = Table(title="ssr probe-channels: comparison")
-    table.add_column("score")
-    for label in results:
-        table.add_column(label, justify="right")
-    for key, name in COMPARED:
-        table.add_row(name, *(f"{r[key]:.4g}" for r in results.values()))
+    rows = [(name, *(f"{r[key]:.4g}" for r in results.values())) for key, name in COMPARED]
     # the Ā error of each column is that of its own run's Ā: learned for an SSR run, the recipe's otherwise
-    table.add_row("Ā scored", *(r.get("dynamics", {}).get("source", "recipe") for r in results.values()))
-    console.print(table)
+    rows.append(("Ā scored", *(r.get("dynamics", {}).get("source", "recipe") for r in results.values())))
+    print_result_table("ssr probe-channels: comparison", ["score"], list(results), rows)
     norms = compare_latent_norms(results, Path(out_dir) / "compare_latent_norms.png")
     console.print(f"comparison figures: {path}" + (f", {norms}" if norms else ""))
     return path

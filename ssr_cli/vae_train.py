@@ -24,7 +24,7 @@ from ssr_cli.data import ordered_batches
 from ssr_cli.engine import train
 from ssr_cli.engine.atomic import write_json_atomic
 from ssr_cli.engine.optim import ParamGroup
-from ssr_cli.engine.progress import console
+from ssr_cli.engine.progress import console, print_result_table
 from ssr_cli.engine.runtime import Runtime, step_seed
 from ssr_cli.models.registry import VECTOR_VAE_FAMILIES as VAE_FAMILIES
 from ssr_cli.recipe import Recipe
@@ -284,12 +284,7 @@ VAE_LABELS = {
 
 def print_vae_table(results: dict[str, dict], title: str = "VAE evaluation") -> None:
     """A rich table with one column per evaluated run (``results``: run label -> :func:`evaluate_vae` dict)."""
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column("metric")
-    for label in results:
-        table.add_column(label, justify="right")
+    rows = []
     for key, label in VAE_LABELS.items():
         row = []
         for res in results.values():
@@ -300,5 +295,5 @@ def print_vae_table(results: dict[str, dict], title: str = "VAE evaluation") -> 
                 row.append(f"{value:.4g}" if abs(value) >= 1000 else f"{value:.4f}")
             else:
                 row.append(f"{value:,}" if isinstance(value, int) else str(value))
-        table.add_row(label, *row)
-    console.print(table)
+        rows.append((label, *row))
+    print_result_table(title, ["metric"], list(results), rows)
