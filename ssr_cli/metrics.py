@@ -41,6 +41,7 @@ from ssr_cli.blur import gaussian_kernels
 from ssr_cli.engine.atomic import atomic_path
 from ssr_cli.errors import one_line
 from ssr_cli.models.weights import read_torch_tensors
+from ssr_cli.npz import check_images, iter_npz_batches, npz_array_info
 
 __all__ = [
     "MetricUnavailable",
@@ -183,7 +184,7 @@ _LPIPS_BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-39792
 
 @functools.cache
 def _frozen_lpips_class():
-    import lpips
+    import lpips  # lazy: the optional LPIPS package (and its torchvision backbones) loads only where LPIPS is used
 
     class FrozenLPIPS(lpips.LPIPS):
         """lpips.LPIPS that stays in eval mode: ``.train()`` on a parent module must not enable the heads' dropout."""
@@ -252,7 +253,7 @@ def load_lpips(net: str = "alex", weights_path: str | os.PathLike | None = None,
         raise ValueError(f"{weights_path} is not a torchvision {net} state dict (features.K.*): {err}") from None
 
     # lpips loads its heads with strict=False; check they really arrived so a renamed key cannot go unnoticed.
-    import lpips
+    import lpips  # lazy: see _frozen_lpips_class
 
     heads_path = Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
     heads = torch.load(heads_path, weights_only=True, map_location="cpu")
@@ -755,8 +756,6 @@ def load_reference(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference file not found: {path}")
-    from ssr_cli.npz import check_images, iter_npz_batches, npz_array_info
-
     try:
         with np.load(path, allow_pickle=False) as data:
             keys = set(data.files)

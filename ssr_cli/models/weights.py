@@ -109,6 +109,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
                            "downloaded at run time); download the file yourself and give its path")
     path = Path(path).expanduser()
     if path.is_dir():
+        # lazy: diffusers_vae imports this module (cycle)
         from ssr_cli.models.diffusers_vae import WEIGHT_FILES, diffusers_folder, weights_file
 
         folder = diffusers_folder(path)
@@ -179,7 +180,7 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> Key
     report = compare_state_dicts(model_state, state)
     report.skipped = skipped
     if skipped:
-        from ssr_cli.engine.progress import console
+        from ssr_cli.engine.progress import console  # lazy: models/ imports no engine module at load time
 
         groups = sorted({p for p in prefixes for k in skipped if k.startswith(p)})
         console.print(f"{path}: skipped {len(skipped)} training-only tensors ({', '.join(p + '*' for p in groups)}; "
