@@ -23,16 +23,17 @@ def kernel_radius(sigma: float) -> int:
     return int(TRUNCATE * float(sigma) + 0.5)
 
 
-def gaussian_kernels(tau: torch.Tensor, radius: int) -> torch.Tensor:
-    """Normalised 1-D Gaussian kernels of variance ``tau`` (B,), shape (B, 2·radius + 1), float64.
+def gaussian_kernels(tau: torch.Tensor, radius: int, truncate: float = TRUNCATE) -> torch.Tensor:
+    """Normalised 1-D Gaussian kernels of variance ``tau`` (B,), shape (B, 2·radius + 1), float64 (the package's
+    one Gaussian kernel: the blur and SSIM's window).
 
-    Each row is truncated at its own scipy radius int(4√τ + 0.5) (taps beyond it are exactly 0), so a batch
-    padded to a common ``radius`` still matches scipy per image; τ = 0 gives the unit impulse.
+    Each row is truncated at its own scipy radius int(truncate·√τ + 0.5) (taps beyond it are exactly 0), so a
+    batch padded to a common ``radius`` still matches scipy per image; τ = 0 gives the unit impulse.
     """
     tau = tau.to(torch.float64)
     offsets = torch.arange(-radius, radius + 1, device=tau.device, dtype=torch.float64)
     sigma = tau.clamp_min(0).sqrt()
-    own_radius = torch.floor(TRUNCATE * sigma + 0.5)
+    own_radius = torch.floor(truncate * sigma + 0.5)
     # exp(-x²/2τ) with τ→0 guarded; rows with τ = 0 are replaced by the impulse below
     safe_tau = torch.where(tau > 0, tau, torch.ones_like(tau))
     weights = torch.exp(-0.5 * offsets[None, :] ** 2 / safe_tau[:, None])

@@ -8,22 +8,22 @@ export-tokenizer  the run's (fine-tuned) kl-ae tokenizer as a diffusers ``Autoen
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
 
+from ssr_cli.engine.atomic import write_json_atomic
 from ssr_cli.engine.progress import console
+from ssr_cli.finetune import load_tokenizer_for_run
 from ssr_cli.generate import CONFIG_FILE, DIT_DIR, EMA_FILE, STATS_FILE, dit_latent_stats, load_trained_dit
+from ssr_cli.models.diffusers_vae import export_diffusers
+from ssr_cli.models.lightningdit import load_lightningdit, read_stats, to_lightningdit, write_stats
+from ssr_cli.models.weights import WeightsError, save_weights
 from ssr_cli.recipe import Recipe
 
 
 def import_dit(cfg: Recipe, checkpoint: str | Path, stats: str | Path, *, latent_multiplier: float = 1.0,
                use: str = "ema") -> Path:
-    from ssr_cli.models.lightningdit import load_lightningdit, read_stats
-    from ssr_cli.models.weights import WeightsError, save_weights
-
     model, kwargs = load_lightningdit(checkpoint, use)
     mean, std = read_stats(stats, latent_multiplier)
     if mean.numel() != kwargs["in_channels"]:
@@ -32,9 +32,7 @@ def import_dit(cfg: Recipe, checkpoint: str | Path, stats: str | Path, *, latent
     out = cfg.run_dir() / DIT_DIR
     out.mkdir(parents=True, exist_ok=True)
     save_weights({"mean": mean, "std": std}, out / STATS_FILE)
-    tmp = out / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(json.dumps({**kwargs, "imported_from": str(checkpoint), "latents": str(stats)}, indent=2))
-    os.replace(tmp, out / CONFIG_FILE)
+    write_json_atomic(out / CONFIG_FILE, {**kwargs, "imported_from": str(checkpoint), "latents": str(stats)}, indent=2)
     save_weights(model, out / EMA_FILE)
     n = sum(p.numel() for p in model.parameters())
     console.print(f"[green]imported LightningDiT {checkpoint} ({use}, depth {kwargs['depth']}, width "
@@ -44,8 +42,6 @@ def import_dit(cfg: Recipe, checkpoint: str | Path, stats: str | Path, *, latent
 
 
 def export_dit(cfg: Recipe, out: str | Path, use_ema: bool = True) -> Path:
-    from ssr_cli.models.lightningdit import to_lightningdit, write_stats
-
     model, _ = load_trained_dit(cfg, use_ema=use_ema)
     state = to_lightningdit(model)
     out = Path(out)
@@ -58,9 +54,6 @@ def export_dit(cfg: Recipe, out: str | Path, use_ema: bool = True) -> Path:
 
 
 def export_tokenizer(cfg: Recipe, out: str | Path, sample_size: int | None = None) -> Path:
-    from ssr_cli.finetune import load_tokenizer_for_run
-    from ssr_cli.models.diffusers_vae import export_diffusers
-
     tokenizer, source = load_tokenizer_for_run(cfg)
     folder = export_diffusers(tokenizer, out, sample_size=sample_size or cfg.data.image_size)
     console.print(f"[green]diffusers AutoencoderKL folder {folder} (from {source or 'random initialisation'})")

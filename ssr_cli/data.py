@@ -393,7 +393,7 @@ class WebDatasetShards(_ArchiveImages):
 
 
 def _builtin_photo(name: str) -> np.ndarray:
-    import skimage.data
+    import skimage.data  # lazy: scikit-image loads only for the built-in photographs
 
     img = getattr(skimage.data, name)()
     if isinstance(img, tuple):  # stereo pairs: the left view

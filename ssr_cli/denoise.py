@@ -20,19 +20,23 @@ metrics.jsonl, images/, denoiser.safetensors, denoise_eval.json; ssr/ also ssr_d
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ssr_cli.data import build_dataset
+from ssr_cli.data import build_dataset, subset_indices
 from ssr_cli.engine import EMA, train
+from ssr_cli.engine.atomic import write_json_atomic
 from ssr_cli.engine.optim import ParamGroup
-from ssr_cli.engine.progress import console
+from ssr_cli.engine.progress import console, print_result_table
 from ssr_cli.engine.runtime import Runtime, step_seed
+from ssr_cli.images import save_grid
+from ssr_cli.models.restoration import Denoiser, add_gaussian_noise, denoise_loss, evaluate_denoiser, load_image_pairs
+from ssr_cli.models.weights import save_weights
 from ssr_cli.recipe import Recipe
+from ssr_cli.regularizers import dynamics_from_config, save_dynamics
 from ssr_cli.training import fixed_seed, image_dataset, train_spec
 
 ARM_DIRS = {"none": "baseline", "ssr": "ssr"}
@@ -53,8 +57,6 @@ def arms_of(cfg: Recipe) -> list[str]:
 
 def build_denoiser(cfg: Recipe) -> nn.Module:
     """The recipe's denoiser, initialised from a seed derived from run.seed (identical for every arm)."""
-    from ssr_cli.models.restoration import Denoiser
-
     d = cfg.denoise
     with fixed_seed(step_seed(cfg.run.seed, "denoiser-init")):
         return Denoiser(channels=d.channels, depth=d.depth, bottleneck_channels=d.bottleneck_channels,
@@ -63,8 +65,6 @@ def build_denoiser(cfg: Recipe) -> nn.Module:
 
 def build_dynamics(cfg: Recipe):
     """SSRDynamics of [regularizer] over the denoiser's bottleneck channels (W·H of regularizer.grid)."""
-    from ssr_cli.regularizers import dynamics_from_config
-
     try:
         return dynamics_from_config(cfg.regularizer, cfg.denoise.bottleneck_channels,
                                     image_size=cfg.data.image_size, seed=cfg.run.seed)
@@ -99,8 +99,6 @@ class DenoiseTask(nn.Module):
         self._target = target  # an EMA, deliberately not a sub-module
 
     def forward(self, batch, step_rng: torch.Generator) -> dict[str, torch.Tensor]:
-        from ssr_cli.models.restoration import add_gaussian_noise, denoise_loss
-
         clean = batch[0] if isinstance(batch, (list, tuple)) else batch
         d, r = self.cfg.denoise, self.cfg.regularizer
         noisy = add_gaussian_noise(clean, d.noise_sigma)
@@ -134,8 +132,6 @@ def heldout_clean_images(cfg: Recipe) -> list[torch.Tensor]:
         picks = list(range(min(den.eval_count, len(ds))))
     else:
         ds = image_dataset(cfg, augment=False)
-        from ssr_cli.data import subset_indices
-
         # Seeded class-stratified, not the last files of a class-sorted folder/tar (a class or two).
         picks = subset_indices(ds.labels, den.eval_count, seed=cfg.run.seed).tolist()
         console.print("[yellow]denoise: no denoise.eval_images set; evaluating on a stratified subset of "
@@ -145,8 +141,6 @@ def heldout_clean_images(cfg: Recipe) -> list[torch.Tensor]:
 
 def synthetic_pairs(cfg: Recipe, clean: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(noisy, clean) pairs with one fixed draw of the training noise (same for every arm and run)."""
-    from ssr_cli.models.restoration import add_gaussian_noise
-
     gen = torch.Generator().manual_seed(step_seed(cfg.run.seed, "denoise-eval-noise"))
     return [(add_gaussian_noise(c[None], cfg.denoise.noise_sigma, generator=gen)[0], c) for c in clean]
 
@@ -160,8 +154,6 @@ def _center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def real_pairs(cfg: Recipe) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """The real (noisy, clean) pairs of denoise.eval_pairs (NOISY/ and GT/), center-cropped; None when unset."""
-    from ssr_cli.models.restoration import load_image_pairs
-
     if not cfg.denoise.eval_pairs:
         return None
     root = Path(cfg.denoise.eval_pairs)
@@ -173,8 +165,6 @@ def real_pairs(cfg: Recipe) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
 
 def evaluate_arm(model: nn.Module, synthetic: list, real: list | None, device: torch.device) -> dict:
     """{"synthetic": evaluate_denoiser(...), "real": ... or None}."""
-    from ssr_cli.models.restoration import evaluate_denoiser
-
     return {"synthetic": evaluate_denoiser(model, synthetic, device=device),
             "real": evaluate_denoiser(model, real, device=device) if real else None}
 
@@ -184,8 +174,6 @@ def evaluate_arm(model: nn.Module, synthetic: list, real: list | None, device: t
 
 @torch.no_grad()
 def _grid(model: nn.Module, pairs: list, path: Path) -> Path:
-    from ssr_cli.images import save_grid
-
     device = next(model.parameters()).device
     noisy = torch.stack([n for n, _ in pairs]).to(device)
     clean = torch.stack([c for _, c in pairs])
@@ -195,8 +183,6 @@ def _grid(model: nn.Module, pairs: list, path: Path) -> Path:
 
 def train_arm(cfg: Recipe, rt: Runtime, kind: str, *, synthetic: list | None = None) -> nn.Module:
     """Train one arm ("none" or "ssr") in ``<run>/<baseline|ssr>/``; resumable. Returns the trained denoiser."""
-    from ssr_cli.models.weights import save_weights
-
     t, r = cfg.train, cfg.regularizer
     arm_dir = cfg.run_dir() / ARM_DIRS[kind]
     model = build_denoiser(cfg).to(rt.device)
@@ -220,8 +206,6 @@ def train_arm(cfg: Recipe, rt: Runtime, kind: str, *, synthetic: list | None = N
     if rt.is_main:
         save_weights(model, arm_dir / WEIGHTS_FILE, metadata={"arm": ARM_DIRS[kind], "steps": str(t.steps)})
         if dynamics is not None:
-            from ssr_cli.regularizers import save_dynamics
-
             save_dynamics(dynamics, arm_dir / "ssr_dynamics.safetensors")
     rt.barrier()
     return model
@@ -242,12 +226,12 @@ def run_denoise(cfg: Recipe, rt: Runtime) -> dict:
         arm = ARM_DIRS[kind]
         res = {"arm": arm, "steps": cfg.train.steps, "noise_sigma": cfg.denoise.noise_sigma,
                **evaluate_arm(model, synthetic, real, rt.device)}
-        (cfg.run_dir() / arm / EVAL_FILE).write_text(json.dumps(res, indent=2))
+        write_json_atomic(cfg.run_dir() / arm / EVAL_FILE, res, indent=2)
         results[arm] = res
     if rt.is_main:
         if len(results) > 1:
             comparison = {"arms": results, "delta_ssr_minus_baseline": _deltas(results["baseline"], results["ssr"])}
-            (cfg.run_dir() / COMPARISON_FILE).write_text(json.dumps(comparison, indent=2))
+            write_json_atomic(cfg.run_dir() / COMPARISON_FILE, comparison, indent=2)
         print_denoise_table(results, cfg)
         console.print(f"results written under {cfg.run_dir()}")
     rt.barrier()
@@ -264,17 +248,9 @@ def _deltas(base: dict, ssr: dict) -> dict:
 
 def print_denoise_table(results: dict[str, dict], cfg: Recipe) -> None:
     """Rows: (set, metric); columns: noisy input, each arm and, for two arms, SSR − baseline."""
-    from rich.table import Table
-
     first = next(iter(results.values()))
-    table = Table(title=f"ssr denoise: σ = {cfg.denoise.noise_sigma:g}/255, {cfg.train.steps} steps")
-    table.add_column("set")
-    table.add_column("metric")
-    table.add_column("noisy input", justify="right")
-    for arm in results:
-        table.add_column(arm, justify="right")
-    if len(results) == 2:
-        table.add_column("SSR − baseline", justify="right")
+    values = ["noisy input", *results] + (["SSR − baseline"] if len(results) == 2 else [])
+    rows = []
     sets = {"synthetic": f"synthetic ×{int(first['synthetic']['count'])}"}
     if first.get("real"):
         sets["real"] = f"real pairs ×{int(first['real']['count'])} ({Path(cfg.denoise.eval_pairs).name})"
@@ -286,5 +262,6 @@ def print_denoise_table(results: dict[str, dict], cfg: Recipe) -> None:
                 a, b = (res[part][metric] for res in results.values())
                 diff = b - a
                 row.append(("+" if diff >= 0 else "") + fmt.format(diff) if math.isfinite(diff) else "-")
-            table.add_row(*row)
-    console.print(table)
+            rows.append(row)
+    print_result_table(f"ssr denoise: σ = {cfg.denoise.noise_sigma:g}/255, {cfg.train.steps} steps", ["set", "metric"],
+                       values, rows)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -43,9 +43,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssr_cli.engine.progress import console
+from ssr_cli.bases import grid_for_channels
+from ssr_cli.data import batch_source
+from ssr_cli.engine import TrainSpec, train
+from ssr_cli.engine.atomic import atomic_write, write_json_atomic, write_text_atomic
+from ssr_cli.engine.optim import ParamGroup
+from ssr_cli.engine.progress import console, make_progress, print_result_table
 from ssr_cli.engine.runtime import Runtime, generator_for, step_seed
+from ssr_cli.evaluation import load_inception
+from ssr_cli.finetune import build_tokenizer, load_tokenizer_for_run
+from ssr_cli.generate import DiTTask, build_dit_from
+from ssr_cli.latents import file_sha256
+from ssr_cli.metrics import frechet_distance, gaussian_stats, to_uint8
+from ssr_cli.models.flow import flow_loss, initial_noise, sample_ode
+from ssr_cli.models.tokenizer import DiagonalGaussian
+from ssr_cli.models.weights import read_safetensors
+from ssr_cli.probe import dynamics_error
 from ssr_cli.recipe import Recipe
+from ssr_cli.regularizers import dynamics_from_config
+from ssr_cli.training import fixed_images, fixed_seed, image_dataset
 
 PROXIES = ("stats", "spectrum", "equivariance", "ifid", "viv", "flow_probe")
 # (result key, label, lower is better) for the ranking table.
@@ -207,8 +223,6 @@ def interpolated_latents(x: torch.Tensor, weight: float) -> tuple[torch.Tensor, 
 
 
 def fid_of(features: Callable[[torch.Tensor], np.ndarray], fake_u8: torch.Tensor, real_feats: np.ndarray) -> float:
-    from ssr_cli.metrics import frechet_distance, gaussian_stats
-
     return frechet_distance(*gaussian_stats(features(fake_u8)), *gaussian_stats(real_feats))
 
 
@@ -216,8 +230,6 @@ def fid_of(features: Callable[[torch.Tensor], np.ndarray], fake_u8: torch.Tensor
 def ifid(decode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, real_feats: np.ndarray,
          features: Callable[[torch.Tensor], np.ndarray], weight: float, batch_size: int = 64) -> dict:
     """iFID of normalised latents ``x`` (decoded by ``decode``, which de-normalises) against ``real_feats``."""
-    from ssr_cli.metrics import to_uint8
-
     mixed, nn_idx = interpolated_latents(x, weight)
     decoded = torch.cat([to_uint8(decode(mixed[i:i + batch_size]).float().clamp(-1, 1).cpu())
                          for i in range(0, mixed.shape[0], batch_size)])
@@ -296,8 +308,6 @@ class _LatentRows(torch.utils.data.Dataset):
 
 
 def build_probe_dit(shape: tuple[int, int, int], *, model: str, depth: int, hidden: int, heads: int) -> nn.Module:
-    from ssr_cli.generate import build_dit_from
-
     c, h, _ = shape
     try:
         return build_dit_from({"name": model, "input_size": h, "in_channels": c, "num_classes": 1,
@@ -312,13 +322,6 @@ def flow_probe(train_x: torch.Tensor, heldout_x: torch.Tensor, run_dir: Path, rt
     """Train a small unconditional LightningDiT on normalised latents for ``steps`` (engine: seeded, resumable
     from ``run_dir/checkpoints``) and return its held-out velocity MSE per t of ``t_grid`` (fixed noise per
     held-out latent) with the trained network."""
-    from ssr_cli.data import batch_source
-    from ssr_cli.engine import TrainSpec, train
-    from ssr_cli.engine.optim import ParamGroup
-    from ssr_cli.generate import DiTTask
-    from ssr_cli.models.flow import flow_loss, initial_noise
-    from ssr_cli.training import fixed_seed
-
     shape = tuple(train_x.shape[1:])
     with fixed_seed(step_seed(seed, "probe-init")):
         net = build_probe_dit(shape, model=model, depth=depth, hidden=hidden, heads=heads)
@@ -347,8 +350,6 @@ def flow_probe(train_x: torch.Tensor, heldout_x: torch.Tensor, run_dir: Path, rt
 def probe_samples(net: nn.Module, n: int, shape: tuple[int, ...], *, steps: int, seed: int, device,
                   batch_size: int = 64) -> torch.Tensor:
     """``n`` normalised latents sampled from the probe (Euler, unconditional), per-image seeded noise."""
-    from ssr_cli.models.flow import initial_noise, sample_ode
-
     out = []
     for start in range(0, n, batch_size):
         idx = list(range(start, min(n, start + batch_size)))
@@ -365,10 +366,7 @@ def _digest(obj) -> str:
 
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, indent=2)
 
 
 def _spread(n_total: int, n: int) -> list[int]:
@@ -379,9 +377,6 @@ class _Context:
     """What the proxies share: tokenizer, image pool, encoded latents and their normalisation (built lazily)."""
 
     def __init__(self, cfg: Recipe, rt: Runtime, weights: str | None, out: Path) -> None:
-        from ssr_cli.finetune import build_tokenizer, load_tokenizer_for_run
-        from ssr_cli.latents import file_sha256
-
         self.cfg, self.rt, self.out = cfg, rt, out
         d = cfg.diffusability
         if weights is not None:
@@ -407,8 +402,6 @@ class _Context:
 
     @torch.no_grad()
     def _encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from ssr_cli.models.tokenizer import DiagonalGaussian
-
         x = images.to(self.rt.device)
         with self.rt.autocast():
             post = self.base.encode(x)
@@ -421,11 +414,6 @@ class _Context:
         if self._latents is not None:
             return self._latents
         from safetensors.torch import save_file
-
-        from ssr_cli.models.weights import read_safetensors
-
-        from ssr_cli.engine.progress import make_progress
-        from ssr_cli.training import image_dataset
 
         d = self.cfg.diffusability
         key = _digest({**self.space_key, "num_latents": d.num_latents})
@@ -451,10 +439,7 @@ class _Context:
             tensors = {"latents": torch.cat(zs).contiguous()}
             if kls:
                 tensors["kl"] = torch.cat(kls)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            save_file(tensors, str(tmp))
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
             self._latents = tensors
         z = self._latents["latents"]
         train = z[: z.shape[0] - d.holdout]
@@ -475,8 +460,6 @@ class _Context:
     def pool(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(images, latents T(E(x)), KL per image or None) of the ``num_images`` pool."""
         if self._pool is None:
-            from ssr_cli.training import fixed_images
-
             images = fixed_images(self.cfg, self.cfg.diffusability.num_images)
             zs, kls = [], []
             bs = self.cfg.diffusability.batch_size
@@ -491,8 +474,6 @@ class _Context:
     def features(self):
         """Inception pool features as a callable, or None (with the reason) without weights."""
         if self._inception is None:
-            from ssr_cli.evaluation import load_inception
-
             self._inception = load_inception(self.cfg, self.rt.device)
         inception, note = self._inception
         if inception is None:
@@ -505,8 +486,6 @@ class _Context:
         return feats, None
 
     def real_features(self, feats) -> np.ndarray:
-        from ssr_cli.metrics import to_uint8
-
         if self._real_feats is None:
             self._real_feats = feats(to_uint8(self.pool()[0]))
         return self._real_feats
@@ -530,10 +509,6 @@ def _spectrum(ctx: _Context) -> dict:
 
 
 def _equivariance(ctx: _Context) -> dict:
-    from ssr_cli.bases import grid_for_channels
-    from ssr_cli.probe import dynamics_error
-    from ssr_cli.regularizers import dynamics_from_config
-
     cfg = ctx.cfg
     images, _, _ = ctx.pool()
     images = images.to(ctx.rt.device)
@@ -584,8 +559,6 @@ def _viv(ctx: _Context) -> dict:
 
 
 def _flow_probe(ctx: _Context, run_dir: Path) -> dict:
-    from ssr_cli.metrics import to_uint8
-
     d = ctx.cfg.diffusability
     x = ctx.normalise(ctx.latents()["latents"])
     train_x, held = x[: x.shape[0] - d.holdout], x[x.shape[0] - d.holdout:]
@@ -636,8 +609,6 @@ def run_diffusability(cfg: Recipe, rt: Runtime, *, weights: str | None = None, o
         else:
             if name == "flow_probe" and cached is not None:
                 # Settings changed: the old probe's checkpoints belong to another run.
-                import shutil
-
                 shutil.rmtree(out / "flow_probe", ignore_errors=True)
             value = runners[name](ctx)
             if rt.is_main:
@@ -683,33 +654,29 @@ def ranking_markdown(results: dict[str, dict]) -> str:
 
 
 def print_summary(results: dict[str, dict], out: Path, name: str = "ranking.md") -> Path:
-    from rich.table import Table
-
-    table = Table(title="ssr diffusability" + (": comparison (rank in brackets)" if len(results) > 1 else ""))
-    table.add_column("proxy")
-    for label in results:
-        table.add_column(label, justify="right")
     ranks = ranking(results)
+    rows = []
     for key, proxy, _ in RANKED:
         cells = []
         for label, r in results.items():
             v = r["summary"].get(key)
             cells.append("—" if v is None else (f"{v:.4g}" + (f" (#{ranks[key].index(label) + 1})"
                                                                if len(results) > 1 else "")))
-        table.add_row(proxy, *cells)
-    console.print(table)
+        rows.append((proxy, *cells))
+    print_result_table("ssr diffusability" + (": comparison (rank in brackets)" if len(results) > 1 else ""),
+                       ["proxy"], list(results), rows)
     path = Path(out) / name
-    path.write_text(ranking_markdown(results))
+    write_text_atomic(path, ranking_markdown(results))
     console.print(f"diffusability: results in {out}")
     return path
 
 
 def plot_diffusability(results: dict[str, dict], path: Path) -> Path:
     """Latent spectra (the image spectrum dashed), the probe's per-t held-out loss and the VIV floor."""
-    import matplotlib
+    import matplotlib  # lazy: only this figure needs matplotlib, and pipeline/commands import this module
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after matplotlib.use above
 
     fig, (ax_s, ax_l) = plt.subplots(1, 2, figsize=(10, 3.8))
     image_drawn = False

@@ -15,13 +15,35 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.table import Table
 
+from ssr_cli import __version__
 from ssr_cli.data import build_dataset, ordered_batches, take_subset
-from ssr_cli.engine.progress import console, make_progress
-from ssr_cli.engine.runtime import Runtime
+from ssr_cli.engine.atomic import write_json_atomic
+from ssr_cli.engine.progress import console, make_progress, print_result_table
+from ssr_cli.engine.runtime import Runtime, step_seed
+from ssr_cli.errors import UserError
+from ssr_cli.finetune import build_tokenizer, load_tokenizer_for_run
+from ssr_cli.generate import samples_dir
+from ssr_cli.latents import file_sha256
+from ssr_cli.metrics import (
+    REFERENCE_FORMAT,
+    FeatureAccumulator,
+    InceptionFeatures,
+    ReferenceStats,
+    compute_generation_metrics,
+    extract_features,
+    frechet_distance,
+    load_lpips,
+    load_reference,
+    reconstruction_metrics,
+    to_uint8,
+)
+from ssr_cli.models.s4d import kl_per_dim, nelbo
+from ssr_cli.models.tokenizer import DiagonalGaussian, latent_of
+from ssr_cli.npz import NpzWriter, check_images, iter_npz_batches, npz_array_info, npz_keys
 from ssr_cli.recipe import Recipe
 from ssr_cli.training import image_dataset
+from ssr_cli.vae_train import is_vae_family
 
 INCEPTION_HINT = (
     "set eval.inception_weights to the TF-Inception state dict "
@@ -32,8 +54,6 @@ INCEPTION_HINT = (
 
 def load_inception(cfg: Recipe, device: torch.device):
     """The Inception extractor, or None (with the reason) when no weights are configured."""
-    from ssr_cli.metrics import InceptionFeatures
-
     path = cfg.eval.inception_weights
     if not path:
         return None, f"no Inception weights: {INCEPTION_HINT}"
@@ -43,8 +63,6 @@ def load_inception(cfg: Recipe, device: torch.device):
 
 
 def _lpips(cfg: Recipe, device: torch.device):
-    from ssr_cli.metrics import load_lpips
-
     path = cfg.eval.lpips_weights
     if not path:
         return None, "no LPIPS weights: set eval.lpips_weights (e.g. ../shared/data/lpips/alexnet-owt-7be5be79.features-only.pth)"
@@ -71,8 +89,6 @@ def image_set(cfg: Recipe, source: str | None, split: str | None, size: int, lim
 
 
 def _uint8_batches(ds, n: int, batch_size: int, label: str):
-    from ssr_cli.metrics import to_uint8
-
     with make_progress() as progress:
         task = progress.add_task(label, total=n, status="", rate="")
         for images, _, _ in ordered_batches(ds, batch_size, limit=n):
@@ -82,8 +98,6 @@ def _uint8_batches(ds, n: int, batch_size: int, label: str):
 
 def _npz_batches(path: Path, batch_size: int, label: str):
     """uint8 NCHW tensors of an ADM batch's ``arr_0``, streamed (see :mod:`ssr_cli.npz`)."""
-    from ssr_cli.npz import iter_npz_batches, npz_array_info
-
     n = npz_array_info(path)[0][0]
     with make_progress() as progress:
         task = progress.add_task(label, total=n, status="", rate="")
@@ -95,8 +109,6 @@ def _npz_batches(path: Path, batch_size: int, label: str):
 def paired_rfid(acc_originals, acc_recons, ids_originals: list[int], ids_recons: list[int]) -> float:
     """rFID of reconstructions against their own originals, and only those: the two feature sets must come
     from the same image indices in the same order (never a generation reference batch)."""
-    from ssr_cli.metrics import frechet_distance
-
     if ids_originals != ids_recons or acc_originals.num_images != acc_recons.num_images:
         raise RuntimeError("rFID needs the originals of exactly the reconstructed images as its reference "
                            f"({len(ids_originals)} originals vs {len(ids_recons)} reconstructions, different ids)")
@@ -107,8 +119,6 @@ def posterior_kl(posterior) -> np.ndarray | None:
     """KL(q‖N(0, I)) per image in nats, summed over the latent elements, of the raw (unscaled, unshifted)
     posterior (paper Fig. 4(b); :meth:`DiagonalGaussian.kl`), computed in float32 whatever the autocast dtype;
     None for a deterministic tokenizer (a tensor latent)."""
-    from ssr_cli.models.tokenizer import DiagonalGaussian
-
     if not isinstance(posterior, DiagonalGaussian):
         return None
     raw = DiagonalGaussian(posterior.mean.float(), posterior.logvar.float(), scale=posterior.scale,
@@ -118,10 +128,6 @@ def posterior_kl(posterior) -> np.ndarray | None:
 
 @torch.no_grad()
 def reconstruction(cfg: Recipe, rt: Runtime, *, weights: str | None = None) -> dict:
-    from ssr_cli.finetune import build_tokenizer, load_tokenizer_for_run
-    from ssr_cli.metrics import FeatureAccumulator, reconstruction_metrics, to_uint8
-    from ssr_cli.models.tokenizer import latent_of
-
     e = cfg.eval
     size = e.image_size or cfg.data.image_size
     if weights is not None:
@@ -184,22 +190,16 @@ def reconstruction(cfg: Recipe, rt: Runtime, *, weights: str | None = None) -> d
 
 def evaluator_version() -> str:
     """What computed the numbers: this package's version and the feature protocol."""
-    from ssr_cli import __version__
-
     return f"ssr {__version__}: ADM evaluator protocol (TF Inception 2015-12-05, pool_3 + mixed_6/conv, float64 stats)"
 
 
 def _sha256_or_none(path: str | None) -> str | None:
-    from ssr_cli.latents import file_sha256
-
     return file_sha256(path) if path and Path(path).is_file() else None
 
 
 def reference_stats(cfg: Recipe, inception, resolution: int, sink=None):
     """The FID reference as :class:`ssr_cli.metrics.ReferenceStats` (``subset`` set on it: the subset record of
     a folder/tar/[data] reference, None for a .npz). ``sink(uint8 NCHW batch)`` sees every reference image."""
-    from ssr_cli.metrics import ReferenceStats, extract_features, load_reference
-
     e = cfg.eval
     if e.reference and e.reference.endswith(".npz"):
         return load_reference(e.reference, extractor=inception, batch_size=e.batch_size)
@@ -238,9 +238,6 @@ def generation(cfg: Recipe, rt: Runtime, samples: Path, inception=None) -> dict:
     """Generation metrics of an ADM batch against ``eval.reference``, both streamed in ``eval.batch_size``
     chunks. ``inception``: a feature extractor like :class:`ssr_cli.metrics.InceptionFeatures` (default: the
     one of ``eval.inception_weights``)."""
-    from ssr_cli.metrics import compute_generation_metrics, extract_features
-    from ssr_cli.npz import check_images, npz_array_info, npz_keys
-
     if inception is None:
         inception, note = load_inception(cfg, rt.device)
         if inception is None:
@@ -276,9 +273,6 @@ def make_reference(cfg: Recipe, rt: Runtime, out: Path) -> Path:
     """Reference batch for later ``eval.reference = <out>``, in ADM's layout: ``arr_0`` (the reference images,
     uint8 NHWC, rounding quantisation), ``mu``/``sigma``/``mu_s``/``sigma_s`` (float64) — what ADM's evaluator
     reads — plus ours: ``pool`` rows (float32, precision/recall/KID), ``num_images``, ``format``, ``subset``."""
-    from ssr_cli.metrics import REFERENCE_FORMAT
-    from ssr_cli.npz import NpzWriter
-
     inception, note = load_inception(cfg, rt.device)
     if inception is None:
         raise FileNotFoundError(f"--make-ref needs Inception weights: {note}")
@@ -308,13 +302,7 @@ def make_reference(cfg: Recipe, rt: Runtime, out: Path) -> Path:
 def run_evaluate(cfg: Recipe, rt: Runtime, *, gfid: bool | None = None, samples: Path | None = None,
                  weights: str | None = None, out: Path | None = None) -> dict:
     """Reconstruction and/or generation metrics; ``gfid`` None: generation when samples exist."""
-    from ssr_cli.generate import samples_dir
-
-    from ssr_cli.vae_train import is_vae_family
-
     if is_vae_family(cfg):
-        from ssr_cli.vae_train import evaluate_vae, print_vae_table
-
         result = {}
         if rt.is_main:
             path = Path(out) if out else cfg.run_dir() / "eval.json"
@@ -339,18 +327,18 @@ def run_evaluate(cfg: Recipe, rt: Runtime, *, gfid: bool | None = None, samples:
             else:
                 result["generation"] = {"unavailable": {"all": f"no samples at {samples} (run `ssr sample`)"}}
         path = Path(out) if out else cfg.run_dir() / "eval.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_jsonable(result), indent=2))
+        write_json_atomic(path, _jsonable(result), indent=2)
         print_table(result)
         console.print(f"metrics written to {path}")
     rt.barrier()
     return result
 
 
-COMPARE_KEYS = {
+HEADLINE_METRICS = {
     "reconstruction": ("psnr", "ssim", "lpips", "rfid", "kl"),
     "generation": ("fid", "sfid", "inception_score", "precision", "recall", "kid"),
 }
+"""The eval.json numbers compared across runs and summarised by the pipeline, per part, in table order."""
 
 
 # Recorded but not part of what must match: a different seed is a repeat of the same protocol.
@@ -361,7 +349,7 @@ def protocol_differences(results: dict[str, dict]) -> list[str]:
     """Protocol fields (eval.json ``<part>.protocol``) in which the compared runs differ, one line each, for the
     parts that carry numbers; file paths count only where the files have no hash to compare."""
     lines = []
-    for part in COMPARE_KEYS:
+    for part in HEADLINE_METRICS:
         protocols = {label: r[part]["protocol"] for label, r in results.items()
                      if isinstance(r.get(part), dict) and "protocol" in r[part]}
         if len(protocols) < 2:
@@ -379,8 +367,6 @@ def protocol_differences(results: dict[str, dict]) -> list[str]:
 
 def check_protocols(results: dict[str, dict], allow_mixed: bool = False) -> list[str]:
     """Refuse (UserError) to compare runs evaluated under different protocols unless ``allow_mixed``."""
-    from ssr_cli.errors import UserError
-
     diffs = protocol_differences(results)
     if diffs and not allow_mixed:
         raise UserError("the compared runs were evaluated under different protocols: " + "; ".join(diffs)
@@ -391,25 +377,20 @@ def check_protocols(results: dict[str, dict], allow_mixed: bool = False) -> list
 def print_comparison(results: dict[str, dict]) -> None:
     """One column per run (label -> run_evaluate result): the headline metrics side by side."""
     if all("psnr" in r and "reconstruction" not in r for r in results.values()):
-        from ssr_cli.vae_train import print_vae_table
-
         print_vae_table(results, title="ssr evaluate: comparison")
         return
-    table = Table(title="ssr evaluate: comparison")
-    table.add_column("metric")
-    for label in results:
-        table.add_column(label, justify="right")
-    for part, keys in COMPARE_KEYS.items():
+    table_rows = []
+    for part, keys in HEADLINE_METRICS.items():
         for key in keys:
             values = [r.get(part, {}).get(key) for r in results.values()]
             if all(v is None for v in values):
                 continue
-            table.add_row(f"{part} {LABELS[key]}",
-                          *(f"{v:.4f}" if isinstance(v, float) else "[dim]unavailable" for v in values))
+            table_rows.append((f"{part} {LABELS[key]}",
+                               *(f"{v:.4f}" if isinstance(v, float) else "[dim]unavailable" for v in values)))
         rows = [dict(protocol_rows((r.get(part) or {}).get("protocol"))) for r in results.values()]
         for label in dict.fromkeys(k for row in rows for k in row):
-            table.add_row(f"{part} {label}", *(row.get(label, "[dim]unrecorded") for row in rows))
-    console.print(table)
+            table_rows.append((f"{part} {label}", *(row.get(label, "[dim]unrecorded") for row in rows)))
+    print_result_table("ssr evaluate: comparison", ["metric"], list(results), table_rows)
 
 
 def _jsonable(value):
@@ -455,21 +436,117 @@ def protocol_rows(protocol: dict | None) -> list[tuple[str, str]]:
 
 
 def print_table(result: dict) -> None:
-    table = Table(title="ssr evaluate")
-    table.add_column("set")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
+    print_result_table("ssr evaluate", ["set", "metric"], ["value"], _result_rows(result))
+
+
+def _result_rows(result: dict):
     for part, metrics in result.items():
         unavailable = metrics.get("unavailable", {})
         for key, label in LABELS.items():
             if key in metrics or key in unavailable:
                 value = metrics.get(key)
                 text = f"{value:.4f}" if isinstance(value, float) else f"[dim]unavailable: {unavailable.get(key, '')}"
-                table.add_row(part, label, text)
+                yield part, label, text
         if "num_images" in metrics:
-            table.add_row(part, "images", str(metrics["num_images"]))
+            yield part, "images", str(metrics["num_images"])
         for label, text in protocol_rows(metrics.get("protocol")):
-            table.add_row(part, label, text)
+            yield part, label, text
         if "all" in unavailable:
-            table.add_row(part, "-", f"[dim]{unavailable['all']}")
-    console.print(table)
+            yield part, "-", f"[dim]{unavailable['all']}"
+
+
+# ------------------------------------------------------------------------------- the vector-latent VAEs
+
+
+@torch.no_grad()
+def evaluate_vae(cfg: Recipe, rt: Runtime, *, weights: str | Path | None = None, out: Path | None = None) -> dict:
+    """Metrics of the run's VAE (``weights`` overrides the file) on ``eval.num_images`` images.
+
+    Images: ``eval.images`` (folder / .tar) or the recipe's [data] without augmentation, at data.image_size.
+    Returns psnr / ssim (reconstruction from the posterior mean, uint8, dB / data range 255), nelbo, rec, kl
+    (nats per image, one posterior sample with a fixed seed, [−1, 1] pixel units as in training),
+    nelbo_per_dim, active_dims (KL > collapse threshold), and — with eval.inception_weights — fid_prior (as many
+    prior samples as images, against the images) and rfid (reconstructions against the images); a metric
+    that cannot be computed is None with its reason in ``unavailable``. Also written to ``out`` (JSON) if given.
+    """
+    if weights is not None:
+        vae, source = build_tokenizer(cfg, weights=weights), weights
+    else:
+        vae, source = load_tokenizer_for_run(cfg)
+    vae = vae.to(rt.device).eval()
+    ds, n = image_set(cfg, cfg.eval.images, cfg.eval.images_split, cfg.data.image_size, cfg.eval.num_images)
+    inception, note = load_inception(cfg, rt.device)
+    accs = {k: FeatureAccumulator(keep=(), stats=("pool",)) for k in ("data", "recon", "prior")} if inception else {}
+    gen = torch.Generator(device=rt.device).manual_seed(step_seed(cfg.run.seed, "eval-nelbo"))
+    prior_gen = torch.Generator().manual_seed(step_seed(cfg.run.seed, "eval-prior"))
+    sums = {"nelbo": 0.0, "rec": 0.0, "kl": 0.0, "mse": 0.0}
+    per_image: dict[str, list] = {"psnr": [], "ssim": []}
+    kl_dims = None
+    for images, _, _ in ordered_batches(ds, cfg.eval.batch_size, limit=n):
+        x = images.to(rt.device)
+        b = x.shape[0]
+        terms = nelbo(vae, x, generator=gen)
+        for k in sums:
+            sums[k] += float(terms[k]) * b
+        post = vae.encode(x)
+        dims = kl_per_dim(post) * b
+        kl_dims = dims if kl_dims is None else kl_dims + dims
+        recon = vae.decode(post.mean).float().clamp(-1, 1)
+        metrics = reconstruction_metrics(x, recon)
+        per_image["psnr"].extend(metrics["psnr"].tolist())
+        per_image["ssim"].extend(metrics["ssim"].tolist())
+        if inception:
+            prior = vae.sample_prior(b, generator=prior_gen).float()
+            accs["data"].update(inception(to_uint8(x)))
+            accs["recon"].update(inception(to_uint8(recon)))
+            accs["prior"].update(inception(to_uint8(prior)))
+    result: dict = {
+        "tokenizer": f"{cfg.tokenizer.family}/{cfg.tokenizer.size}",
+        "weights": str(source) if source else None,
+        "parameters": sum(p.numel() for p in vae.parameters()),
+        "num_images": n,
+        "resolution": cfg.data.image_size,
+        "psnr": float(torch.tensor(per_image["psnr"]).clamp(max=100).mean()),
+        "ssim": float(torch.tensor(per_image["ssim"]).mean()),
+        **{k: v / n for k, v in sums.items()},
+        "unavailable": {},
+    }
+    result["nelbo_per_dim"] = result["nelbo"] / (3 * cfg.data.image_size**2)
+    kl_dims = kl_dims / n
+    result["active_dims"] = int((kl_dims > cfg.vae.collapse_threshold).sum())
+    result["latent_dims"] = int(kl_dims.numel())
+    if inception and n >= 2:
+        data_stats = accs["data"].stats("pool")
+        result["fid_prior"] = frechet_distance(*accs["prior"].stats("pool"), *data_stats)
+        result["rfid"] = frechet_distance(*accs["recon"].stats("pool"), *data_stats)
+    else:
+        result["fid_prior"] = result["rfid"] = None
+        reason = note or "FID needs at least 2 images"
+        result["unavailable"].update(fid_prior=reason, rfid=reason)
+    if out is not None and rt.is_main:
+        write_json_atomic(out, result, indent=2)
+    return result
+
+
+VAE_LABELS = {
+    "nelbo": "NELBO (nats/image)", "rec": "REC −log p(x|z)", "kl": "KL (nats)", "nelbo_per_dim": "NELBO (nats/dim)",
+    "psnr": "recon PSNR (dB)", "ssim": "recon SSIM", "active_dims": "active latent dims", "fid_prior": "FID prior samples",
+    "rfid": "rFID", "parameters": "parameters", "num_images": "images",
+}
+
+
+def print_vae_table(results: dict[str, dict], title: str = "VAE evaluation") -> None:
+    """A rich table with one column per evaluated run (``results``: run label -> :func:`evaluate_vae` dict)."""
+    rows = []
+    for key, label in VAE_LABELS.items():
+        row = []
+        for res in results.values():
+            value = res.get(key)
+            if value is None:
+                row.append(f"[dim]unavailable: {res.get('unavailable', {}).get(key, '')}")
+            elif isinstance(value, float):
+                row.append(f"{value:.4g}" if abs(value) >= 1000 else f"{value:.4f}")
+            else:
+                row.append(f"{value:,}" if isinstance(value, int) else str(value))
+        rows.append((label, *row))
+    print_result_table(title, ["metric"], list(results), rows)

@@ -14,12 +14,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ssr_cli.blur import gaussian_blur
 from ssr_cli.engine import EMA, train
-from ssr_cli.errors import UserError
 from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import console
-from ssr_cli.engine.runtime import Runtime
+from ssr_cli.engine.runtime import Runtime, step_seed
+from ssr_cli.errors import UserError
+from ssr_cli.images import save_grid
+from ssr_cli.inputs import file_sha256, refresh, settings
+from ssr_cli.metrics import load_lpips
+from ssr_cli.models.registry import build_tokenizer as build_registered_tokenizer
+from ssr_cli.models.weights import save_weights
 from ssr_cli.recipe import Recipe
+from ssr_cli.regularizers import build_regularizer as build_regularizer_from_fields
+from ssr_cli.regularizers import save_dynamics
 from ssr_cli.training import fixed_images, fixed_seed, image_dataset, train_spec
 
 EXPORT_NAME = "tokenizer.safetensors"
@@ -29,14 +37,11 @@ DYNAMICS_NAME = "ssr_dynamics.safetensors"
 def build_tokenizer(cfg: Recipe, weights: str | Path | None = "recipe"):
     """The recipe's tokenizer, with the recipe's weights (or ``weights`` when given; None: a random
     initialisation drawn from ``run.seed`` alone, so two runs of one recipe start from the same weights)."""
-    from ssr_cli.engine.runtime import step_seed
-    from ssr_cli.models.registry import build_tokenizer as build
-
     tok = cfg.tokenizer
     path = tok.weights if weights == "recipe" else weights
     with fixed_seed(step_seed(cfg.run.seed, "tokenizer-init")):
-        model = build(tok.family, tok.size, weights=path, strict=tok.strict, architecture=tok.weights,
-                      **tok.overrides)
+        model = build_registered_tokenizer(tok.family, tok.size, weights=path, strict=tok.strict,
+                                           architecture=tok.weights, **tok.overrides)
     if tok.grad_checkpointing:
         try:
             model.grad_checkpointing = True
@@ -58,8 +63,6 @@ def learned_dynamics_path(cfg: Recipe) -> Path:
 def load_tokenizer_for_run(cfg: Recipe):
     """The run's fine-tuned tokenizer when it exists, else the recipe's weights (with a note); a UserError when
     there is neither (a later stage never runs on a randomly initialised tokenizer)."""
-    from ssr_cli.errors import UserError
-
     path = finetuned_weights(cfg)
     if path.is_file():
         return build_tokenizer(cfg, weights=path), path
@@ -89,8 +92,6 @@ def make_lpips(cfg: Recipe, weight: float, device: torch.device):
     if weight <= 0:
         return None
     require_lpips_weights(cfg, weight)
-    from ssr_cli.metrics import load_lpips
-
     net = load_lpips(cfg.loss.lpips_net, cfg.loss.lpips_weights, device=device)
 
     def lpips_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -107,10 +108,8 @@ def make_lpips(cfg: Recipe, weight: float, device: torch.device):
 
 
 def build_regularizer(cfg: Recipe, kind: str, latent_channels: int, lpips_fn):
-    from ssr_cli.regularizers import build_regularizer as build
-
     r = cfg.regularizer
-    return build(
+    return build_regularizer_from_fields(
         kind,
         latent_channels=latent_channels,
         basis=r.basis,
@@ -164,9 +163,6 @@ class FinetuneTask(nn.Module):
 @torch.no_grad()
 def reconstruction_grid(task: FinetuneTask, images: torch.Tensor, path: Path, tau_max: float, delta_tau: float) -> Path:
     """Rows: input, reconstruction, blurred pair I(τ1), I(τ2), and — for SSR — the decoded prediction D(ẑ2)."""
-    from ssr_cli.blur import gaussian_blur
-    from ssr_cli.images import save_grid
-
     tok = task.tokenizer
     device = next(tok.parameters()).device
     x = images.to(device)
@@ -216,8 +212,6 @@ def _stage(cfg: Recipe, rt: Runtime, tokenizer, *, name: str, kind: str, steps: 
     )
     train(spec, rt)
     if rt.is_main and hasattr(regularizer, "dynamics"):
-        from ssr_cli.regularizers import save_dynamics
-
         save_dynamics(regularizer.dynamics, run_dir / DYNAMICS_NAME)
 
 
@@ -227,8 +221,6 @@ FINETUNE_KEY = ".finetune_inputs.json"
 def finetune_inputs(cfg: Recipe) -> dict:
     """What the (pre)trained tokenizer depends on: the starting weights' SHA-256, the tokenizer, regularizer,
     loss, data and training settings and the seed (not ``train.steps``: more steps extend a run)."""
-    from ssr_cli.inputs import file_sha256, settings
-
     # A pretrain-only run (train.steps = 0) never uses the regularizer: its settings do not shape the output.
     regularizer = settings(cfg.regularizer) if cfg.train.steps else None
     return {"start": file_sha256(cfg.tokenizer.weights), "tokenizer": settings(cfg.tokenizer, "weights"),
@@ -241,9 +233,6 @@ def finetune_inputs(cfg: Recipe) -> dict:
 def run_finetune(cfg: Recipe, rt: Runtime) -> Path:
     """Pretrain (optional) then fine-tune; export the tokenizer. Returns the exported weights' path. Checkpoints
     made with other inputs (:func:`finetune_inputs`) are discarded, with a message, and the stage is redone."""
-    from ssr_cli.inputs import refresh
-    from ssr_cli.models.weights import save_weights
-
     run_dir = cfg.run_dir()
     if rt.is_main:
         refresh(run_dir / FINETUNE_KEY, finetune_inputs(cfg),
@@ -274,8 +263,6 @@ def run_finetune(cfg: Recipe, rt: Runtime) -> Path:
 
 
 def _export(cfg: Recipe, rt: Runtime, tokenizer) -> Path:
-    from ssr_cli.models.weights import save_weights
-
     out = finetuned_weights(cfg)
     if rt.is_main:
         save_weights(tokenizer, out)

@@ -8,7 +8,6 @@ samples are de-normalised before decoding. Outputs live in ``<run>/dit/`` (check
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +16,21 @@ from torch import nn
 
 from ssr_cli.data import batch_source
 from ssr_cli.engine import EMA, TrainSpec, train
+from ssr_cli.engine.atomic import write_json_atomic
 from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import console, make_progress
 from ssr_cli.engine.runtime import Runtime, step_seed
 from ssr_cli.engine.checkpoint import Checkpointer
+from ssr_cli.finetune import load_tokenizer_for_run
+from ssr_cli.images import save_png
 from ssr_cli.inputs import file_sha256, refresh, settings
 from ssr_cli.latents import LatentShards, latents_dir, latents_fingerprint, load_stats, read_manifest
+from ssr_cli.models.dit import build_dit
+from ssr_cli.models.flow import cfg_velocity, flow_loss, initial_noise, sample_ode, sample_t_logit_normal
+from ssr_cli.models.weights import read_safetensors, save_weights
+from ssr_cli.npz import NpzWriter
 from ssr_cli.recipe import Recipe, dump
+from ssr_cli.training import fixed_seed
 
 DIT_DIR = "dit"
 EMA_FILE = "dit_ema.safetensors"
@@ -49,8 +56,6 @@ def _dit_kwargs(cfg: Recipe, manifest: dict) -> dict:
 
 
 def build_dit_from(kwargs: dict) -> nn.Module:
-    from ssr_cli.models.dit import build_dit
-
     kw = dict(kwargs)
     return build_dit(kw.pop("name"), **kw)
 
@@ -68,8 +73,6 @@ class DiTTask(nn.Module):
         self.t_mean, self.t_std = t_mean, t_std
 
     def forward(self, batch, step_rng: torch.Generator) -> dict[str, torch.Tensor]:
-        from ssr_cli.models.flow import flow_loss, sample_t_logit_normal
-
         z, y = batch
         x1 = (z.float() - self.mean) / self.std
         t = sample_t_logit_normal(x1.shape[0], None, x1.device, mean=self.t_mean, std=self.t_std)
@@ -95,14 +98,10 @@ def sample_inputs(cfg: Recipe, tokenizer_weights) -> dict:
 
 
 def run_train_dit(cfg: Recipe, rt: Runtime) -> Path:
-    from ssr_cli.models.weights import save_weights
-
     lat_dir = latents_dir(cfg)
     manifest = read_manifest(lat_dir)
     mean, std = load_stats(lat_dir)
     kwargs = _dit_kwargs(cfg, manifest)
-    from ssr_cli.training import fixed_seed
-
     with fixed_seed(step_seed(cfg.run.seed, "dit-init")):  # the starting weights depend on run.seed alone
         model = build_dit_from(kwargs)
     task = DiTTask(model, mean, std, cosine_weight=1.0 if cfg.dit.cosine_loss else 0.0,
@@ -149,9 +148,7 @@ def run_train_dit(cfg: Recipe, rt: Runtime) -> Path:
     train(spec, rt)
     if rt.is_main:
         # Config first, weights last: the EMA file's presence is what marks the stage complete.
-        tmp = out / f".{CONFIG_FILE}.tmp"
-        tmp.write_text(json.dumps({**kwargs, "latents": str(lat_dir)}, indent=2))
-        os.replace(tmp, out / CONFIG_FILE)
+        write_json_atomic(out / CONFIG_FILE, {**kwargs, "latents": str(lat_dir)}, indent=2)
         save_weights({"mean": mean, "std": std}, out / STATS_FILE)
         save_weights(ema.shadow, out / EMA_FILE)
         console.print(f"[green]DiT EMA weights written to {out / EMA_FILE}")
@@ -160,8 +157,6 @@ def run_train_dit(cfg: Recipe, rt: Runtime) -> Path:
 
 
 def load_trained_dit(cfg: Recipe, use_ema: bool = True) -> tuple[nn.Module, dict]:
-    from ssr_cli.models.weights import read_safetensors
-
     out = cfg.run_dir() / DIT_DIR
     if not (out / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"no trained DiT in {out} (missing {CONFIG_FILE}); run `ssr train-dit` first")
@@ -182,8 +177,6 @@ def load_trained_dit(cfg: Recipe, use_ema: bool = True) -> tuple[nn.Module, dict
 def dit_latent_stats(cfg: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std), each (C,), of the run's DiT: its own copy (written by train-dit and import-dit), else the
     latent cache's (DiTs trained before the copy existed)."""
-    from ssr_cli.models.weights import read_safetensors
-
     path = cfg.run_dir() / DIT_DIR / STATS_FILE
     if path.is_file():
         stats = read_safetensors(path, "the DiT's latent statistics (mean, std)")
@@ -205,10 +198,6 @@ def image_labels(n: int, num_classes: int, mode: str, seed: int) -> list[int]:
 @torch.no_grad()
 def run_sample(cfg: Recipe, rt: Runtime) -> Path:
     """Generate ``sample.num_images`` images: PNGs (skipping ones already written) and an ADM ``.npz``."""
-    from ssr_cli.finetune import load_tokenizer_for_run
-    from ssr_cli.images import save_png
-    from ssr_cli.models.flow import cfg_velocity, initial_noise, sample_ode
-
     s = cfg.sample
     model, kwargs = load_trained_dit(cfg, use_ema=s.use_ema)
     model = model.to(rt.device)
@@ -266,8 +255,6 @@ def write_npz(out: Path, n: int, labels: list[int], protocol: dict | None = None
     ``protocol`` also ``samples.json`` (the sampling settings) beside it."""
     from PIL import Image
 
-    from ssr_cli.npz import NpzWriter
-
     def image(i: int) -> np.ndarray:
         with Image.open(out / "png" / f"{i:06d}.png") as img:
             return np.asarray(img.convert("RGB"))
@@ -280,8 +267,6 @@ def write_npz(out: Path, n: int, labels: list[int], protocol: dict | None = None
             writer.write("arr_0", image(i)[None])
         writer.add("arr_1", np.asarray(labels[:n], dtype=np.int64))
     if protocol is not None:
-        tmp = out / ".samples.json.tmp"
-        tmp.write_text(json.dumps(protocol, indent=2))
-        os.replace(tmp, out / "samples.json")
+        write_json_atomic(out / "samples.json", protocol, indent=2)
     console.print(f"[green]{n} samples in {out / 'png'}, ADM batch {out / 'samples.npz'} {(n, *first.shape)}")
     return out / "samples.npz"

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ssr_cli.engine.atomic import atomic_write
 from ssr_cli.metrics import to_uint8
 
 
@@ -20,12 +20,8 @@ def to_hwc_uint8(x: torch.Tensor, quantize: str = "round") -> np.ndarray:
 
 def save_png(x: torch.Tensor, path: str | Path, quantize: str = "round") -> Path:
     """One image (3, H, W) in [-1, 1] -> PNG, written atomically (uint8 by ``quantize``, see metrics.to_uint8)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(to_hwc_uint8(x, quantize)).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    image = Image.fromarray(to_hwc_uint8(x, quantize))
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def save_grid(rows: list[torch.Tensor], path: str | Path, *, row_labels: list[str] | None = None,
@@ -53,7 +49,4 @@ def save_grid(rows: list[torch.Tensor], path: str | Path, *, row_labels: list[st
     if col_labels:
         for c, label in enumerate(col_labels[:n_cols]):
             draw.text((left + pad + c * (cw + pad) + 2, 2), label[: max(3, cw // 6)], fill="black")
-    tmp = path.with_name(f".{path.name}.tmp")
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))

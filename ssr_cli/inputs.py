@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+
+from ssr_cli.engine.atomic import write_json_atomic
 
 _HASHES: dict[tuple[str, int, int], str] = {}
 
@@ -60,8 +61,5 @@ def refresh(marker: Path, key: dict, stale: Iterable[Path], label: str, console=
             for p in present:
                 shutil.rmtree(p) if Path(p).is_dir() else Path(p).unlink(missing_ok=True)
             discarded = bool(present)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    tmp = marker.with_name(f"{marker.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(key, indent=2, sort_keys=True))
-    os.replace(tmp, marker)
+    write_json_atomic(marker, key, indent=2, sort_keys=True)
     return discarded

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +30,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
+from ssr_cli.data import subset_indices
+from ssr_cli.engine.atomic import atomic_write, write_json_atomic
 from ssr_cli.engine.progress import console, make_progress
 from ssr_cli.engine.runtime import Runtime, generator_for
+from ssr_cli.errors import one_line
+from ssr_cli.finetune import load_tokenizer_for_run
 from ssr_cli.inputs import file_sha256, refresh, settings
+from ssr_cli.models.lightningdit import read_stats, write_stats
+from ssr_cli.models.tokenizer import DiagonalGaussian
+from ssr_cli.models.weights import WeightsError, read_safetensors
 from ssr_cli.recipe import Recipe, dump
 from ssr_cli.training import image_dataset
 
@@ -55,9 +61,8 @@ def _shard_ok(path: Path, expected_rows: int) -> bool:
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                                             metadata=metadata))
 
 
 def _cache_key(cfg: Recipe, weights_sha256: str | None, n: int) -> dict:
@@ -90,9 +95,6 @@ def latents_fingerprint(directory: Path) -> str | None:
 @torch.no_grad()
 def encode_latents(cfg: Recipe, rt: Runtime) -> Path:
     """Encode the recipe's data set with the run's (fine-tuned) tokenizer into shards + stats + manifest."""
-    from ssr_cli.finetune import load_tokenizer_for_run
-    from ssr_cli.models.tokenizer import DiagonalGaussian
-
     out = latents_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer, weights = load_tokenizer_for_run(cfg)
@@ -166,9 +168,7 @@ def encode_latents(cfg: Recipe, rt: Runtime) -> Path:
                       "subset": "stratified" if lc.stats_count < n else "all", "seed": cfg.run.seed},
             "recipe": dump(cfg),
         }
-        tmp = out / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, out / MANIFEST)
+        write_json_atomic(out / MANIFEST, manifest, indent=2)
         console.print(f"[green]latents: {n} images, latent {tuple(manifest['latent_shape'])}, {n_shards} shard(s) in {out}")
     rt.barrier()
     return out
@@ -178,8 +178,6 @@ def compute_stats(shards: list[Path], count: int, seed: int = 0) -> dict[str, to
     """Per-channel mean and std (float64 accumulation) over ``count`` latents (and their flips): a seeded,
     class-stratified subset (:func:`ssr_cli.data.subset_indices`) of the cache, every latent when it holds fewer
     (shards follow the data set's sorted order, so the first ``count`` would be a few classes only)."""
-    from ssr_cli.data import subset_indices
-
     labels = []
     for path in shards:
         with safe_open(str(path), framework="pt") as f:
@@ -210,11 +208,7 @@ def compute_stats(shards: list[Path], count: int, seed: int = 0) -> dict[str, to
 
 
 def _save_stats(stats: dict[str, torch.Tensor], path: Path) -> None:
-    from ssr_cli.models.lightningdit import write_stats
-
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write_stats(tmp, stats["mean"], stats["std"])
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: write_stats(tmp, stats["mean"], stats["std"]))
 
 
 def read_manifest(directory: Path) -> dict:
@@ -231,9 +225,6 @@ def read_manifest(directory: Path) -> dict:
 def open_shard(path: Path, what: str = "a latent shard (.safetensors, written by `ssr encode-latents`)"):
     """``safe_open`` of a latent shard (memory-mapped, never unpickled); a file that is not safetensors (a pickle
     under a shard's name, a damaged file) is one WeightsError line naming it."""
-    from ssr_cli.errors import one_line
-    from ssr_cli.models.weights import WeightsError
-
     try:
         return safe_open(str(path), framework="pt")
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for files that are not safetensors
@@ -242,8 +233,6 @@ def open_shard(path: Path, what: str = "a latent shard (.safetensors, written by
 
 def _lightningdit_manifest(directory: Path, shards: list[Path]) -> dict:
     """The manifest of a LightningDiT latent folder, read from its shards."""
-    from ssr_cli.models.weights import WeightsError
-
     labels, flips, shape = [], [], None
     for path in shards:
         with open_shard(path, "a LightningDiT latent shard (.safetensors)") as f:
@@ -263,13 +252,9 @@ def _lightningdit_manifest(directory: Path, shards: list[Path]) -> dict:
 
 def load_stats(directory: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (mean, std), each (C,), of a cache (ours or LightningDiT's)."""
-    from ssr_cli.models.lightningdit import read_stats
-
     if (Path(directory) / STATS).is_file():
         return read_stats(Path(directory) / STATS)
     if (Path(directory) / LEGACY_STATS).is_file():
-        from ssr_cli.models.weights import read_safetensors
-
         stats = read_safetensors(Path(directory) / LEGACY_STATS, "latent statistics (mean, std)")
         return stats["mean"], stats["std"]
     raise FileNotFoundError(f"no latent statistics in {directory} (expected {STATS}); run `ssr encode-latents`")

@@ -28,7 +28,6 @@ import contextlib
 import functools
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -38,8 +37,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ssr_cli.blur import gaussian_kernels
+from ssr_cli.engine.atomic import atomic_path
 from ssr_cli.errors import one_line
 from ssr_cli.models.weights import read_torch_tensors
+from ssr_cli.npz import check_images, iter_npz_batches, npz_array_info
 
 __all__ = [
     "MetricUnavailable",
@@ -121,14 +123,6 @@ def _psnr_of_uint8(x_u8: torch.Tensor, y_u8: torch.Tensor) -> torch.Tensor:
     return 10.0 * torch.log10(255.0**2 / mse)  # mse == 0 gives +inf, as it should
 
 
-def _gaussian_kernel_1d(sigma: float, truncate: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # Same support and normalization as scipy.ndimage.gaussian_filter (radius = int(truncate * sigma + 0.5)).
-    radius = int(truncate * sigma + 0.5)
-    offsets = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
-    weights = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    return weights / weights.sum()
-
-
 def ssim(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -151,7 +145,9 @@ def ssim(
     """
     _check_pair(x, y, "ssim")
     batch, channels, height, width = x.shape
-    kernel = _gaussian_kernel_1d(sigma, truncate, dtype, x.device)
+    # scipy.ndimage.gaussian_filter's support and normalisation (radius int(truncate·σ + 0.5))
+    tau = torch.tensor([float(sigma) ** 2], dtype=torch.float64, device=x.device)
+    kernel = gaussian_kernels(tau, int(truncate * sigma + 0.5), truncate)[0].to(dtype)
     win = kernel.numel()
     if height < win or width < win:
         raise ValueError(f"ssim: images of {height}x{width} are smaller than the {win}x{win} Gaussian window")
@@ -188,7 +184,7 @@ _LPIPS_BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-39792
 
 @functools.cache
 def _frozen_lpips_class():
-    import lpips
+    import lpips  # lazy: the optional LPIPS package (and its torchvision backbones) loads only where LPIPS is used
 
     class FrozenLPIPS(lpips.LPIPS):
         """lpips.LPIPS that stays in eval mode: ``.train()`` on a parent module must not enable the heads' dropout."""
@@ -257,7 +253,7 @@ def load_lpips(net: str = "alex", weights_path: str | os.PathLike | None = None,
         raise ValueError(f"{weights_path} is not a torchvision {net} state dict (features.K.*): {err}") from None
 
     # lpips loads its heads with strict=False; check they really arrived so a renamed key cannot go unnoticed.
-    import lpips
+    import lpips  # lazy: see _frozen_lpips_class
 
     heads_path = Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
     heads = torch.load(heads_path, weights_only=True, map_location="cpu")
@@ -742,15 +738,8 @@ def save_reference_stats(path: str | os.PathLike, feats: Mapping[str, np.ndarray
     arrays["pool"] = np.asarray(feats["pool"], dtype=np.float32)
     arrays["num_images"] = np.asarray(len(feats["pool"]), dtype=np.int64)
     arrays["format"] = np.asarray(REFERENCE_FORMAT)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)  # a file object: np.savez would append .npz to a name without it
     return path
 
 
@@ -767,8 +756,6 @@ def load_reference(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference file not found: {path}")
-    from ssr_cli.npz import check_images, iter_npz_batches, npz_array_info
-
     try:
         with np.load(path, allow_pickle=False) as data:
             keys = set(data.files)

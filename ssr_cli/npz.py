@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ssr_cli.engine.atomic import commit, temp_path_for
 from ssr_cli.errors import UserError
 
 
@@ -104,7 +105,7 @@ class NpzWriter:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self._tmp = temp_path_for(self.path)
         self._zip = zipfile.ZipFile(self._tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
         self._open: dict[str, list] = {}  # key -> [handle, rows expected, rows written, row shape, dtype]
 
@@ -158,7 +159,7 @@ class NpzWriter:
                 fh.close()
             self._zip.close()
             if ok:
-                os.replace(self._tmp, self.path)
+                commit(self._tmp, self.path)
             else:
                 self._tmp.unlink(missing_ok=True)
         return False

@@ -13,22 +13,48 @@ import json
 import time
 from pathlib import Path
 
-from rich.table import Table
+import numpy as np
+import torch
 
-from ssr_cli.engine.progress import console
+from ssr_cli.denoise import build_arms
+from ssr_cli.diffusability import TransformedTokenizer, build_probe_dit
+from ssr_cli.engine.atomic import write_json_atomic
+from ssr_cli.engine.checkpoint import Checkpointer
+from ssr_cli.engine.progress import console, print_result_table
 from ssr_cli.engine.runtime import Runtime
+from ssr_cli.evaluation import HEADLINE_METRICS, run_evaluate
+from ssr_cli.finetune import (
+    FINETUNE_KEY,
+    build_regularizer,
+    build_tokenizer,
+    finetune_inputs,
+    finetuned_weights,
+    learned_dynamics_path,
+    run_finetune,
+)
+from ssr_cli.generate import (
+    DIT_DIR,
+    EMA_FILE,
+    _dit_kwargs,
+    build_dit_from,
+    dit_inputs,
+    run_sample,
+    run_train_dit,
+    samples_dir,
+)
+from ssr_cli.inputs import file_sha256, settings
+from ssr_cli.latents import MANIFEST, encode_latents, latents_dir, latents_fingerprint
+from ssr_cli.metrics import build_lpips
+from ssr_cli.probe import probe_dynamics, probe_grid, run_probe
 from ssr_cli.recipe import Recipe
+from ssr_cli.training import unreadable_count
+from ssr_cli.vae_train import is_vae_family
 
 STAGES = ("finetune", "encode-latents", "train-dit", "sample", "evaluate", "probe-channels")
 
 
 def _complete(cfg: Recipe, stage: str) -> bool:
     """A stage is complete when its output is there and was made from the inputs it would read now."""
-    from ssr_cli.engine.checkpoint import Checkpointer
-    from ssr_cli.finetune import FINETUNE_KEY, finetune_inputs, finetuned_weights
-    from ssr_cli.generate import DIT_DIR, EMA_FILE, samples_dir
-    from ssr_cli.latents import MANIFEST, latents_dir
-
     run = cfg.run_dir()
     if stage == "finetune":
         stage_dir, steps = ("finetune", cfg.train.steps) if cfg.train.steps else ("pretrain", cfg.train.pretrain_steps)
@@ -44,8 +70,6 @@ def _complete(cfg: Recipe, stage: str) -> bool:
         npz = samples_dir(cfg) / "samples.npz"
         present = npz.is_file()
         if present:
-            import numpy as np
-
             with np.load(npz) as f:
                 present = f["arr_0"].shape[0] == cfg.sample.num_images
     elif stage == "evaluate":
@@ -59,20 +83,12 @@ def _complete(cfg: Recipe, stage: str) -> bool:
 
 def _tokenizer_sha256(cfg: Recipe) -> str | None:
     """The hash of the tokenizer the later stages read: the run's fine-tuned one, else the recipe's weights."""
-    from ssr_cli.finetune import finetuned_weights
-    from ssr_cli.inputs import file_sha256
-
     return file_sha256(finetuned_weights(cfg)) or file_sha256(cfg.tokenizer.weights)
 
 
 def stage_inputs(cfg: Recipe, stage: str) -> dict:
     """What a stage's result depends on (content hashes of the files it reads, the settings that shape it); a
     result recorded with other inputs is redone."""
-    from ssr_cli.finetune import learned_dynamics_path
-    from ssr_cli.generate import DIT_DIR, EMA_FILE, dit_inputs, samples_dir
-    from ssr_cli.inputs import file_sha256, settings
-    from ssr_cli.latents import latents_fingerprint, latents_dir
-
     tokenizer = _tokenizer_sha256(cfg)
     if stage == "encode-latents":
         return {"tokenizer": tokenizer, "latents": settings(cfg.latents), "seed": cfg.run.seed,
@@ -109,16 +125,8 @@ def check_builds(cfg: Recipe, stages: tuple[str, ...] = STAGES) -> list[str]:
     """What ``--dry-run`` checks: build the models these stages would build (no data, no weights files), so a
     mismatch between tokenizer, regularizer, DiT and the networks of evaluate / probe-channels / diffusability /
     denoise fails here as it would in the run. Returns what was built."""
-    import torch
-
-    from ssr_cli.finetune import build_regularizer, build_tokenizer
-    from ssr_cli.generate import _dit_kwargs, build_dit_from
-    from ssr_cli.vae_train import is_vae_family
-
     built: list[str] = []
     if "denoise" in stages:  # no tokenizer: a denoiser and its SSR dynamics
-        from ssr_cli.denoise import build_arms
-
         built += build_arms(cfg)
         if not set(stages) - {"denoise"}:
             return built
@@ -144,20 +152,14 @@ def check_builds(cfg: Recipe, stages: tuple[str, ...] = STAGES) -> list[str]:
             tok.decode(latent_of(size))
         built.append(f"reconstruction at {size}x{size}")
         if cfg.eval.lpips_weights and not vae:
-            from ssr_cli.metrics import build_lpips
-
             build_lpips(cfg.eval.lpips_net)
             built.append(f"LPIPS {cfg.eval.lpips_net}")
     if "probe-channels" in stages:
-        from ssr_cli.probe import probe_dynamics, probe_grid
-
         size = cfg.probe.image_size or cfg.data.image_size
         grid_w, grid_h = probe_grid(cfg, latent_of(size).shape[1])
         probe_dynamics(cfg, grid_w, grid_h)
         built.append(f"probe dynamics {cfg.regularizer.basis} {grid_w}x{grid_h} at {size}x{size}")
     if "diffusability" in stages:
-        from ssr_cli.diffusability import TransformedTokenizer, build_probe_dit
-
         d = cfg.diffusability
         transformed = TransformedTokenizer(tok, d.latent_transform, d.transform_strength, d.transform_seed)
         shape = tuple(transformed.forward_map(latent_of(cfg.data.image_size, batch=2)).shape[1:])
@@ -170,12 +172,6 @@ def check_builds(cfg: Recipe, stages: tuple[str, ...] = STAGES) -> list[str]:
 
 
 def run_pipeline(cfg: Recipe, rt: Runtime, stages: tuple[str, ...] = STAGES) -> dict:
-    from ssr_cli.evaluation import run_evaluate
-    from ssr_cli.finetune import run_finetune
-    from ssr_cli.generate import run_sample, run_train_dit
-    from ssr_cli.latents import encode_latents
-    from ssr_cli.probe import run_probe
-
     actions = {
         "finetune": lambda: run_finetune(cfg, rt),
         "encode-latents": lambda: encode_latents(cfg, rt),
@@ -197,30 +193,22 @@ def run_pipeline(cfg: Recipe, rt: Runtime, stages: tuple[str, ...] = STAGES) -> 
         actions[stage]()
         rt.barrier()
         if rt.is_main and stage != "finetune":
-            _record_path(cfg, stage).write_text(json.dumps(stage_inputs(cfg, stage)))
+            write_json_atomic(_record_path(cfg, stage), stage_inputs(cfg, stage))
         timings[stage] = f"{time.perf_counter() - t0:.1f} s"
     summary = summarize(cfg, timings)
     if rt.is_main:
-        (cfg.run_dir() / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json_atomic(cfg.run_dir() / "summary.json", summary, indent=2)
         print_summary(summary)
     return summary
 
 
 def summarize(cfg: Recipe, timings: dict[str, str]) -> dict:
     run = cfg.run_dir()
-    from ssr_cli.training import unreadable_count
-
     out: dict = {"run": str(run), "stages": timings, "unreadable_images": unreadable_count(run / "unreadable_images.txt")}
     for name, path in (("eval", run / "eval.json"), ("probe", run / "probe" / "probe.json")):
         if Path(path).is_file():
             out[name] = json.loads(Path(path).read_text())
     return out
-
-
-SUMMARY_METRICS = {
-    "reconstruction": ("psnr", "ssim", "lpips", "rfid", "kl"),
-    "generation": ("fid", "sfid", "inception_score", "precision", "recall", "kid"),
-}
 
 
 def summary_rows(summary: dict) -> list[tuple[str, str]]:
@@ -229,7 +217,7 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
     if summary.get("unreadable_images"):
         rows.append(("unreadable images (skipped)", f"{summary['unreadable_images']} (see unreadable_images.txt)"))
     unavailable: list[str] = []
-    for part, keys in SUMMARY_METRICS.items():
+    for part, keys in HEADLINE_METRICS.items():
         metrics = summary.get("eval", {}).get(part)
         if metrics is None:
             continue
@@ -257,10 +245,5 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
 
 
 def print_summary(summary: dict) -> None:
-    table = Table(title=f"ssr pipeline: {summary['run']}")
-    table.add_column("stage / metric")
-    table.add_column("value", justify="right")
-    for k, v in summary_rows(summary):
-        table.add_row(k, v)
-    console.print(table)
+    print_result_table(f"ssr pipeline: {summary['run']}", ["stage / metric"], ["value"], summary_rows(summary))
     console.print(f"details: {summary['run']}/summary.json, eval.json, probe/")

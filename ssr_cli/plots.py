@@ -5,7 +5,6 @@ Matplotlib runs headless (Agg); functions never call ``plt.show``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -14,16 +13,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ssr_cli.engine.atomic import atomic_write  # noqa: E402
+
 
 def _save(fig, path: str | Path, dpi: int) -> Path:
     """Write atomically (temp file + rename) so a crashed run never leaves a truncated PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight"))
+    finally:
+        plt.close(fig)
 
 
 def plot_a_matrix(A: np.ndarray, basis: str, W: int, H: int, path: str | Path, *, log_scale: bool | None = None,

@@ -17,15 +17,24 @@ Works for any tokenizer, regularized or not, so runs can be compared side by sid
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ssr_cli.engine.progress import console
+from ssr_cli.bases import basis_functions, frequency_order, project
+from ssr_cli.blur import gaussian_blur
+from ssr_cli.engine.atomic import write_json_atomic
+from ssr_cli.engine.progress import console, print_result_table
 from ssr_cli.engine.runtime import Runtime
+from ssr_cli.errors import UserError
+from ssr_cli.finetune import build_tokenizer, learned_dynamics_path, load_tokenizer_for_run
+from ssr_cli.images import save_grid
+from ssr_cli.metrics import psnr_uint8
+from ssr_cli.plots import plot_basis_channels, plot_curves, plot_latent_dynamics, plot_latent_norms
 from ssr_cli.recipe import Recipe
+from ssr_cli.regularizers import dynamics_from_config, load_dynamics, resolve_grid
+from ssr_cli.training import image_dataset
 
 
 def radial_centroid(images: torch.Tensor) -> float:
@@ -47,8 +56,6 @@ def blur_decay(tokenizer, images: torch.Tensor, tau: float) -> np.ndarray:
 
     The basis dynamics make a channel's spatial detail decay faster the higher its frequency (Fourier:
     exp(−Δτ·(w² + h²)·const)), so in a regularized latent this ratio falls along the frequency order."""
-    from ssr_cli.blur import gaussian_blur
-
     def centred(z: torch.Tensor) -> torch.Tensor:
         z = z.double()
         return z - z.mean(dim=(-2, -1), keepdim=True)
@@ -69,8 +76,6 @@ def dynamics_error(tokenizer, images: torch.Tensor, dynamics, tau_pairs: list[tu
     For each (τ1, τ2): z1 = E(blur(x, τ1)), z2 = E(blur(x, τ2)) (posterior means), ẑ2 = dynamics.predict(z1).
     Returns ``relative`` = Σ‖ẑ2 − z2‖² / Σ‖z2 − spatial mean‖² and ``no_change`` = the same with ẑ2 = z1
     (the error of assuming the latent does not move), both summed over images, channels and pairs."""
-    from ssr_cli.blur import gaussian_blur
-
     err = base = still = 0.0
     n = images.shape[0]
     for tau1, tau2 in tau_pairs:
@@ -112,8 +117,6 @@ def blur_ladder(tokenizer, images: torch.Tensor, tau_max: float, levels: int = 6
                 ) -> tuple[list[float], list[torch.Tensor], list[torch.Tensor]]:
     """Paper Fig. 8: τ = 0 … τ_max in ``levels`` equal steps; per τ the blurred images (N, 3, H, W) and their
     decoded latents D(E(blur(x, τ))) (clamped to [-1, 1])."""
-    from ssr_cli.blur import gaussian_blur
-
     taus = [float(t) for t in np.linspace(0.0, tau_max, levels)]
     blurred = [gaussian_blur(images, tau) for tau in taus]
     decoded = [tokenizer.decode(tokenizer.encode_latent(b)).float().clamp(-1, 1) for b in blurred]
@@ -123,18 +126,12 @@ def blur_ladder(tokenizer, images: torch.Tensor, tau_max: float, levels: int = 6
 def channel_basis_maps(basis: str, grid_w: int, grid_h: int, height_px: int, width_px: int) -> np.ndarray:
     """Paper Fig. 9: the basis function channel n = w + W·h stands for, sampled at pixel centres,
     (C, height_px, width_px); the real part for Fourier (cos 2π(w·x + h·y) on the unit square)."""
-    from ssr_cli.bases import basis_functions
-
     return np.real(basis_functions(basis, grid_w, grid_h, height_px, width_px))
 
 
 def probe_dynamics(cfg: Recipe, grid_w: int, grid_h: int):
     """The Ā the probe scores, and a record of where it came from: the dynamics the run learned
     (``<run>/finetune/ssr_dynamics.safetensors``) when that file exists, else the recipe's initial A and Δ."""
-    from ssr_cli.errors import UserError
-    from ssr_cli.finetune import learned_dynamics_path
-    from ssr_cli.regularizers import dynamics_from_config, load_dynamics
-
     r = cfg.regularizer
     path = learned_dynamics_path(cfg)
     if path.is_file():
@@ -165,22 +162,12 @@ def partial_decodes(tokenizer, z: torch.Tensor, order: list[int], fill: torch.Te
 def probe_grid(cfg: Recipe, channels: int) -> tuple[int, int]:
     """The [regularizer]'s basis grid (W, H) over a latent of ``channels`` channels; a grid that does not fit is
     a ValueError naming ``regularizer.grid`` (raised by the run and by ``--dry-run`` alike)."""
-    from ssr_cli.regularizers import resolve_grid
-
     return resolve_grid(channels, cfg.regularizer.grid)
 
 
 @torch.no_grad()
 def run_probe(cfg: Recipe, rt: Runtime, *, weights: str | None = None, out_dir: Path | None = None) -> dict:
     from scipy.stats import spearmanr
-
-    from ssr_cli.bases import frequency_order, project
-    from ssr_cli.blur import gaussian_blur
-    from ssr_cli.finetune import build_tokenizer, load_tokenizer_for_run
-    from ssr_cli.images import save_grid
-    from ssr_cli.metrics import psnr_uint8
-    from ssr_cli.plots import plot_basis_channels, plot_curves, plot_latent_dynamics, plot_latent_norms
-    from ssr_cli.training import image_dataset
 
     out = Path(out_dir) if out_dir else cfg.run_dir() / "probe"
     out.mkdir(parents=True, exist_ok=True)
@@ -295,7 +282,7 @@ def run_probe(cfg: Recipe, rt: Runtime, *, weights: str | None = None, out_dir: 
                     "basis_channels": str(basis_path)},
     }
     if rt.is_main:
-        (out / "probe.json").write_text(json.dumps(result, indent=2))
+        write_json_atomic(out / "probe.json", result, indent=2)
         console.print(f"probe-channels: PSNR k=1 {psnr_k[0]:.2f} dB → k={channels} {psnr_k[-1]:.2f} dB; "
                       f"frequency-order Spearman ρ = {rho:.3f}; blur-decay order ρ = {rho_decay:.3f}; "
                       f"Ā prediction error {dyn_err['relative']:.3f} (no-change {dyn_err['no_change']:.3f}) with the "
@@ -312,8 +299,6 @@ COMPARED = (("psnr_full", "PSNR, all channels (dB)"), ("psnr_half", "PSNR, half 
 def compare_latent_norms(results: dict[str, dict], path: Path) -> Path | None:
     """Fig. 4(a) across runs: one row per probe (its first image), every map on one colour scale, so a tokenizer
     trained without centring shows its larger latent norms. None when a probe has no latent-norm data."""
-    from ssr_cli.plots import plot_latent_norms
-
     files = [r.get("latent_norms_data") for r in results.values()]
     if not all(f and Path(f).is_file() for f in files):
         return None
@@ -327,10 +312,6 @@ def compare_latent_norms(results: dict[str, dict], path: Path) -> Path | None:
 def compare_probes(results: dict[str, dict], out_dir: Path) -> Path:
     """Several probes (label -> :func:`run_probe` result) side by side: one PSNR-vs-k figure, the latent-norm
     maps of :func:`compare_latent_norms` and a table."""
-    from rich.table import Table
-
-    from ssr_cli.plots import plot_curves
-
     lengths = {len(r["psnr_vs_k"]) for r in results.values()}
     if len(lengths) != 1:
         raise ValueError(f"cannot compare tokenizers with different channel counts ({sorted(lengths)})")
@@ -338,15 +319,10 @@ def compare_probes(results: dict[str, dict], out_dir: Path) -> Path:
     path = plot_curves(k, {label: np.asarray(r["psnr_vs_k"]) for label, r in results.items()},
                        Path(out_dir) / "compare_psnr_vs_k.png", xlabel="channels kept (frequency order)",
                        ylabel="PSNR (dB)", title="partial decodes")
-    table = Table(title="ssr probe-channels: comparison")
-    table.add_column("score")
-    for label in results:
-        table.add_column(label, justify="right")
-    for key, name in COMPARED:
-        table.add_row(name, *(f"{r[key]:.4g}" for r in results.values()))
+    rows = [(name, *(f"{r[key]:.4g}" for r in results.values())) for key, name in COMPARED]
     # the Ā error of each column is that of its own run's Ā: learned for an SSR run, the recipe's otherwise
-    table.add_row("Ā scored", *(r.get("dynamics", {}).get("source", "recipe") for r in results.values()))
-    console.print(table)
+    rows.append(("Ā scored", *(r.get("dynamics", {}).get("source", "recipe") for r in results.values())))
+    print_result_table("ssr probe-channels: comparison", ["score"], list(results), rows)
     norms = compare_latent_norms(results, Path(out_dir) / "compare_latent_norms.png")
     console.print(f"comparison figures: {path}" + (f", {norms}" if norms else ""))
     return path

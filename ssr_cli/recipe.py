@@ -14,8 +14,10 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ssr_cli.engine.atomic import write_text_atomic
 from ssr_cli.errors import UserError
 
 
@@ -571,36 +573,12 @@ def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -
     return from_dict(data, source)
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
 def dump(recipe: Recipe) -> str:
-    """The resolved recipe as TOML text (None values are omitted: they are the defaults)."""
-    out = []
-    for section, values in recipe.model_dump().items():
-        out.append(f"[{section}]")
-        for key, value in values.items():
-            if value is not None:
-                out.append(f"{key} = {_toml_value(value)}")
-        out.append("")
-    return "\n".join(out)
+    """The resolved recipe as TOML text, written by tomli-w (None values are omitted: they are the defaults);
+    ``tomllib.loads(dump(r))`` validates back to ``r``."""
+    return tomli_w.dumps({section: {key: value for key, value in values.items() if value is not None}
+                          for section, values in recipe.model_dump().items()})
 
 
 def write_resolved(recipe: Recipe, run_dir: Path) -> Path:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / "recipe.resolved.toml"
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(dump(recipe))
-    tmp.replace(target)
-    return target
+    return write_text_atomic(run_dir / "recipe.resolved.toml", dump(recipe))

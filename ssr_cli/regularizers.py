@@ -34,6 +34,7 @@ from torch import nn
 from ssr_cli import bases
 from ssr_cli.blur import gaussian_blur, sample_tau_pairs
 from ssr_cli.models.tokenizer import DiagonalGaussian, latent_of
+from ssr_cli.models.weights import WeightsError, save_weights
 
 LpipsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 TargetEncoder = Callable[[torch.Tensor], torch.Tensor]
@@ -698,8 +699,6 @@ def build_regularizer(
 
 def save_dynamics(dynamics: "SSRDynamics", path: str | Path) -> Path:
     """Write the (learned) continuous A, its discretization Ā and Δ to a safetensors file, atomically."""
-    from ssr_cli.models.weights import save_weights
-
     return save_weights({"A": dynamics.a_continuous().detach(), "A_bar": dynamics.a_bar().detach(),
                          "delta": dynamics.delta.detach().reshape(1),
                          "delta_init": dynamics.delta_start.detach().reshape(1)}, path)
@@ -710,8 +709,6 @@ def load_dynamics(path: str | Path) -> SSRDynamics:
     that reproduces the stored Ā; A's sparsity pattern is its nonzero entries). WeightsError for a file that is
     not such a record."""
     from safetensors.torch import load_file
-
-    from ssr_cli.models.weights import WeightsError
 
     try:
         state = load_file(str(path), device="cpu")

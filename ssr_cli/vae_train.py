@@ -5,8 +5,8 @@ shared engine, resumable, in ``<run>/vae/``: checkpoints/, metrics.jsonl (nelbo,
 collapsed_dims, collapse_alarm, ...) and images/ (prior samples and reconstructions as PNG grids every
 ``train.image_every_steps`` and at the end). The trained VAE is exported to ``<run>/tokenizer.safetensors``
 (:func:`ssr_cli.finetune.finetuned_weights`), where ``load_tokenizer_for_run`` and the rest of the toolkit
-find it. :func:`evaluate_vae` gives reconstruction PSNR/SSIM, the NELBO on held-out images and, with
-Inception weights, the FID of prior samples against the data images.
+find it. :func:`ssr_cli.evaluation.evaluate_vae` gives reconstruction PSNR/SSIM, the NELBO on held-out images
+and, with Inception weights, the FID of prior samples against the data images.
 
 Step-dependent state lives in buffers of the task module, so a resumed run repeats an uninterrupted one
 bit for bit: the micro-batch counter (the KL weight schedule is a function of the step) and the collapse
@@ -15,18 +15,20 @@ alarm's counters (updated on rank 0 from the per-dimension KL, under no_grad; no
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ssr_cli.data import ordered_batches
 from ssr_cli.engine import train
 from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import console
 from ssr_cli.engine.runtime import Runtime, step_seed
+from ssr_cli.finetune import build_tokenizer, finetuned_weights
+from ssr_cli.images import save_grid
 from ssr_cli.models.registry import VECTOR_VAE_FAMILIES as VAE_FAMILIES
+from ssr_cli.models.s4d import PosteriorCollapseAlarm, kl_weight_schedule, nelbo, s4d_param_groups
+from ssr_cli.models.weights import save_weights
 from ssr_cli.recipe import Recipe
 from ssr_cli.training import fixed_images, fixed_seed, image_dataset, train_spec
 
@@ -39,8 +41,6 @@ def is_vae_family(cfg: Recipe) -> bool:
 
 def build_vae(cfg: Recipe) -> nn.Module:
     """The recipe's VAE, initialised from a seed derived from ``run.seed`` (or loaded from tokenizer.weights)."""
-    from ssr_cli.finetune import build_tokenizer
-
     if not is_vae_family(cfg):
         raise ValueError(f"tokenizer.family = {cfg.tokenizer.family!r} is not a from-scratch VAE; "
                          f"choose one of {', '.join(VAE_FAMILIES)}")
@@ -49,8 +49,6 @@ def build_vae(cfg: Recipe) -> nn.Module:
 
 
 def collapse_alarm_for(cfg: Recipe):
-    from ssr_cli.models.s4d import PosteriorCollapseAlarm
-
     v = cfg.vae
     grace = v.kl_warmup_steps if v.collapse_grace_steps is None else v.collapse_grace_steps
     if v.kl_schedule == "none" and v.collapse_grace_steps is None:
@@ -61,8 +59,6 @@ def collapse_alarm_for(cfg: Recipe):
 
 def kl_weight_at(cfg: Recipe, step: int) -> float:
     """The KL weight β of ``[vae]`` at a (0-based) step."""
-    from ssr_cli.models.s4d import kl_weight_schedule
-
     v = cfg.vae
     return kl_weight_schedule(step, v.kl_schedule, warmup_steps=v.kl_warmup_steps, max_weight=v.kl_max_weight,
                               start_weight=v.kl_start_weight, cycle_steps=v.kl_cycle_steps,
@@ -89,8 +85,6 @@ class VAETask(nn.Module):
         self._kl_sum: torch.Tensor | None = None
 
     def forward(self, batch, step_rng: torch.Generator) -> dict[str, torch.Tensor]:
-        from ssr_cli.models.s4d import nelbo
-
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
         micro = int(self.micro_steps)
         step = micro // self.grad_accum
@@ -131,8 +125,6 @@ def save_vae_grids(vae: nn.Module, images: torch.Tensor, out_dir: Path, tag: str
                    seed: int) -> tuple[Path, Path]:
     """Two PNG grids: ``recon_<tag>.png`` (rows: input, reconstruction from the posterior mean) and
     ``prior_<tag>.png`` (``num_prior`` decodings of z ~ N(0, I), 8 per row, a fixed seed so steps compare)."""
-    from ssr_cli.images import save_grid
-
     was_training = vae.training
     vae.eval()
     device = next(vae.parameters()).device
@@ -148,8 +140,6 @@ def save_vae_grids(vae: nn.Module, images: torch.Tensor, out_dir: Path, tag: str
 
 
 def _param_groups(vae: nn.Module, lr: float, ssm_lr: float) -> list[ParamGroup]:
-    from ssr_cli.models.s4d import s4d_param_groups
-
     groups = []
     for g in s4d_param_groups(vae, base_lr=lr, ssm_lr=ssm_lr):
         wd = None if g["name"] == "main" else 0.0  # main: train.weight_decay; SSM (A, Δ): none
@@ -162,9 +152,6 @@ def run_vae_train(cfg: Recipe, rt: Runtime, *, model: nn.Module | None = None) -
 
     ``model``: train this VAE instead of :func:`build_vae`'s (same interface; e.g. a variant under test).
     """
-    from ssr_cli.finetune import finetuned_weights
-    from ssr_cli.models.weights import save_weights
-
     t, d = cfg.train, cfg.data
     vae = build_vae(cfg) if model is None else model
     if getattr(vae, "image_size", d.image_size) != d.image_size:
@@ -195,112 +182,3 @@ def run_vae_train(cfg: Recipe, rt: Runtime, *, model: nn.Module | None = None) -
         console.print(f"[green]VAE written to {out}; grids in {run_dir}/recon_final.png, {run_dir}/prior_final.png")
     rt.barrier()
     return out
-
-
-# ----------------------------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def evaluate_vae(cfg: Recipe, rt: Runtime, *, weights: str | Path | None = None, out: Path | None = None) -> dict:
-    """Metrics of the run's VAE (``weights`` overrides the file) on ``eval.num_images`` images.
-
-    Images: ``eval.images`` (folder / .tar) or the recipe's [data] without augmentation, at data.image_size.
-    Returns psnr / ssim (reconstruction from the posterior mean, uint8, dB / data range 255), nelbo, rec, kl
-    (nats per image, one posterior sample with a fixed seed, [−1, 1] pixel units as in training),
-    nelbo_per_dim, active_dims (KL > collapse threshold), and — with eval.inception_weights — fid_prior (as many
-    prior samples as images, against the images) and rfid (reconstructions against the images); a metric
-    that cannot be computed is None with its reason in ``unavailable``. Also written to ``out`` (JSON) if given.
-    """
-    from ssr_cli.evaluation import image_set, load_inception
-    from ssr_cli.finetune import build_tokenizer, load_tokenizer_for_run
-    from ssr_cli.metrics import FeatureAccumulator, frechet_distance, reconstruction_metrics, to_uint8
-    from ssr_cli.models.s4d import kl_per_dim, nelbo
-
-    if weights is not None:
-        vae, source = build_tokenizer(cfg, weights=weights), weights
-    else:
-        vae, source = load_tokenizer_for_run(cfg)
-    vae = vae.to(rt.device).eval()
-    ds, n = image_set(cfg, cfg.eval.images, cfg.eval.images_split, cfg.data.image_size, cfg.eval.num_images)
-    inception, note = load_inception(cfg, rt.device)
-    accs = {k: FeatureAccumulator(keep=(), stats=("pool",)) for k in ("data", "recon", "prior")} if inception else {}
-    gen = torch.Generator(device=rt.device).manual_seed(step_seed(cfg.run.seed, "eval-nelbo"))
-    prior_gen = torch.Generator().manual_seed(step_seed(cfg.run.seed, "eval-prior"))
-    sums = {"nelbo": 0.0, "rec": 0.0, "kl": 0.0, "mse": 0.0}
-    per_image: dict[str, list] = {"psnr": [], "ssim": []}
-    kl_dims = None
-    for images, _, _ in ordered_batches(ds, cfg.eval.batch_size, limit=n):
-        x = images.to(rt.device)
-        b = x.shape[0]
-        terms = nelbo(vae, x, generator=gen)
-        for k in sums:
-            sums[k] += float(terms[k]) * b
-        post = vae.encode(x)
-        dims = kl_per_dim(post) * b
-        kl_dims = dims if kl_dims is None else kl_dims + dims
-        recon = vae.decode(post.mean).float().clamp(-1, 1)
-        metrics = reconstruction_metrics(x, recon)
-        per_image["psnr"].extend(metrics["psnr"].tolist())
-        per_image["ssim"].extend(metrics["ssim"].tolist())
-        if inception:
-            prior = vae.sample_prior(b, generator=prior_gen).float()
-            accs["data"].update(inception(to_uint8(x)))
-            accs["recon"].update(inception(to_uint8(recon)))
-            accs["prior"].update(inception(to_uint8(prior)))
-    result: dict = {
-        "tokenizer": f"{cfg.tokenizer.family}/{cfg.tokenizer.size}",
-        "weights": str(source) if source else None,
-        "parameters": sum(p.numel() for p in vae.parameters()),
-        "num_images": n,
-        "resolution": cfg.data.image_size,
-        "psnr": float(torch.tensor(per_image["psnr"]).clamp(max=100).mean()),
-        "ssim": float(torch.tensor(per_image["ssim"]).mean()),
-        **{k: v / n for k, v in sums.items()},
-        "unavailable": {},
-    }
-    result["nelbo_per_dim"] = result["nelbo"] / (3 * cfg.data.image_size**2)
-    kl_dims = kl_dims / n
-    result["active_dims"] = int((kl_dims > cfg.vae.collapse_threshold).sum())
-    result["latent_dims"] = int(kl_dims.numel())
-    if inception and n >= 2:
-        data_stats = accs["data"].stats("pool")
-        result["fid_prior"] = frechet_distance(*accs["prior"].stats("pool"), *data_stats)
-        result["rfid"] = frechet_distance(*accs["recon"].stats("pool"), *data_stats)
-    else:
-        result["fid_prior"] = result["rfid"] = None
-        reason = note or "FID needs at least 2 images"
-        result["unavailable"].update(fid_prior=reason, rfid=reason)
-    if out is not None and rt.is_main:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-    return result
-
-
-VAE_LABELS = {
-    "nelbo": "NELBO (nats/image)", "rec": "REC −log p(x|z)", "kl": "KL (nats)", "nelbo_per_dim": "NELBO (nats/dim)",
-    "psnr": "recon PSNR (dB)", "ssim": "recon SSIM", "active_dims": "active latent dims", "fid_prior": "FID prior samples",
-    "rfid": "rFID", "parameters": "parameters", "num_images": "images",
-}
-
-
-def print_vae_table(results: dict[str, dict], title: str = "VAE evaluation") -> None:
-    """A rich table with one column per evaluated run (``results``: run label -> :func:`evaluate_vae` dict)."""
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column("metric")
-    for label in results:
-        table.add_column(label, justify="right")
-    for key, label in VAE_LABELS.items():
-        row = []
-        for res in results.values():
-            value = res.get(key)
-            if value is None:
-                row.append(f"[dim]unavailable: {res.get('unavailable', {}).get(key, '')}")
-            elif isinstance(value, float):
-                row.append(f"{value:.4g}" if abs(value) >= 1000 else f"{value:.4f}")
-            else:
-                row.append(f"{value:,}" if isinstance(value, int) else str(value))
-        table.add_row(label, *row)
-    console.print(table)

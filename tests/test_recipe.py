@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from ssr_cli.recipe import Recipe, RecipeError, dump, load, parse_override
+from ssr_cli.recipe import Recipe, RecipeError, dump, from_dict, load, parse_override, write_resolved
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.toml"))
 
@@ -92,6 +93,19 @@ def test_missing_file_is_clear():
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
 def test_every_shipped_recipe_validates(path):
     assert isinstance(load(path), Recipe)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_resolved_recipe_round_trips_through_tomllib(path, tmp_path):
+    """The resolved file of every shipped recipe parses with the standard library's TOML reader and validates
+    to the same Recipe; with its defaults spelled out it is a fixed point of dump."""
+    r = load(path)
+    written = write_resolved(r, tmp_path / "run")
+    assert written == tmp_path / "run" / "recipe.resolved.toml"
+    parsed = tomllib.loads(written.read_text())
+    assert from_dict(parsed) == r
+    assert set(parsed) == set(Recipe.model_fields)
+    assert dump(from_dict(parsed)) == written.read_text()
 
 
 def test_grad_clip_zero_turns_clipping_off(tmp_path):

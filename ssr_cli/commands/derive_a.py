@@ -6,7 +6,6 @@ All mathematics lives in ``ssr_cli.bases``; this module parses options, prints a
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -236,20 +235,21 @@ def _save(path: Path, A: np.ndarray, A_bar: np.ndarray, meta: dict[str, str]) ->
     """Write atomically by extension; .npy holds A only."""
     import numpy as np
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from ssr_cli.engine.atomic import atomic_path
+
     suffix = path.suffix.lower()
-    tmp = path.with_name(f".{path.stem}.tmp{suffix}")
-    if suffix == ".npy":
-        np.save(tmp, A.astype(np.float64))
-    elif suffix == ".safetensors":
-        from safetensors.numpy import save_file
+    with atomic_path(path) as tmp:
+        if suffix == ".npy":
+            np.save(tmp, A.astype(np.float64))
+        elif suffix == ".safetensors":
+            from safetensors.numpy import save_file
 
-        save_file({"A": np.ascontiguousarray(A), "A_bar": np.ascontiguousarray(A_bar)}, str(tmp), metadata=meta)
-    else:
-        import torch
+            save_file({"A": np.ascontiguousarray(A), "A_bar": np.ascontiguousarray(A_bar)}, str(tmp), metadata=meta)
+        else:
+            import torch
 
-        torch.save({"A": torch.from_numpy(A.copy()), "A_bar": torch.from_numpy(A_bar.copy()), "meta": dict(meta)}, tmp)
-    os.replace(tmp, path)
+            torch.save({"A": torch.from_numpy(A.copy()), "A_bar": torch.from_numpy(A_bar.copy()),
+                        "meta": dict(meta)}, tmp)
     return path
 
 

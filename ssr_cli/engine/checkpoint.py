@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import pickle
 import re
 import warnings
@@ -25,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ssr_cli.engine.atomic import atomic_path
 from ssr_cli.errors import UserError, one_line
 
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
@@ -43,25 +43,15 @@ class CheckpointWriteError(UserError):
 def atomic_torch_save(obj: Any, path: Path, *, checksum: bool = False) -> None:
     """``torch.save`` to a temporary file, flushed to disk, renamed over ``path``; on any failure the temporary
     file is removed and ``path`` (if it existed) is untouched. ``checksum``: write the verified format."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            if checksum:
-                buf = io.BytesIO()
-                torch.save(obj, buf)
-                payload = buf.getbuffer()
-                fh.write(MAGIC + hashlib.sha256(payload).digest())
-                fh.write(payload)
-            else:
-                torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        if checksum:
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            payload = buf.getbuffer()
+            fh.write(MAGIC + hashlib.sha256(payload).digest())
+            fh.write(payload)
+        else:
+            torch.save(obj, fh)
 
 
 def _verified_payload(path: Path) -> memoryview | None:

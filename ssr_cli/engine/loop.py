@@ -13,6 +13,8 @@ a checkpoint repeats an uninterrupted one bit for bit on CPU.
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,9 +28,10 @@ from torch.nn.parallel import DistributedDataParallel
 from ssr_cli.engine.checkpoint import Checkpointer
 from ssr_cli.engine.ema import EMA
 from ssr_cli.engine.optim import ParamGroup, build_optimizer
-from ssr_cli.engine.progress import MetricsLog, RateMeter, console, make_progress
+from ssr_cli.engine.progress import MetricsLog, RateMeter, console, make_progress, read_metrics
 from ssr_cli.engine.runtime import Runtime, generator_for, step_seed
 from ssr_cli.errors import UserError
+from ssr_cli.plots import plot_training_curves
 
 
 @dataclass
@@ -84,9 +87,6 @@ class _StopFlag:
         self.previous = None
 
     def __enter__(self):
-        import signal
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGTERM, self._handle)
         return self
@@ -95,8 +95,6 @@ class _StopFlag:
         self.set = True
 
     def __exit__(self, *exc):
-        import signal
-
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
         return False
@@ -273,9 +271,6 @@ def train(spec: TrainSpec, rt: Runtime) -> TrainResult:
 def _plot_curves(spec: TrainSpec) -> None:
     """``curves.png`` beside ``metrics.jsonl``: every logged scalar against the step (the whole run, resumes
     included). A figure that cannot be drawn costs a warning, never the finished run."""
-    from ssr_cli.engine.progress import read_metrics
-    from ssr_cli.plots import plot_training_curves
-
     try:
         records = read_metrics(spec.run_dir / "metrics.jsonl")
         if records:

@@ -1,4 +1,4 @@
-"""Rich progress bars and the metrics.jsonl log (rank 0 only)."""
+"""Rich progress bars, the metrics.jsonl log (rank 0 only) and the one helper that prints result tables."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -17,8 +18,26 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Table
+
+from ssr_cli.engine.atomic import write_text_atomic
 
 console = Console(stderr=True)
+
+
+def print_result_table(title: str, labels: Sequence[str], values: Sequence[str],
+                       rows: Iterable[Sequence[str]]) -> Table:
+    """Print one result table to the console and return it: the ``labels`` columns (what a row is) left-aligned,
+    then the ``values`` columns (one per run, arm or value) right-aligned; each row gives every column's text."""
+    table = Table(title=title)
+    for name in labels:
+        table.add_column(name)
+    for name in values:
+        table.add_column(name, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    return table
 
 
 class PlainProgress:
@@ -135,7 +154,7 @@ class MetricsLog:
                     kept.append(line)
             except json.JSONDecodeError:
                 continue
-        self.path.write_text("".join(k + "\n" for k in kept))
+        write_text_atomic(self.path, "".join(k + "\n" for k in kept))
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,8 +144,6 @@ def peak_memory(device: torch.device) -> str:
     """Peak memory so far, as text: the CUDA allocator's peak on a GPU, the process's max RSS on a CPU."""
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (torch.cuda.max_memory_allocated)"
-    import resource
-
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process max RSS)"
 
 

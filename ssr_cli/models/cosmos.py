@@ -23,6 +23,7 @@ from torch import nn
 
 from ssr_cli.models.kl_ae import Decoder, Encoder, stage_prefixes
 from ssr_cli.models.tokenizer import Tokenizer
+from ssr_cli.models.weights import load_state_dict_file, partner_file
 
 
 def haar_patchify(x: torch.Tensor, levels: int) -> torch.Tensor:
@@ -128,8 +129,6 @@ class CosmosCI(Tokenizer):
         """Accept the released halves: ``encoder.jit`` (encoder.*, quant_conv.*) pulls in the ``decoder.jit``
         beside it (post_quant_conv.*, decoder.*) and vice versa. Drops the patchers' fixed wavelet buffers,
         should an export carry them (they hold no weights)."""
-        from ssr_cli.models.weights import load_state_dict_file, partner_file
-
         has_encoder = any(k.startswith("encoder.") for k in state)
         has_decoder = any(k.startswith("decoder.") for k in state)
         halves = partner_file(source)

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
+from ssr_cli.engine.atomic import write_text_atomic
 from ssr_cli.models.kl_ae import KLAEParams, KLAutoEncoder
-from ssr_cli.models.weights import WeightsError
+from ssr_cli.models.weights import WeightsError, load_weights, save_weights
 
 CONFIG = "config.json"
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -185,8 +186,6 @@ def to_diffusers(model: KLAutoEncoder) -> dict[str, torch.Tensor]:
 
 def load_diffusers_vae(path: str | Path, *, strict: bool = True) -> KLAutoEncoder:
     """Build our KL-AE from a diffusers VAE folder's config.json and load its weights (exactly)."""
-    from ssr_cli.models.weights import load_weights
-
     folder = diffusers_folder(path)
     if folder is None:
         raise WeightsError(f"{path}: expected a diffusers VAE folder ({CONFIG} + {WEIGHT_FILES[0]}, or a vae/ "
@@ -198,8 +197,6 @@ def load_diffusers_vae(path: str | Path, *, strict: bool = True) -> KLAutoEncode
 
 def export_diffusers(model: KLAutoEncoder, folder: str | Path, sample_size: int = 256) -> Path:
     """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` so ``AutoencoderKL.from_pretrained`` reads it."""
-    from ssr_cli.models.weights import save_weights
-
     if not isinstance(model, KLAutoEncoder):
         raise WeightsError(f"the diffusers AutoencoderKL layout holds a kl-ae tokenizer, not {type(model).__name__}")
     if model.params.attn_levels():
@@ -209,5 +206,5 @@ def export_diffusers(model: KLAutoEncoder, folder: str | Path, sample_size: int 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_weights(to_diffusers(model), folder / WEIGHT_FILES[0], metadata={"format": "pt"})
-    (folder / CONFIG).write_text(json.dumps(config_from_params(model.params, sample_size), indent=2) + "\n")
+    write_text_atomic(folder / CONFIG, json.dumps(config_from_params(model.params, sample_size), indent=2) + "\n")
     return folder

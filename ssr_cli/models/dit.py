@@ -67,11 +67,13 @@ def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
-def sincos_2d(dim: int, grid: int) -> torch.Tensor:
-    """Fixed (grid², dim) position embedding, row-major tokens; half of dim for rows, half for columns."""
-    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+def sincos_2d(dim: int, height: int, width: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Fixed (height·width, dim) position embedding (the package's one 2-D sin-cos code; width defaults to height),
+    row-major tokens; the first half of dim encodes the row, the second the column, each as :func:`sincos_1d`.
+    Computed in float64 and cast once to ``dtype``."""
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(height if width is None else width), indexing="ij")
     emb = torch.cat([sincos_1d(dim // 2, rows.flatten()), sincos_1d(dim // 2, cols.flatten())], dim=1)
-    return emb.float()
+    return emb.to(dtype)
 
 
 def rope_2d_angles(head_dim: int, grid: int, theta: float = ROPE_THETA) -> torch.Tensor:

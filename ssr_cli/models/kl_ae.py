@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ssr_cli.models.tokenizer import DiagonalGaussian, Tokenizer
+from ssr_cli.models.weights import WeightsError
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -349,7 +350,7 @@ class KLAutoEncoder(Tokenizer):
         """Accept full LDM/SD checkpoints whose VAE keys sit under ``first_stage_model.``, and the diffusers
         ``AutoencoderKL`` layout (renamed exactly; its config.json must describe this architecture)."""
         if any(".down_blocks." in k or ".mid_block." in k for k in state):
-            from ssr_cli.models import diffusers_vae
+            from ssr_cli.models import diffusers_vae  # lazy: diffusers_vae imports this module (cycle)
 
             folder = diffusers_vae.diffusers_folder(source)
             if folder is not None:
@@ -362,9 +363,7 @@ class KLAutoEncoder(Tokenizer):
 
     def _check_diffusers_config(self, config: dict, folder) -> None:
         """The folder's config.json must give this model's architecture and latent scale/shift."""
-        from ssr_cli.models.diffusers_vae import CONFIG, params_from_config
-        from ssr_cli.models.weights import WeightsError
-
+        from ssr_cli.models.diffusers_vae import CONFIG, params_from_config  # lazy: diffusers_vae imports kl_ae
         theirs = asdict(params_from_config(config, folder / CONFIG))
         ours = asdict(self.params)
         ours["ch_mult"] = tuple(int(m) for m in ours["ch_mult"])

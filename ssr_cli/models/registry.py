@@ -11,11 +11,13 @@ from typing import Any, Callable
 
 from torch import nn
 
+from ssr_cli.models import s4d
 from ssr_cli.models.cosmos import COSMOS_SIZES, build_cosmos
-from ssr_cli.models.kl_ae import KL_AE_SIZES, build_kl_ae
+from ssr_cli.models.diffusers_vae import CONFIG, diffusers_folder, params_from_config, read_config
+from ssr_cli.models.kl_ae import KL_AE_SIZES, KLAutoEncoder, build_kl_ae
 from ssr_cli.models.taesd import TAESD_SIZES, build_taesd
 from ssr_cli.models.tokenizer import Tokenizer
-from ssr_cli.models.weights import load_weights
+from ssr_cli.models.weights import WeightsError, load_weights
 
 # family -> size name -> architecture fields.
 TOKENIZER_SIZES: dict[str, dict[str, dict[str, Any]]] = {
@@ -34,8 +36,6 @@ VECTOR_VAE_FAMILIES = ("s4d-vae", "cnn-vae")
 
 
 def _vector_vae(family: str) -> tuple[dict[str, dict[str, Any]], Callable[..., Tokenizer]]:
-    from ssr_cli.models import s4d
-
     return {"s4d-vae": (s4d.S4D_VAE_SIZES, s4d.S4DVAE), "cnn-vae": (s4d.CNN_VAE_SIZES, s4d.CNNVAE)}[family]
 
 
@@ -58,10 +58,6 @@ DIFFUSERS_SIZE = "diffusers"
 
 def _kl_ae_from_diffusers(folder: str | Path | None, overrides: dict[str, Any]) -> Tokenizer:
     from dataclasses import replace
-
-    from ssr_cli.models.diffusers_vae import CONFIG, diffusers_folder, params_from_config, read_config
-    from ssr_cli.models.kl_ae import KLAutoEncoder
-    from ssr_cli.models.weights import WeightsError
 
     found = diffusers_folder(folder) if folder is not None else None
     if found is None:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssr_cli.blur import gaussian_blur, sample_tau_pairs
+from ssr_cli.metrics import psnr_uint8, ssim_uint8
 from ssr_cli.regularizers import latent_mse
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
@@ -224,8 +225,6 @@ def evaluate_denoiser(model: Denoiser, pairs: Sequence[tuple[torch.Tensor, torch
     pairs: (noisy, clean) images (3, H, W) or (1, 3, H, W) in [−1, 1], any sizes (one at a time). Returns the
     means over the pairs: psnr, ssim (model output) and psnr_input, ssim_input (the noisy input), plus count.
     """
-    from ssr_cli.metrics import psnr_uint8, ssim_uint8
-
     if not pairs:
         raise ValueError("evaluate_denoiser: no (noisy, clean) pairs given")
     was_training = model.training

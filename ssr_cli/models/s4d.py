@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssr_cli.models.dit import sincos_2d
 from ssr_cli.models.tokenizer import DiagonalGaussian, Tokenizer
 
 log = logging.getLogger("ssr.models.s4d")
@@ -207,21 +208,14 @@ def s4d_param_groups(model: nn.Module, base_lr: float, ssm_lr: float = 1e-3,
 
 def positional_encoding_2d(channels: int, height: int, width: int, *, device=None,
                            dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Fixed sinusoidal 2-D position code, (channels, height·width) in raster order (row-major).
-
-    The first half of the channels encodes the row, the second half the column, each as sin/cos pairs at
-    frequencies 1/10000^(2i/(channels/2)) (the Transformer's code per axis). channels must be divisible by 4.
+    """Fixed sinusoidal 2-D position code, (channels, height·width) in raster order (row-major): the DiT's
+    :func:`~ssr_cli.models.dit.sincos_2d`, channels first. The first half of the channels encodes the row, the
+    second half the column, each as sin/cos pairs at frequencies 1/10000^(2i/(channels/2)) (the Transformer's code
+    per axis). channels must be divisible by 4.
     """
     if channels % 4:
         raise ValueError(f"positional encoding needs a channel count divisible by 4, got {channels}")
-    quarter = channels // 4
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(quarter, device=device, dtype=torch.float64) / quarter)
-    rows = torch.arange(height, device=device, dtype=torch.float64)[:, None] * freqs  # (H, q)
-    cols = torch.arange(width, device=device, dtype=torch.float64)[:, None] * freqs  # (W, q)
-    row_code = torch.cat([rows.sin(), rows.cos()], dim=1)[:, None, :].expand(height, width, 2 * quarter)
-    col_code = torch.cat([cols.sin(), cols.cos()], dim=1)[None, :, :].expand(height, width, 2 * quarter)
-    code = torch.cat([row_code, col_code], dim=2).reshape(height * width, channels)
-    return code.t().contiguous().to(dtype)
+    return sincos_2d(channels, height, width, dtype=torch.float64).t().contiguous().to(device=device, dtype=dtype)
 
 
 def _vector_posterior(stats: torch.Tensor) -> DiagonalGaussian:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ssr_cli.models.tokenizer import Tokenizer
+from ssr_cli.models.weights import load_state_dict_file, partner_file, save_weights
 
 
 def conv3(n_in: int, n_out: int, **kwargs) -> nn.Conv2d:
@@ -135,8 +136,6 @@ class TAESD(Tokenizer):
         vice versa) and their keys get the ``encoder.`` / ``decoder.`` prefixes."""
         if any(k.startswith(("encoder.", "decoder.")) for k in state):
             return state  # a combined file (what save_weights writes)
-        from ssr_cli.models.weights import load_state_dict_file, partner_file
-
         halves = partner_file(source)
         if halves is None:
             raise ValueError(
@@ -157,8 +156,6 @@ class TAESD(Tokenizer):
 
 def save_original_pair(model: TAESD, encoder_path: str | Path, decoder_path: str | Path) -> None:
     """Write the original two-file layout (``*_encoder.pth`` / ``*_decoder.pth``) that taesd.py loads."""
-    from ssr_cli.models.weights import save_weights
-
     save_weights(model.encoder.state_dict(), encoder_path)
     save_weights(model.decoder.state_dict(), decoder_path)
 

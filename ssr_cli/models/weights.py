@@ -13,8 +13,6 @@ Loading is strict by default; a :class:`KeyReport` lists missing, unexpected and
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ssr_cli.engine.atomic import atomic_path
 from ssr_cli.errors import UserError, one_line
 
 RECIPE_KEY = "tokenizer.weights"
@@ -110,6 +109,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
                            "downloaded at run time); download the file yourself and give its path")
     path = Path(path).expanduser()
     if path.is_dir():
+        # lazy: diffusers_vae imports this module (cycle)
         from ssr_cli.models.diffusers_vae import WEIGHT_FILES, diffusers_folder, weights_file
 
         folder = diffusers_folder(path)
@@ -180,7 +180,7 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> Key
     report = compare_state_dicts(model_state, state)
     report.skipped = skipped
     if skipped:
-        from ssr_cli.engine.progress import console
+        from ssr_cli.engine.progress import console  # lazy: models/ imports no engine module at load time
 
         groups = sorted({p for p in prefixes for k in skipped if k.startswith(p)})
         console.print(f"{path}: skipped {len(skipped)} training-only tensors ({', '.join(p + '*' for p in groups)}; "
@@ -212,18 +212,11 @@ def save_weights(model_or_state: nn.Module | dict[str, torch.Tensor], path: str 
     suffix = path.suffix.lower()
     if suffix not in (".safetensors", *_TORCH_SUFFIXES):
         raise WeightsError(f"{path}: save as .safetensors or .pt/.pth")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            save_file(tensors, tmp, metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+            save_file(tensors, str(tmp), metadata={str(k): str(v) for k, v in (metadata or {}).items()})
         else:
             torch.save(tensors, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
