@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,10 @@ TOY = ["train.pretrain_steps=2", "train.steps=2", "train.ckpt_every_steps=1", "t
        "diffusability.probe_depth=1", "diffusability.probe_batch=8", "diffusability.probe_samples=8",
        "diffusability.sample_steps=2", "diffusability.probe_ckpt_every=1"]
 TOY_KODAK = ["eval.image_size=64", "eval.num_images=4"]
+PRETRAIN_SECTIONS = ("run", "data", "tokenizer", "loss", "train")
+"""What the shared pretraining reads (train.steps = 0: not [regularizer])."""
+REFERENCE_SECTIONS = ("data", "eval")
+"""What the FID reference batch reads."""
 GENERATION_STAGES = ["finetune", "encode-latents", "train-dit", "sample", "evaluate", "probe-channels"]
 RECON_STAGES = ["finetune", "evaluate", "probe-channels"]
 
@@ -131,10 +136,18 @@ class Study:
         subprocess.run(cmd, check=True, cwd=ROOT)
         return time.perf_counter() - t0
 
-    def fingerprint(self, args: list, inputs: list[Path]) -> str:
+    def fingerprint(self, args: list, inputs: list[Path], sections: tuple[str, ...] | None = None) -> str:
+        """SHA-256 of what a step's output depends on: its arguments, the study-wide overrides, the recipe (the
+        whole file, or only ``sections`` of it for the shared steps, so that changing e.g. the DiT budget does not
+        redo the pretraining or the FID reference) and its input files' contents."""
         common = [s for s in self.common() if not s.startswith("run.threads=")]  # threads do not shape results
-        payload = {"args": args, "common": common, "recipe": sha256(RECIPE),
-                   "inputs": {str(p): sha256(p) for p in inputs}}
+        if sections is None:
+            recipe = sha256(RECIPE)
+        else:
+            with open(RECIPE, "rb") as f:
+                table = tomllib.load(f)
+            recipe = {name: table.get(name) for name in sections}
+        payload = {"args": args, "common": common, "recipe": recipe, "inputs": {str(p): sha256(p) for p in inputs}}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def step(self, run_dir: Path, name: str, fp: str, action, outputs: list[Path]) -> bool:
@@ -170,13 +183,14 @@ class Study:
         run_dir = self.out / "pretrain"
         weights = run_dir / "tokenizer.safetensors"
         sets = ['run.name="pretrain"', 'regularizer.kind="none"', "train.steps=0"]
-        self.step(run_dir, "pretrain", self.fingerprint(sets, []), lambda: self.ssr("finetune", sets), [weights])
+        fp = self.fingerprint(sets, [], sections=PRETRAIN_SECTIONS)
+        self.step(run_dir, "pretrain", fp, lambda: self.ssr("finetune", sets), [weights])
         self.collect(run_dir, "pretrain")
         return weights
 
     def reference(self) -> Path:
         ref = self.out / "ref_test.npz"
-        fp = self.fingerprint(["make-ref"], [])
+        fp = self.fingerprint(["make-ref"], [], sections=REFERENCE_SECTIONS)
         self.step(self.out, "reference", fp, lambda: self.ssr("evaluate", ['run.name="reference"'],
                                                                ["--make-ref", str(ref)]), [ref])
         return ref
