@@ -256,6 +256,8 @@ def run_study(study: Study, only: list[str] | None, keep_going: bool) -> list[st
     study.out.mkdir(parents=True, exist_ok=True)
     pretrained = study.pretrained()
     reference = study.reference()
+    if (study.out / "study_steps.json").is_file():
+        shutil.copyfile(study.out / "study_steps.json", study.results / "runs" / "shared_steps.json")
     failed, ran_any = [], False
     for arm, seed in plan(only, study.toy):
         name = run_name(arm, seed)
@@ -418,6 +420,10 @@ def write_report(results: Path, toy: bool = False) -> Path:
                 per_step.setdefault(k, []).append(v)
     for k, v in per_step.items():
         lines.append(f"| {k} | {len(v)} | {statistics.mean(v):.0f} |")
+    shared = {**(_load(results / "runs" / "pretrain" / "steps.json") or {}),
+              **(_load(results / "runs" / "shared_steps.json") or {})}
+    for k, v in shared.items():
+        lines.append(f"| {k} (shared, once) | 1 | {v.get('seconds') or 0:.0f} |")
     figure = plot_psnr_vs_k(rows, results / "psnr_vs_k.png")
     if figure:
         lines += ["", "![PSNR vs number of channels kept (unmasking curve), seed 0](psnr_vs_k.png)"]
