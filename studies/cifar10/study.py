@@ -105,11 +105,9 @@ def run_name(arm: Arm, seed: int) -> str:
 # ------------------------------------------------------------------------------------------ running
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from ssr_cli.inputs import file_sha256  # the toolkit's own (memoised) content hash
+
+    return file_sha256(path)
 
 
 @dataclass
