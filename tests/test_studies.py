@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -39,9 +40,9 @@ def test_quickstart_seed_driver_reports_and_skips_finished_runs(tmp_path, capsys
 @pytest.mark.slow  # pretrain, reference, one whole chain (pipeline, Kodak, diffusability) at toy size
 def test_cifar10_study_driver_runs_a_toy_chain_reports_and_then_does_nothing(tmp_path, capsys):
     study = _load(ROOT / "studies" / "cifar10" / "study.py")
-    argv = ["--toy", "--only", "none", "--threads", "1", "--out", str(tmp_path / "runs")]
+    results = tmp_path / "results"
+    argv = ["--toy", "--only", "none", "--threads", "1", "--out", str(tmp_path / "runs"), "--results", str(results)]
     assert study.main(argv) == 0
-    results = tmp_path / "runs" / "results"
     report = json.loads((results / "report.json").read_text())
     row = report["rows"]["none-s0"]
     # every measure of the chain was produced by its command: reconstruction, Kodak, generation, probe, proxies
@@ -56,3 +57,27 @@ def test_cifar10_study_driver_runs_a_toy_chain_reports_and_then_does_nothing(tmp
     out = capsys.readouterr().out
     assert "none-s0: finished, skipped" in out and "nothing to do" in out
     assert (tmp_path / "runs" / "none-s0" / "eval.json").stat().st_mtime_ns == stamp
+
+    # a fresh checkout: the run folders are gone, only the committed results (jsons, the pretrained copy) remain.
+    # The pretraining is not redone (the committed bytes are used), and the finished run is not redone either.
+    kept = results / "shared" / "pretrain_tokenizer.safetensors"
+    assert kept.is_file() and "pretrain" in json.loads((results / "runs" / "pretrain" / "steps.json").read_text())
+    shutil.rmtree(tmp_path / "runs")
+    assert study.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "pretrain: the committed copy" in out and "$ ssr finetune" not in out
+    assert "none-s0: finished in an earlier session" in out and "$ ssr pipeline" not in out
+    assert (tmp_path / "runs" / "pretrain" / "tokenizer.safetensors").read_bytes() == kept.read_bytes()
+    assert not (tmp_path / "runs" / "none-s0").exists()
+    # a changed arm (another seed's overrides are a different run) is not mistaken for the finished one
+    assert [f"{a.name}-s{s}" for a, s in study.plan(["none"], False, [1])] == ["none-s1"]
+
+
+def test_cifar10_study_shared_step_lock_is_exclusive_between_holders(tmp_path):
+    study = _load(ROOT / "studies" / "cifar10" / "study.py")
+    lock = tmp_path / ".pretrain.lock"
+    with study._step_lock(lock, blocking=False) as first:
+        with study._step_lock(lock, blocking=False) as second:
+            assert first is True and second is False
+    with study._step_lock(lock, blocking=False) as again:
+        assert again is True

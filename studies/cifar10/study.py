@@ -23,6 +23,8 @@ copies only, so ``--report`` regenerates it on any machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -118,6 +120,8 @@ class Study:
     threads: str = "0"
     device: str | None = None
     log: list[str] = field(default_factory=list)
+    reference_fp: str = ""
+    """The FID reference step's fingerprint (set by ``reference()``)."""
 
     def common(self) -> list[str]:
         threads = '"auto"' if self.threads == "auto" else str(int(self.threads))
@@ -134,10 +138,11 @@ class Study:
         subprocess.run(cmd, check=True, cwd=ROOT)
         return time.perf_counter() - t0
 
-    def fingerprint(self, args: list, inputs: list[Path], sections: tuple[str, ...] | None = None) -> str:
+    def fingerprint(self, args: list, inputs: dict[str, str], sections: tuple[str, ...] | None = None) -> str:
         """SHA-256 of what a step's output depends on: its arguments, the study-wide overrides, the recipe (the
         whole file, or only ``sections`` of it for the shared steps, so that changing e.g. the DiT budget does not
-        redo the pretraining or the FID reference) and its input files' contents."""
+        redo the pretraining or the FID reference) and its inputs (name → SHA-256 of the file, or the fingerprint
+        of the step that makes it)."""
         common = [s for s in self.common() if not s.startswith("run.threads=")]  # threads do not shape results
         if sections is None:
             recipe = sha256(RECIPE)
@@ -145,7 +150,7 @@ class Study:
             with open(RECIPE, "rb") as f:
                 table = tomllib.load(f)
             recipe = {name: table.get(name) for name in sections}
-        payload = {"args": args, "common": common, "recipe": recipe, "inputs": {str(p): sha256(p) for p in inputs}}
+        payload = {"args": args, "common": common, "recipe": recipe, "inputs": inputs}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def step(self, run_dir: Path, name: str, fp: str, action, outputs: list[Path]) -> bool:
@@ -168,7 +173,7 @@ class Study:
         return True
 
     @staticmethod
-    def _record(record_path: Path, name: str, entry: dict) -> None:
+    def _record(record_path: Path, name: str, entry) -> None:
         record = json.loads(record_path.read_text()) if record_path.is_file() else {}
         record[name] = entry
         record_path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,31 +182,60 @@ class Study:
         tmp.replace(record_path)
 
     # -- shared inputs -----------------------------------------------------------------------------------
+    def shared(self) -> tuple[Path, Path]:
+        """The pretrained tokenizer and the FID reference. Two drivers started together (one per core) split
+        them: each first takes the step nobody holds (a lock file per step), then waits for the other's."""
+        makers = {"pretrain": self.pretrained, "reference": self.reference}
+        made: dict[str, Path] = {}
+        for blocking in (False, True):
+            for name in [n for n in makers if n not in made]:
+                with _step_lock(self.out / f".{name}.lock", blocking) as held:
+                    if held:
+                        made[name] = makers[name]()
+        return made["pretrain"], made["reference"]
+
     def pretrained(self) -> Path:
+        """``runs/pretrain/tokenizer.safetensors``. The driver commits a copy (``results/shared/``, 4 MB) with the
+        step's record, so a later session on a fresh checkout starts every arm from the same bytes instead of
+        pretraining again; the copy is used only when its recorded fingerprint is today's."""
         run_dir = self.out / "pretrain"
         weights = run_dir / "tokenizer.safetensors"
         sets = ['run.name="pretrain"', 'regularizer.kind="none"', "train.steps=0"]
-        fp = self.fingerprint(sets, [], sections=PRETRAIN_SECTIONS)
+        fp = self.fingerprint(sets, {}, sections=PRETRAIN_SECTIONS)
+        kept = self.results / "shared" / "pretrain_tokenizer.safetensors"
+        kept_record = _load(self.results / "runs" / "pretrain" / "steps.json") or {}
+        if not weights.is_file() and kept.is_file() and kept_record.get("pretrain", {}).get("fingerprint") == fp:
+            weights.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(kept, weights)
+            self._record(run_dir / "study_steps.json", "pretrain", kept_record["pretrain"])
+            print(f"study: pretrain: the committed copy {kept.relative_to(ROOT)} (same fingerprint)", flush=True)
         self.step(run_dir, "pretrain", fp, lambda: self.ssr("finetune", sets), [weights])
+        if not kept.is_file() or sha256(kept) != sha256(weights):
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(weights, kept)
         self.collect(run_dir, "pretrain")
         return weights
 
     def reference(self) -> Path:
         ref = self.out / "ref_test.npz"
-        fp = self.fingerprint(["make-ref"], [], sections=REFERENCE_SECTIONS)
-        self.step(self.out, "reference", fp, lambda: self.ssr("evaluate", ['run.name="reference"'],
-                                                               ["--make-ref", str(ref)]), [ref])
+        self.reference_fp = self.fingerprint(["make-ref"], {}, sections=REFERENCE_SECTIONS)
+        self.step(self.out, "reference", self.reference_fp,
+                  lambda: self.ssr("evaluate", ['run.name="reference"'], ["--make-ref", str(ref)]), [ref])
         return ref
 
     # -- one run -------------------------------------------------------------------------------------------
     def run(self, arm: Arm, seed: int, pretrained: Path, reference: Path) -> bool:
+        """One arm at one seed. Skipped when its committed record (``results/runs/<run>/steps.json``) has this
+        run's fingerprints, so a fresh checkout does not redo what an earlier session finished. The reference
+        enters the fingerprints as the fingerprint of the step that makes it (a remade reference can differ in
+        the last bits; its SHA-256 is in each eval.json's protocol record)."""
         name = run_name(arm, seed)
         run_dir = self.out / name
         sets = [f'run.name="{name}"', f"run.seed={seed}", *arm.sets]
-        inputs = []
+        inputs = {"reference": self.reference_fp}
         if arm.base == "pretrain":
             sets += [f'tokenizer.weights="{pretrained}"']
-            inputs = [pretrained]
+            inputs["pretrained"] = sha256(pretrained)
         sets += ["train.pretrain_steps=0", f'eval.reference="{reference}"']
         if not arm.gfid:
             sets += ["eval.generation=false"]
@@ -209,18 +243,36 @@ class Study:
         if not arm.finetune:
             stages = [s for s in stages if s != "finetune"]
         only = sum((["--only", s] for s in stages), [])
-        ran = self.step(run_dir, "pipeline", self.fingerprint(sets + only, inputs + [reference]),
-                        lambda: self.ssr("pipeline", sets, only), [run_dir / "eval.json"])
+        pipeline_fp = self.fingerprint(sets + only, inputs)
+        committed = _load(self.results / "runs" / name / "steps.json") or {}
         tokenizer = run_dir / "tokenizer.safetensors" if arm.finetune else None
-        weights = [tokenizer] if tokenizer else inputs
         kodak_sets = sets + KODAK + (TOY_KODAK if self.toy else [])
         kodak_out = run_dir / "kodak_eval.json"
-        ran |= self.step(run_dir, "kodak", self.fingerprint(kodak_sets, weights),
-                         lambda: self.ssr("evaluate", kodak_sets, ["--no-gfid", "--out", str(kodak_out)]),
-                         [kodak_out])
         dfz_out = run_dir / "diffusability"
         dfz_args = ["--out", str(dfz_out)] + (["--weights", str(tokenizer)] if tokenizer else [])
-        ran |= self.step(run_dir, "diffusability", self.fingerprint(sets + dfz_args, weights),
+
+        def later_fps(tokenizer_sha: str | None) -> dict[str, str]:
+            weights = {"tokenizer": tokenizer_sha} if tokenizer else {k: v for k, v in inputs.items()
+                                                                       if k != "reference"}
+            return {"kodak": self.fingerprint(kodak_sets, weights),
+                    "diffusability": self.fingerprint(sets + dfz_args, weights)}
+
+        if committed.get("pipeline", {}).get("fingerprint") == pipeline_fp and not run_dir.is_dir():
+            expect = {"pipeline": pipeline_fp, **later_fps(committed.get("tokenizer_sha256"))}
+            if all(committed.get(k, {}).get("fingerprint") == v for k, v in expect.items()):
+                print(f"study: {name}: finished in an earlier session (results/runs/{name}, same fingerprints)",
+                      flush=True)
+                return False
+        ran = self.step(run_dir, "pipeline", pipeline_fp, lambda: self.ssr("pipeline", sets, only),
+                        [run_dir / "eval.json"])
+        tokenizer_sha = sha256(tokenizer) if tokenizer else None
+        if tokenizer_sha:
+            self._record(run_dir / "study_steps.json", "tokenizer_sha256", tokenizer_sha)
+        fps = later_fps(tokenizer_sha)
+        ran |= self.step(run_dir, "kodak", fps["kodak"],
+                         lambda: self.ssr("evaluate", kodak_sets, ["--no-gfid", "--out", str(kodak_out)]),
+                         [kodak_out])
+        ran |= self.step(run_dir, "diffusability", fps["diffusability"],
                          lambda: self.ssr("diffusability", sets, dfz_args), [dfz_out / "diffusability.json"])
         self.collect(run_dir, name)
         return ran
@@ -236,7 +288,24 @@ class Study:
                 shutil.copyfile(run_dir / src, dest / dst)
 
 
-def plan(only: list[str] | None, toy: bool) -> list[tuple[Arm, int]]:
+@contextlib.contextmanager
+def _step_lock(path: Path, blocking: bool):
+    """An exclusive lock on ``path`` (yields True), or False at once when another driver holds it and not
+    ``blocking``. The kernel drops it when the holder exits, however it exits."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def plan(only: list[str] | None, toy: bool, seeds: list[int] | None = None) -> list[tuple[Arm, int]]:
     arms = [a for a in ARMS if not only or a.group in only or a.name in only]
     if toy:
         arms = [a for a in arms if a.group == "main"]
@@ -247,17 +316,21 @@ def plan(only: list[str] | None, toy: bool) -> list[tuple[Arm, int]]:
             order += [(a, a.seeds[rank]) for a in arms if a.group == group and rank < len(a.seeds)]
     if toy:
         order = [(a, s) for a, s in order if s == 0]
+    if seeds is not None:
+        order = [(a, s) for a, s in order if s in seeds]
     return order
 
 
-def run_study(study: Study, only: list[str] | None, keep_going: bool) -> list[str]:
+def run_study(study: Study, only: list[str] | None, keep_going: bool, seeds: list[int] | None = None,
+              shared_only: bool = False) -> list[str]:
     study.out.mkdir(parents=True, exist_ok=True)
-    pretrained = study.pretrained()
-    reference = study.reference()
+    pretrained, reference = study.shared()
     if (study.out / "study_steps.json").is_file():
         shutil.copyfile(study.out / "study_steps.json", study.results / "runs" / "shared_steps.json")
+    if shared_only:
+        return []
     failed, ran_any = [], False
-    for arm, seed in plan(only, study.toy):
+    for arm, seed in plan(only, study.toy, seeds):
         name = run_name(arm, seed)
         try:
             ran = study.run(arm, seed, pretrained, reference)
@@ -324,7 +397,7 @@ def measures(results: Path, name: str) -> dict:
     out = {key: _get(files[where[0]], *where[1:]) for key, _, _, where in MEASURES}
     out["psnr_vs_k"] = (files["probe"] or {}).get("psnr_vs_k")
     steps = _load(base / "steps.json") or {}
-    out["seconds"] = {k: v.get("seconds") for k, v in steps.items()}
+    out["seconds"] = {k: v.get("seconds") for k, v in steps.items() if isinstance(v, dict)}
     return out
 
 
@@ -469,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=None, help="jsons + report (default studies/cifar10/results; "
                    "with --toy: <out>/results)")
     p.add_argument("--only", nargs="+", default=None, help="groups (main basis setting taef2) or arm names")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="only these seeds (default: every arm's)")
+    p.add_argument("--shared-only", action="store_true", help="only the shared steps (pretrain, FID reference)")
     p.add_argument("--threads", default="0", help="run.threads for every command (0, auto or N)")
     p.add_argument("--device", default=None, help="cpu, cuda or auto")
     p.add_argument("--toy", action="store_true", help="toy size: main arms, seed 0, seconds per stage")
@@ -480,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     results = (args.results or (out / "results" if args.toy else HERE / "results")).resolve()
     results.mkdir(parents=True, exist_ok=True)
     if args.list:
-        for arm, seed in plan(args.only, args.toy):
+        for arm, seed in plan(args.only, args.toy, args.seeds):
             name = run_name(arm, seed)
             state = "finished" if (results / "runs" / name / "diffusability.json").is_file() else "to run"
             print(f"{name:20s} {arm.group:8s} {'gFID' if arm.gfid else '    '} {state}")
@@ -488,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     if not args.report:
         study = Study(out=out, results=results, toy=args.toy, threads=args.threads, device=args.device)
-        failed = run_study(study, args.only, args.keep_going)
+        failed = run_study(study, args.only, args.keep_going, args.seeds, args.shared_only)
     path = write_report(results, toy=args.toy)
     print(f"study: report in {path}")
     if failed:
