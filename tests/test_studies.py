@@ -81,3 +81,16 @@ def test_cifar10_study_shared_step_lock_is_exclusive_between_holders(tmp_path):
             assert first is True and second is False
     with study._step_lock(lock, blocking=False) as again:
         assert again is True
+
+
+def test_cifar10_study_driver_skips_a_run_another_driver_holds(tmp_path, capsys, monkeypatch):
+    study = _load(ROOT / "studies" / "cifar10" / "study.py")
+    out = tmp_path / "runs"
+    ran = []
+    monkeypatch.setattr(study.Study, "shared", lambda self: (out / "p.safetensors", out / "ref.npz"))
+    monkeypatch.setattr(study.Study, "run", lambda self, arm, seed, p, r: ran.append(f"{arm.name}-s{seed}") or True)
+    with study._step_lock(out / ".none-s0.lock", blocking=False) as held:  # "the other driver" holds none-s0
+        assert held
+        failed = study.run_study(study.Study(out=out, results=tmp_path / "results"), ["main"], False, [0])
+    assert failed == [] and "none-s0: another driver is running it" in capsys.readouterr().out
+    assert ran == ["ssr-s0", "eq_vae-s0", "scale-s0", "pretrained-s0"]

@@ -8,6 +8,13 @@ Run from the project root (every number comes from the committed ``ssr`` command
     python studies/cifar10/study.py --list             # what would run, what is finished
     python studies/cifar10/study.py --toy --out /tmp/x # the same plumbing on a toy size (CI; numbers mean nothing)
 
+On the 2-core machine run two drivers, one per core, with one thread each (two 1-thread jobs finish far sooner
+than one 2-thread job shared with anything else); they share the work through lock files, each taking the next
+shared step or run the other does not hold:
+
+    taskset -c 0 python studies/cifar10/study.py --threads 1 &
+    taskset -c 1 python studies/cifar10/study.py --threads 1 &
+
 Chain per run (one arm at one seed), each step skipped when its fingerprint (arguments, recipe and input weights
 by SHA-256) matches a finished one, and resumed from its checkpoints when it was interrupted:
 1. ``ssr pipeline``: fine-tune from the shared pretrained KL-AE (``runs/pretrain``, made once by the same
@@ -333,7 +340,11 @@ def run_study(study: Study, only: list[str] | None, keep_going: bool, seeds: lis
     for arm, seed in plan(only, study.toy, seeds):
         name = run_name(arm, seed)
         try:
-            ran = study.run(arm, seed, pretrained, reference)
+            with _step_lock(study.out / f".{name}.lock", blocking=False) as held:
+                if not held:  # a second driver (the other core) has it: take the next run
+                    print(f"study: {name}: another driver is running it; next", flush=True)
+                    continue
+                ran = study.run(arm, seed, pretrained, reference)
         except subprocess.CalledProcessError as err:
             failed.append(f"{name}: `{' '.join(err.cmd[3:6])} …` exited {err.returncode}")
             print(f"study: {failed[-1]}", flush=True)
