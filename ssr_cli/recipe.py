@@ -165,30 +165,44 @@ class LossConfig(Section):
     kl_weight: float = Field(1e-6, ge=0.0)
 
 
-class TrainConfig(Section):
+class OptimConfig(Section):
+    """What ``[train]`` and ``[dit]`` share: AdamW, gradient clipping, checkpoints, logging and the non-finite
+    guard (:func:`ssr_cli.stages.common.optimisation` hands them to the engine). The defaults here are
+    ``[train]``'s; ``[dit]`` sets its own (LightningDiT's)."""
+
+    steps: int = Field(1000, ge=0)
+    batch_size: int = Field(32, ge=1)
+    """Global batch size (summed over ranks and accumulation steps)."""
+    lr: float = Field(1e-5, gt=0.0)
+    """Peak learning rate (AdamW)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's (β1, β2)."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW's decoupled weight decay (the DiT's norms, biases and embeddings get none)."""
+    grad_clip: float = Field(50.0, ge=0.0)
+    """Clip the gradient's global 2-norm to this value; 0 turns clipping off."""
+    ckpt_every_steps: int = Field(500, ge=1)
+    """Steps between checkpoints (one is also written at the last step)."""
+    keep_last: int = Field(3, ge=1)
+    """Newest checkpoints kept; older ones are deleted."""
+    log_every_steps: int = Field(10, ge=1)
+    """Steps between metrics.jsonl records."""
+    max_nonfinite_steps: int = Field(20, ge=1)
+    """Consecutive steps with a non-finite loss or gradient (each skipped: no optimizer or EMA update) that stop the run."""
+
+
+class TrainConfig(OptimConfig):
     """Optimisation of the tokenizer (``finetune``); the engine's knobs."""
 
     steps: int = Field(1000, ge=0)
     """Fine-tuning steps; 0 (with pretrain_steps > 0) only pretrains: the exported tokenizer is the pretrained one."""
-    batch_size: int = Field(32, ge=1)
-    """Global batch size (summed over ranks and accumulation steps)."""
     grad_accum: int = Field(1, ge=1)
-    lr: float = Field(1e-5, gt=0.0)
     lr_init: float = Field(1e-7, ge=0.0)
     lr_min: float = Field(1e-6, ge=0.0)
     schedule: Literal["warmup_cosine", "constant"] = "warmup_cosine"
     warmup_frac: float = Field(0.1, ge=0.0, le=1.0)
     cosine_frac: float = Field(0.5, ge=0.0, le=1.0)
     """Fraction of the run, at its end, over which the LR decays by a cosine to lr_min."""
-    weight_decay: float = Field(0.0, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = Field(50.0, ge=0.0)
-    """Clip the gradient's global 2-norm to this value; 0 turns clipping off."""
-    ckpt_every_steps: int = Field(500, ge=1)
-    keep_last: int = Field(3, ge=1)
-    log_every_steps: int = Field(10, ge=1)
-    max_nonfinite_steps: int = Field(20, ge=1)
-    """Consecutive steps with a non-finite loss or gradient (each skipped: no optimizer or EMA update) that stop the run."""
     image_every_steps: int = Field(200, ge=1)
     pretrain_steps: int = Field(0, ge=0)
     """Steps of plain reconstruction training from scratch before fine-tuning (quickstart: no pretrained weights)."""
@@ -218,7 +232,7 @@ class LatentsConfig(Section):
     batch_size: int = Field(64, ge=1)
 
 
-class DiTConfig(Section):
+class DiTConfig(OptimConfig):
     model: str = "DiT-B/2"
     depth: int | None = Field(None, ge=1)
     hidden_size: int | None = Field(None, ge=8)
@@ -233,18 +247,13 @@ class DiTConfig(Section):
     batch_size: int = Field(1024, ge=1)
     lr: float = Field(2e-4, gt=0.0)
     betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float = Field(1.0, ge=0.0)
-    """Clip the gradient's global 2-norm to this value; 0 turns clipping off."""
     ema_decay: float = Field(0.9999, ge=0.0, lt=1.0)
     cosine_loss: bool = True
     t_mean: float = 0.0
     t_std: float = Field(1.0, gt=0.0)
     ckpt_every_steps: int = Field(5000, ge=1)
-    keep_last: int = Field(3, ge=1)
     log_every_steps: int = Field(50, ge=1)
-    max_nonfinite_steps: int = Field(20, ge=1)
-    """As train.max_nonfinite_steps, for the DiT."""
 
 
 class SampleConfig(Section):

@@ -113,7 +113,7 @@ def test_grad_clip_zero_turns_clipping_off(tmp_path):
 
     from ssr_cli.engine.optim import ParamGroup
     from ssr_cli.engine.runtime import setup_runtime
-    from ssr_cli.training import train_spec
+    from ssr_cli.stages.common import train_spec
 
     model = nn.Linear(2, 2)
     rt = setup_runtime("cpu", "fp32")
@@ -129,7 +129,7 @@ def test_grad_clip_zero_turns_clipping_off(tmp_path):
 
 def test_grad_checkpointing_on_a_tokenizer_without_it_is_a_user_error(tmp_path):
     from ssr_cli.errors import UserError
-    from ssr_cli.finetune import build_tokenizer
+    from ssr_cli.stages.common import build_tokenizer
 
     cfg = load(_write(tmp_path, '[tokenizer]\nfamily = "taesd"\nsize = "taesd"\ngrad_checkpointing = true\n'))
     with pytest.raises(UserError, match="grad_checkpointing"):

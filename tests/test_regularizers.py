@@ -445,9 +445,9 @@ def test_carried_mean_loss_is_the_centred_loss_plus_the_channel_mean_penalty():
 def test_lpips_loss_takes_the_small_pairs_of_eq_vae_and_ft_se(shared_data, side):
     """At CIFAR size the EQ-VAE / FT-SE pairs are 16² or 8², too small for AlexNet's pooling: the loss compares
     them after upsampling both to 32², which equals LPIPS of the upsampled pair, and is finite with a gradient."""
-    from ssr_cli.finetune import LPIPS_MIN_SIDE, make_lpips
     from ssr_cli.metrics import load_lpips
     from ssr_cli.recipe import Recipe
+    from ssr_cli.stages.common import LPIPS_MIN_SIDE, make_lpips
 
     weights = shared_data / "lpips" / "alexnet-owt-7be5be79.features-only.pth"
     cfg = Recipe.model_validate({"loss": {"lambda_lpips": 0.1, "lpips_weights": str(weights)}})

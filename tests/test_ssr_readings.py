@@ -260,7 +260,7 @@ def test_tiny_finetune_records_the_start_delta(tmp_path, keys, one_thread):
     from safetensors.torch import load_file
 
     from ssr_cli.engine.runtime import setup_runtime
-    from ssr_cli.finetune import run_finetune
+    from ssr_cli.stages.finetune import run_finetune
 
     cfg = from_dict({
         "run": {"name": "t", "out_dir": str(tmp_path), "device": "cpu", "precision": "fp32"},

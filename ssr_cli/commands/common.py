@@ -94,7 +94,7 @@ def run_dry(cfg, stages: tuple[str, ...]) -> None:
     """``--dry-run``: print the resolved recipe, then build the models the run would build (see
     :func:`ssr_cli.pipeline.check_builds`); a failure there exits 2 as the run would."""
     from ssr_cli.errors import UserError
-    from ssr_cli.pipeline import check_builds
+    from ssr_cli.stages.pipeline import check_builds
 
     print_recipe(cfg)
     try:
@@ -102,6 +102,28 @@ def run_dry(cfg, stages: tuple[str, ...]) -> None:
     except (UserError, ValueError, KeyError) as exc:
         fail(str(exc).strip("'\""))
     console.print("dry run: built " + "; ".join(built))
+
+
+def run_command(recipe: Path | None, sets: list[str] | None, device: str | None, dry_run: bool, stage,
+                *, dry_stages: tuple[str, ...] | None = None, after=None, **options):
+    """What every stage command does, in order: load the recipe, apply ``--set`` and ``--device`` (bad input:
+    exit 2), then either ``--dry-run`` (print the resolved recipe, build what the stage would build, exit) or
+    run ``ssr_cli.stages.<stage>.run(cfg, rt, **options)`` in a set-up run (:class:`start_run`: device,
+    precision, DDP, run lock, resolved recipe; user errors become exit 2), then ``after(cfg, rt, result)`` (e.g.
+    ``--compare``). ``stage`` is a module name of :mod:`ssr_cli.stages`, or a function of the recipe giving one.
+    The stage module is imported only here, so ``ssr --help`` stays fast."""
+    import importlib
+
+    cfg = load_recipe(recipe, sets, device)
+    module = importlib.import_module(f"ssr_cli.stages.{stage(cfg) if callable(stage) else stage}")
+    if dry_run:
+        run_dry(cfg, dry_stages or (module.NAME,))
+        return None
+    with start_run(cfg) as rt:
+        result = module.run(cfg, rt, **options)
+        if after is not None:
+            after(cfg, rt, result)
+    return result
 
 
 def print_recipe(recipe) -> None:

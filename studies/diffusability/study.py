@@ -89,7 +89,7 @@ def toy_spaces(out: Path) -> list[Space]:
     if not weights.is_file():
         from ssr_cli.models.registry import build_tokenizer
         from ssr_cli.models.weights import save_weights
-        from ssr_cli.training import fixed_seed
+        from ssr_cli.stages.common import fixed_seed
 
         with fixed_seed(0):
             save_weights(build_tokenizer("kl-ae", "tiny").state_dict(), weights)
@@ -163,7 +163,7 @@ def spearman_agreement(proxy: list[float], truth: list[float], lower_is_better: 
 def write_report(out: Path, names: list[str], seeds: list[int], *, toy: bool) -> Path:
     import numpy as np
 
-    from ssr_cli.diffusability import RANKED, plot_diffusability
+    from ssr_cli.stages.diffusability import RANKED, plot_diffusability
 
     gts = {n: _load(out / n / "gt" / "diffusability.json") for n in names}
     missing = [n for n, g in gts.items() if g is None]

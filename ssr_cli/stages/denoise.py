@@ -37,7 +37,7 @@ from ssr_cli.models.restoration import Denoiser, add_gaussian_noise, denoise_los
 from ssr_cli.models.weights import save_weights
 from ssr_cli.recipe import Recipe
 from ssr_cli.regularizers import dynamics_from_config, save_dynamics
-from ssr_cli.training import fixed_seed, image_dataset, train_spec
+from ssr_cli.stages.common import fixed_seed, image_dataset, train_spec
 
 ARM_DIRS = {"none": "baseline", "ssr": "ssr"}
 WEIGHTS_FILE = "denoiser.safetensors"
@@ -265,3 +265,12 @@ def print_denoise_table(results: dict[str, dict], cfg: Recipe) -> None:
             rows.append(row)
     print_result_table(f"ssr denoise: σ = {cfg.denoise.noise_sigma:g}/255, {cfg.train.steps} steps", ["set", "metric"],
                        values, rows)
+
+
+# -- the stage protocol (one module per command) -----------------------------------------------------------
+NAME = "denoise"
+
+
+def run(cfg: Recipe, rt: Runtime):
+    """:func:`run_denoise`."""
+    return run_denoise(cfg, rt)

@@ -50,18 +50,24 @@ from ssr_cli.engine.atomic import atomic_write, write_json_atomic, write_text_at
 from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import console, make_progress, print_result_table
 from ssr_cli.engine.runtime import Runtime, generator_for, step_seed
-from ssr_cli.evaluation import load_inception
-from ssr_cli.finetune import build_tokenizer, load_tokenizer_for_run
-from ssr_cli.generate import DiTTask, build_dit_from
-from ssr_cli.latents import file_sha256
+from ssr_cli.inputs import file_sha256
 from ssr_cli.metrics import frechet_distance, gaussian_stats, to_uint8
 from ssr_cli.models.flow import flow_loss, initial_noise, sample_ode
 from ssr_cli.models.tokenizer import DiagonalGaussian
 from ssr_cli.models.weights import read_safetensors
-from ssr_cli.probe import dynamics_error
 from ssr_cli.recipe import Recipe
 from ssr_cli.regularizers import dynamics_from_config
-from ssr_cli.training import fixed_images, fixed_seed, image_dataset
+from ssr_cli.stages.common import (
+    DiTTask,
+    build_dit_from,
+    build_tokenizer,
+    dynamics_error,
+    fixed_images,
+    fixed_seed,
+    image_dataset,
+    load_inception,
+    load_tokenizer_for_run,
+)
 
 PROXIES = ("stats", "spectrum", "equivariance", "ifid", "viv", "flow_probe")
 # (result key, label, lower is better) for the ranking table.
@@ -722,3 +728,12 @@ def compare_diffusability(results: dict[str, dict], out_dir: Path) -> dict:
                 {"runs": {k: v["summary"] for k, v in results.items()}, "ranking": ranking(results),
                  "figure": str(fig), "table": str(table)})
     return {"figure": fig, "ranking": ranking(results)}
+
+
+# -- the stage protocol (one module per command) -----------------------------------------------------------
+NAME = "diffusability"
+
+
+def run(cfg: Recipe, rt: Runtime, **options):
+    """:func:`run_diffusability` (``options``: weights, out_dir)."""
+    return run_diffusability(cfg, rt, **options)

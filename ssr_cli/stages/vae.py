@@ -24,19 +24,22 @@ from ssr_cli.engine import train
 from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import console
 from ssr_cli.engine.runtime import Runtime, step_seed
-from ssr_cli.finetune import build_tokenizer, finetuned_weights
 from ssr_cli.images import save_grid
 from ssr_cli.models.registry import VECTOR_VAE_FAMILIES as VAE_FAMILIES
 from ssr_cli.models.s4d import PosteriorCollapseAlarm, kl_weight_schedule, nelbo, s4d_param_groups
 from ssr_cli.models.weights import save_weights
 from ssr_cli.recipe import Recipe
-from ssr_cli.training import fixed_images, fixed_seed, image_dataset, train_spec
+from ssr_cli.stages.common import (
+    build_tokenizer,
+    finetuned_weights,
+    fixed_images,
+    fixed_seed,
+    image_dataset,
+    is_vae_family,
+    train_spec,
+)
 
 STAGE_DIR = "vae"
-
-
-def is_vae_family(cfg: Recipe) -> bool:
-    return cfg.tokenizer.family in VAE_FAMILIES
 
 
 def build_vae(cfg: Recipe) -> nn.Module:
@@ -182,3 +185,12 @@ def run_vae_train(cfg: Recipe, rt: Runtime, *, model: nn.Module | None = None) -
         console.print(f"[green]VAE written to {out}; grids in {run_dir}/recon_final.png, {run_dir}/prior_final.png")
     rt.barrier()
     return out
+
+
+# -- the stage protocol (one module per command) -----------------------------------------------------------
+NAME = "finetune"  # `ssr finetune` runs this stage for the vector-VAE families
+
+
+def run(cfg: Recipe, rt: Runtime):
+    """:func:`run_vae_train`."""
+    return run_vae_train(cfg, rt)

@@ -22,13 +22,10 @@ from ssr_cli.engine.atomic import write_json_atomic
 from ssr_cli.engine.progress import console, make_progress, print_result_table
 from ssr_cli.engine.runtime import Runtime, step_seed
 from ssr_cli.errors import UserError
-from ssr_cli.finetune import build_tokenizer, load_tokenizer_for_run
-from ssr_cli.generate import samples_dir
-from ssr_cli.latents import file_sha256
+from ssr_cli.inputs import file_sha256, settings
 from ssr_cli.metrics import (
     REFERENCE_FORMAT,
     FeatureAccumulator,
-    InceptionFeatures,
     ReferenceStats,
     compute_generation_metrics,
     extract_features,
@@ -42,24 +39,17 @@ from ssr_cli.models.s4d import kl_per_dim, nelbo
 from ssr_cli.models.tokenizer import DiagonalGaussian, latent_of
 from ssr_cli.npz import NpzWriter, check_images, iter_npz_batches, npz_array_info, npz_keys
 from ssr_cli.recipe import Recipe
-from ssr_cli.training import image_dataset
-from ssr_cli.vae_train import is_vae_family
-
-INCEPTION_HINT = (
-    "set eval.inception_weights to the TF-Inception state dict "
-    "(e.g. ../shared/data/inception/pt_inception-2015-12-05-reconstructed-nofc.pth, or torch-fidelity's "
-    "weights-inception-2015-12-05-6726825d.pth)"
+from ssr_cli.stages.common import (
+    INCEPTION_HINT,
+    build_tokenizer,
+    image_dataset,
+    is_vae_family,
+    load_inception,
+    load_tokenizer_for_run,
+    recorded,
+    samples_dir,
+    tokenizer_sha256,
 )
-
-
-def load_inception(cfg: Recipe, device: torch.device):
-    """The Inception extractor, or None (with the reason) when no weights are configured."""
-    path = cfg.eval.inception_weights
-    if not path:
-        return None, f"no Inception weights: {INCEPTION_HINT}"
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"eval.inception_weights file not found: {path}; {INCEPTION_HINT}")
-    return InceptionFeatures(path, device=device), None
 
 
 def _lpips(cfg: Recipe, device: torch.device):
@@ -550,3 +540,25 @@ def print_vae_table(results: dict[str, dict], title: str = "VAE evaluation") -> 
                 row.append(f"{value:,}" if isinstance(value, int) else str(value))
         rows.append((label, *row))
     print_result_table(title, ["metric"], list(results), rows)
+
+
+# -- the stage protocol (ssr_cli.stages.pipeline) ----------------------------------------------------------
+NAME = "evaluate"
+PIPELINE_RECORD = True
+
+
+def inputs(cfg: Recipe) -> dict:
+    return {"eval": settings(cfg.eval), "tokenizer": tokenizer_sha256(cfg),
+            "samples": file_sha256(samples_dir(cfg) / "samples.npz")}
+
+
+def is_complete(cfg: Recipe) -> bool:
+    return (cfg.run_dir() / "eval.json").is_file() and recorded(cfg, NAME) == inputs(cfg)
+
+
+def run(cfg: Recipe, rt: Runtime, *, make_ref: Path | None = None, **options) -> dict | Path | None:
+    """:func:`run_evaluate` (``options``: gfid, samples, weights, out), or with ``make_ref`` only the reference
+    batch (:func:`make_reference`, written by rank 0)."""
+    if make_ref is not None:
+        return make_reference(cfg, rt, make_ref) if rt.is_main else None
+    return run_evaluate(cfg, rt, **options)
