@@ -45,6 +45,7 @@ from torch import nn
 
 from ssr_cli.bases import grid_for_channels
 from ssr_cli.data import batch_source
+from ssr_cli.dynamics import dynamics_from_config
 from ssr_cli.engine import TrainSpec, train
 from ssr_cli.engine.atomic import atomic_write, write_json_atomic, write_text_atomic
 from ssr_cli.engine.optim import ParamGroup
@@ -60,7 +61,6 @@ from ssr_cli.models.tokenizer import DiagonalGaussian
 from ssr_cli.models.weights import read_safetensors
 from ssr_cli.probe import dynamics_error
 from ssr_cli.recipe import Recipe
-from ssr_cli.regularizers import dynamics_from_config
 from ssr_cli.training import fixed_images, fixed_seed, image_dataset
 
 PROXIES = ("stats", "spectrum", "equivariance", "ifid", "viv", "flow_probe")

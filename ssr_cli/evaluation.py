@@ -38,11 +38,11 @@ from ssr_cli.metrics import (
     reconstruction_metrics,
     to_uint8,
 )
-from ssr_cli.models.s4d import kl_per_dim, nelbo
 from ssr_cli.models.tokenizer import DiagonalGaussian, latent_of
 from ssr_cli.npz import NpzWriter, check_images, iter_npz_batches, npz_array_info, npz_keys
 from ssr_cli.recipe import Recipe
 from ssr_cli.training import image_dataset
+from ssr_cli.vae_objective import kl_per_dim, nelbo
 from ssr_cli.vae_train import is_vae_family
 
 INCEPTION_HINT = (

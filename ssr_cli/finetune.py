@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ssr_cli.blur import gaussian_blur
+from ssr_cli.dynamics import save_dynamics
 from ssr_cli.engine import EMA, train
 from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import console
@@ -22,12 +23,11 @@ from ssr_cli.engine.runtime import Runtime, step_seed
 from ssr_cli.errors import UserError
 from ssr_cli.images import save_grid
 from ssr_cli.inputs import file_sha256, refresh, settings
-from ssr_cli.metrics import load_lpips
+from ssr_cli.metrics.lpips import load_lpips
 from ssr_cli.models.registry import build_tokenizer as build_registered_tokenizer
 from ssr_cli.models.weights import save_weights
 from ssr_cli.recipe import Recipe
 from ssr_cli.regularizers import build_regularizer as build_regularizer_from_fields
-from ssr_cli.regularizers import save_dynamics
 from ssr_cli.training import fixed_images, fixed_seed, image_dataset, train_spec
 
 EXPORT_NAME = "tokenizer.safetensors"
@@ -56,7 +56,7 @@ def finetuned_weights(cfg: Recipe) -> Path:
 
 
 def learned_dynamics_path(cfg: Recipe) -> Path:
-    """Where the fine-tune stage of an SSR run writes the A, Ā and Δ it learned (:func:`regularizers.save_dynamics`)."""
+    """Where the fine-tune stage of an SSR run writes the A, Ā and Δ it learned (:func:`dynamics.save_dynamics`)."""
     return cfg.run_dir() / "finetune" / DYNAMICS_NAME
 
 

@@ -44,7 +44,7 @@ from ssr_cli.generate import (
 )
 from ssr_cli.inputs import file_sha256, settings
 from ssr_cli.latents import MANIFEST, encode_latents, latents_dir, latents_fingerprint
-from ssr_cli.metrics import build_lpips
+from ssr_cli.metrics.lpips import build_lpips
 from ssr_cli.probe import probe_dynamics, probe_grid, run_probe
 from ssr_cli.recipe import Recipe
 from ssr_cli.training import unreadable_count

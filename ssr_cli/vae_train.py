@@ -27,10 +27,11 @@ from ssr_cli.engine.runtime import Runtime, step_seed
 from ssr_cli.finetune import build_tokenizer, finetuned_weights
 from ssr_cli.images import save_grid
 from ssr_cli.models.registry import VECTOR_VAE_FAMILIES as VAE_FAMILIES
-from ssr_cli.models.s4d import PosteriorCollapseAlarm, kl_weight_schedule, nelbo, s4d_param_groups
+from ssr_cli.models.s4d import s4d_param_groups
 from ssr_cli.models.weights import save_weights
 from ssr_cli.recipe import Recipe
 from ssr_cli.training import fixed_images, fixed_seed, image_dataset, train_spec
+from ssr_cli.vae_objective import PosteriorCollapseAlarm, kl_weight_schedule, nelbo
 
 STAGE_DIR = "vae"
 

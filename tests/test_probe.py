@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+from ssr_cli.dynamics import SSRDynamics, load_dynamics, save_dynamics
 from ssr_cli.engine.runtime import Runtime
 from ssr_cli.finetune import build_tokenizer, finetuned_weights, learned_dynamics_path
 from ssr_cli.models.weights import WeightsError, save_weights
 from ssr_cli.probe import (FILLS, blur_decay, blur_ladder, channel_basis_maps, dynamics_error, latent_norm_maps,
                            mask_fill, partial_decodes, probe_dynamics, radial_centroid, run_probe)
 from ssr_cli.recipe import RecipeError, load
-from ssr_cli.regularizers import SSRDynamics, load_dynamics, save_dynamics
 from ssr_cli.training import image_dataset
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.toml"
