@@ -17,7 +17,7 @@ from PIL import Image
 from scipy import linalg
 
 from ssr_cli.data import subset_indices
-from ssr_cli.engine import setup_runtime
+from ssr_cli.engine.runtime import setup_runtime
 from ssr_cli.errors import UserError
 from ssr_cli.recipe import from_dict
 

@@ -28,7 +28,11 @@ from typer.testing import CliRunner
 
 from ssr_cli.cli import app
 from ssr_cli.data import StepSampler, pil_to_tensor
-from ssr_cli.engine import EMA, Checkpointer, TrainSpec, lr_lambda, setup_runtime, train
+from ssr_cli.engine.ema import EMA
+from ssr_cli.engine.checkpoint import Checkpointer
+from ssr_cli.engine.loop import TrainSpec, train
+from ssr_cli.engine.optim import lr_lambda
+from ssr_cli.engine.runtime import setup_runtime
 from ssr_cli.engine.checkpoint import CheckpointWriteError, load_checkpoint_file
 from ssr_cli.engine.loop import DivergenceError, Preempted
 from ssr_cli.engine.optim import ParamGroup

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+from ssr_cli.dynamics import SSRDynamics, load_dynamics, save_dynamics
 from ssr_cli.engine.runtime import Runtime
 from ssr_cli.models.weights import WeightsError, save_weights
 from ssr_cli.recipe import RecipeError, load
-from ssr_cli.regularizers import SSRDynamics, load_dynamics, save_dynamics
 from ssr_cli.stages.common import (
     build_tokenizer,
     dynamics_error,

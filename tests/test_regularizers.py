@@ -1,4 +1,4 @@
-"""Regularizers of ``ssr finetune`` (ssr_cli/regularizers.py): dynamics, SSR / EQ-VAE / FT-SE losses, the grid check."""
+"""Regularizers of ``ssr finetune`` (regularizers.py, dynamics.py): dynamics, SSR / EQ-VAE / FT-SE losses, the grid check."""
 
 from __future__ import annotations
 
@@ -13,17 +13,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssr_cli.blur import gaussian_blur
+from ssr_cli.dynamics import SSRDynamics, resolve_grid
 from ssr_cli.models.tokenizer import DiagonalGaussian, Tokenizer
 from ssr_cli.regularizers import (
     EQ_ROTATIONS,
     EQ_SCALES,
     EQVAERegularizer,
     ScaleRegularizer,
-    SSRDynamics,
     SSRRegularizer,
     build_regularizer,
     reconstruction_loss,
-    resolve_grid,
 )
 
 # A sparse, strictly upper-triangular A (the polynomial-basis structure): j ≤ k − 2, j ≡ k (mod 2).
@@ -384,7 +383,7 @@ def test_eq_vae_branch_frequency_and_reproducibility():
 def test_dynamics_prediction_is_fp32_under_bf16_autocast():
     """Ā·z is computed in fp32 outside autocast: under CPU bf16 autocast ẑ2 agrees with an fp64 computation
     to fp32 rounding (in bf16 the slowest decay 1 − Ā would be off by tens of percent)."""
-    from ssr_cli.regularizers import SSRDynamics
+    from ssr_cli.dynamics import SSRDynamics
 
     dyn = SSRDynamics.from_basis("fourier", 4, 4, delta_init=0.1)
     z1 = torch.randn(3, 16, 5, 5, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
@@ -422,7 +421,8 @@ def test_kl_of_scaled_shifted_posterior_is_the_raw_posteriors_closed_form():
 def test_carried_mean_loss_is_the_centred_loss_plus_the_channel_mean_penalty():
     """MSE(z2, mean(z1) + Ā·C(z1)) = MSE(C(z2), Ā·C(z1)) + mean over (b, c) of (mean(z2) − mean(z1))² / 1 —
     exactly, since Ā·C(z1) has zero spatial mean (the per-element MSE divides both sides by B·C·h·w)."""
-    from ssr_cli.regularizers import SSRDynamics, latent_mse
+    from ssr_cli.dynamics import SSRDynamics
+    from ssr_cli.regularizers import latent_mse
 
     g = torch.Generator().manual_seed(3)
     dyn = SSRDynamics.from_basis("fourier", 4, 4, delta_init=0.3)

@@ -15,11 +15,12 @@ from safetensors.torch import load_file
 
 from ssr_cli.engine.checkpoint import load_checkpoint_file
 from ssr_cli.engine.runtime import setup_runtime
-from ssr_cli.models.s4d import CNN_VAE_SIZES, CNNVAE, PosteriorCollapseWarning, nelbo
+from ssr_cli.models.s4d import CNN_VAE_SIZES, CNNVAE
 from ssr_cli.models.tokenizer import DiagonalGaussian
 from ssr_cli.recipe import from_dict
 from ssr_cli.stages.common import finetuned_weights, load_tokenizer_for_run
 from ssr_cli.stages.vae import STAGE_DIR, build_vae, run_vae_train
+from ssr_cli.vae_objective import PosteriorCollapseWarning, nelbo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -142,7 +142,7 @@ def finetuned_weights(cfg: Recipe) -> Path:
 
 
 def learned_dynamics_path(cfg: Recipe) -> Path:
-    """Where the fine-tune stage of an SSR run writes the A, Ā and Δ it learned (:func:`regularizers.save_dynamics`)."""
+    """Where the fine-tune stage of an SSR run writes the A, Ā and Δ it learned (:func:`ssr_cli.dynamics.save_dynamics`)."""
     return cfg.run_dir() / "finetune" / DYNAMICS_NAME
 
 

@@ -4,7 +4,7 @@ A compact residual U-Net (:class:`ssr_cli.models.restoration.Denoiser`) learns t
 Gaussian noise (``denoise.noise_sigma`` on the 0–255 scale) from random crops of the recipe's [data], on the
 shared engine (resumable). ``regularizer.kind`` "ssr" adds, with probability ``regularizer.alpha``, the SSR
 latent term (weight ``denoise.lambda_ssr``) on the bottleneck features, through the same
-:class:`ssr_cli.regularizers.SSRDynamics` (basis, grid, Δ, learnable A) as tokenizer fine-tuning; the
+:class:`ssr_cli.dynamics.SSRDynamics` (basis, grid, Δ, learnable A) as tokenizer fine-tuning; the
 bottleneck has one channel per basis function, so ``denoise.bottleneck_channels`` must equal W·H of
 ``regularizer.grid``. "none" is the baseline. ``denoise.compare = true`` trains both arms from the same seed
 (same initial weights, batches and noise) and writes a comparison.
@@ -27,16 +27,18 @@ import torch
 from torch import nn
 
 from ssr_cli.data import build_dataset, subset_indices
-from ssr_cli.engine import EMA, train
+from ssr_cli.dynamics import dynamics_from_config, save_dynamics
 from ssr_cli.engine.atomic import write_json_atomic
+from ssr_cli.engine.ema import EMA
+from ssr_cli.engine.loop import train
 from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import console, print_result_table
 from ssr_cli.engine.runtime import Runtime, step_seed
-from ssr_cli.images import save_grid
-from ssr_cli.models.restoration import Denoiser, add_gaussian_noise, denoise_loss, evaluate_denoiser, load_image_pairs
+from ssr_cli.images import load_image_pairs, save_grid
+from ssr_cli.models.restoration import Denoiser
 from ssr_cli.models.weights import save_weights
 from ssr_cli.recipe import Recipe
-from ssr_cli.regularizers import dynamics_from_config, save_dynamics
+from ssr_cli.restoration import add_gaussian_noise, denoise_loss, evaluate_denoiser
 from ssr_cli.stages.common import fixed_seed, image_dataset, train_spec
 
 ARM_DIRS = {"none": "baseline", "ssr": "ssr"}

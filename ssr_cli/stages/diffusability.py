@@ -45,8 +45,9 @@ from torch import nn
 
 from ssr_cli.bases import grid_for_channels
 from ssr_cli.data import batch_source
-from ssr_cli.engine import TrainSpec, train
+from ssr_cli.dynamics import dynamics_from_config
 from ssr_cli.engine.atomic import atomic_write, write_json_atomic, write_text_atomic
+from ssr_cli.engine.loop import TrainSpec, train
 from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import console, make_progress, print_result_table
 from ssr_cli.engine.runtime import Runtime, generator_for, step_seed
@@ -56,7 +57,6 @@ from ssr_cli.models.flow import flow_loss, initial_noise, sample_ode
 from ssr_cli.models.tokenizer import DiagonalGaussian
 from ssr_cli.models.weights import read_safetensors
 from ssr_cli.recipe import Recipe
-from ssr_cli.regularizers import dynamics_from_config
 from ssr_cli.stages.common import (
     DiTTask,
     build_dit_from,

@@ -35,7 +35,6 @@ from ssr_cli.metrics import (
     reconstruction_metrics,
     to_uint8,
 )
-from ssr_cli.models.s4d import kl_per_dim, nelbo
 from ssr_cli.models.tokenizer import DiagonalGaussian, latent_of
 from ssr_cli.npz import NpzWriter, check_images, iter_npz_batches, npz_array_info, npz_keys
 from ssr_cli.recipe import Recipe
@@ -50,6 +49,7 @@ from ssr_cli.stages.common import (
     samples_dir,
     tokenizer_sha256,
 )
+from ssr_cli.vae_objective import kl_per_dim, nelbo
 
 
 def _lpips(cfg: Recipe, device: torch.device):

@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from ssr_cli.blur import gaussian_blur
-from ssr_cli.engine import EMA, train
+from ssr_cli.dynamics import save_dynamics
 from ssr_cli.engine.checkpoint import Checkpointer
+from ssr_cli.engine.ema import EMA
+from ssr_cli.engine.loop import train
 from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import console
 from ssr_cli.engine.runtime import Runtime
@@ -25,7 +27,6 @@ from ssr_cli.inputs import file_sha256, refresh, settings
 from ssr_cli.models.weights import save_weights
 from ssr_cli.recipe import Recipe
 from ssr_cli.regularizers import build_regularizer as build_regularizer_from_fields
-from ssr_cli.regularizers import save_dynamics
 from ssr_cli.stages.common import (
     DYNAMICS_NAME,
     EXPORT_NAME,

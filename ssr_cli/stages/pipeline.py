@@ -18,7 +18,7 @@ import torch
 from ssr_cli.engine.atomic import write_json_atomic
 from ssr_cli.engine.progress import console, print_result_table
 from ssr_cli.engine.runtime import Runtime
-from ssr_cli.metrics import build_lpips
+from ssr_cli.metrics.lpips import build_lpips
 from ssr_cli.recipe import Recipe
 from ssr_cli.stages import encode_latents, evaluate, finetune, probe_channels, sample, train_dit
 from ssr_cli.stages.common import (

@@ -24,16 +24,16 @@ import torch
 
 from ssr_cli.bases import basis_functions, frequency_order, project
 from ssr_cli.blur import gaussian_blur
+from ssr_cli.dynamics import dynamics_from_config, load_dynamics, resolve_grid
 from ssr_cli.engine.atomic import write_json_atomic
 from ssr_cli.engine.progress import console, print_result_table
 from ssr_cli.engine.runtime import Runtime
 from ssr_cli.errors import UserError
 from ssr_cli.images import save_grid
 from ssr_cli.inputs import file_sha256, settings
-from ssr_cli.metrics import psnr_uint8
+from ssr_cli.metrics.pixel import psnr_uint8
 from ssr_cli.plots import plot_basis_channels, plot_curves, plot_latent_dynamics, plot_latent_norms
 from ssr_cli.recipe import Recipe
-from ssr_cli.regularizers import dynamics_from_config, load_dynamics, resolve_grid
 from ssr_cli.stages.common import (
     build_tokenizer,
     dynamics_error,

@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ssr_cli.engine import train
+from ssr_cli.engine.loop import train
 from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import console
 from ssr_cli.engine.runtime import Runtime, step_seed
 from ssr_cli.images import save_grid
 from ssr_cli.models.registry import VECTOR_VAE_FAMILIES as VAE_FAMILIES
-from ssr_cli.models.s4d import PosteriorCollapseAlarm, kl_weight_schedule, nelbo, s4d_param_groups
+from ssr_cli.models.s4d import s4d_param_groups
 from ssr_cli.models.weights import save_weights
 from ssr_cli.recipe import Recipe
 from ssr_cli.stages.common import (
@@ -38,6 +38,7 @@ from ssr_cli.stages.common import (
     is_vae_family,
     train_spec,
 )
+from ssr_cli.vae_objective import PosteriorCollapseAlarm, kl_weight_schedule, nelbo
 
 STAGE_DIR = "vae"
 
