@@ -33,6 +33,7 @@ from torch import nn
 from ssr_cli.blur import gaussian_blur, sample_tau_pairs
 from ssr_cli.dynamics import SSRDynamics, build_dynamics
 from ssr_cli.models.tokenizer import DiagonalGaussian, latent_of
+from ssr_cli.recipe import LossConfig, RegularizerConfig
 
 LpipsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 TargetEncoder = Callable[[torch.Tensor], torch.Tensor]
@@ -458,3 +459,42 @@ def build_regularizer(
                               mean_centering=mean_centering, latent_loss=latent_loss, latent_space=latent_space,
                               tau_max=tau_max, delta_tau=delta_tau, **recon)
     raise ValueError(f"regularizer.kind must be one of {', '.join(KINDS)}, got {kind!r}")
+
+
+def build(r: RegularizerConfig, loss: LossConfig, *, latent_channels: int, image_size: int | None, seed: int,
+          kind: str | None = None, lpips_fn: LpipsFn | None = None) -> Regularizer:
+    """The regularizer of the recipe's ``[regularizer]`` (``kind`` overrides ``r.kind``, e.g. "none" for the
+    pretraining stage) with the reconstruction loss of its ``[loss]``: :func:`build_regularizer` with every
+    field taken from the two sections. ``image_size`` (data.image_size) sets the blur-gap Δ; ``seed`` (run.seed)
+    the random A."""
+    return build_regularizer(
+        r.kind if kind is None else kind,
+        latent_channels=latent_channels,
+        basis=r.basis,
+        grid=r.grid,
+        orthonormal=r.orthonormal,
+        alpha=r.alpha,
+        lambda_latent=r.lambda_latent,
+        lambda_image=r.lambda_image,
+        lambda_mae_ssr=r.lambda_pred_mae,
+        lambda_lpips_ssr=r.lambda_pred_lpips,
+        discretization=r.discretization,
+        delta_init=r.delta_init,
+        delta_source=r.delta_source,
+        a_normalization=r.a_normalization,
+        image_size=image_size,
+        seed=seed,
+        learn_a=r.learn_a,
+        mean_centering=r.mean_centering,
+        latent_loss=r.latent_loss,
+        latent_space=r.latent_space,
+        tau_max=r.tau_max,
+        delta_tau=r.delta_tau,
+        eq_probability=r.eq_probability,
+        se_weight=r.se_weight,
+        se_factors=tuple(r.se_factors),
+        lambda_mae=loss.lambda_mae,
+        lambda_lpips=loss.lambda_lpips,
+        kl_weight=loss.kl_weight,
+        lpips_fn=lpips_fn,
+    )

@@ -463,3 +463,33 @@ def test_lpips_loss_takes_the_small_pairs_of_eq_vae_and_ft_se(shared_data, side)
     torch.testing.assert_close(got.detach(), expected, rtol=1e-5, atol=1e-6)
     got.sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_build_from_the_recipe_sections_takes_every_field_from_them(tmp_path):
+    """regularizers.build(cfg.regularizer, cfg.loss, ...) — what finetune and --dry-run call — passes each recipe
+    field to the regularizer it configures (non-default values everywhere, read back from the built objects)."""
+    from ssr_cli.recipe import load
+    from ssr_cli.regularizers import EQVAERegularizer, ScaleRegularizer, SSRRegularizer, build
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        '[regularizer]\nkind = "ssr"\ngrid = "2x2"\nalpha = 0.7\nlambda_latent = 0.3\nlambda_image = 1.5\n'
+        "lambda_pred_mae = 0.6\nlambda_pred_lpips = 0.0\nmean_centering = false\nlatent_loss = \"carried_mean\"\n"
+        'latent_space = "raw"\ntau_max = 3.0\ndelta_tau = 0.5\ndelta_init = 0.2\neq_probability = 0.9\n'
+        "se_weight = 0.4\nse_factors = [2]\n"
+        "[loss]\nlambda_mae = 0.8\nlambda_lpips = 0.0\nkl_weight = 0.002\n")
+    cfg = load(recipe)
+    reg = build(cfg.regularizer, cfg.loss, latent_channels=4, image_size=32, seed=0)
+    assert isinstance(reg, SSRRegularizer)
+    got = {k: getattr(reg, k) for k in ("alpha", "lambda_latent", "lambda_image", "lambda_mae_ssr", "lambda_lpips_ssr",
+                                        "mean_centering", "latent_loss", "latent_space", "tau_max", "delta_tau",
+                                        "lambda_mae", "lambda_lpips", "kl_weight")}
+    assert got == {"alpha": 0.7, "lambda_latent": 0.3, "lambda_image": 1.5, "lambda_mae_ssr": 0.6,
+                   "lambda_lpips_ssr": 0.0, "mean_centering": False, "latent_loss": "carried_mean",
+                   "latent_space": "raw", "tau_max": 3.0, "delta_tau": 0.5, "lambda_mae": 0.8, "lambda_lpips": 0.0,
+                   "kl_weight": 0.002}
+    assert float(reg.dynamics.delta_start) == pytest.approx(0.2)
+    eq = build(cfg.regularizer, cfg.loss, kind="eq_vae", latent_channels=4, image_size=32, seed=0)
+    se = build(cfg.regularizer, cfg.loss, kind="scale", latent_channels=4, image_size=32, seed=0)
+    assert isinstance(eq, EQVAERegularizer) and isinstance(se, ScaleRegularizer)
+    assert eq.p_equivariance == 0.9 and se.se_weight == 0.4 and tuple(se.factors) == (2,)

@@ -26,7 +26,7 @@ from ssr_cli.images import save_grid
 from ssr_cli.inputs import file_sha256, refresh, settings
 from ssr_cli.models.weights import save_weights
 from ssr_cli.recipe import Recipe
-from ssr_cli.regularizers import build_regularizer as build_regularizer_from_fields
+from ssr_cli.regularizers import build
 from ssr_cli.stages.common import (
     DYNAMICS_NAME,
     EXPORT_NAME,
@@ -39,41 +39,6 @@ from ssr_cli.stages.common import (
     require_lpips_weights,
     train_spec,
 )
-
-
-def build_regularizer(cfg: Recipe, kind: str, latent_channels: int, lpips_fn):
-    r = cfg.regularizer
-    return build_regularizer_from_fields(
-        kind,
-        latent_channels=latent_channels,
-        basis=r.basis,
-        grid=r.grid,
-        orthonormal=r.orthonormal,
-        alpha=r.alpha,
-        lambda_latent=r.lambda_latent,
-        lambda_image=r.lambda_image,
-        lambda_mae_ssr=r.lambda_pred_mae,
-        lambda_lpips_ssr=r.lambda_pred_lpips,
-        discretization=r.discretization,
-        delta_init=r.delta_init,
-        delta_source=r.delta_source,
-        a_normalization=r.a_normalization,
-        image_size=cfg.data.image_size,
-        seed=cfg.run.seed,
-        learn_a=r.learn_a,
-        mean_centering=r.mean_centering,
-        latent_loss=r.latent_loss,
-        latent_space=r.latent_space,
-        tau_max=r.tau_max,
-        delta_tau=r.delta_tau,
-        eq_probability=r.eq_probability,
-        se_weight=r.se_weight,
-        se_factors=tuple(r.se_factors),
-        lambda_mae=cfg.loss.lambda_mae,
-        lambda_lpips=cfg.loss.lambda_lpips,
-        kl_weight=cfg.loss.kl_weight,
-        lpips_fn=lpips_fn,
-    )
 
 
 class FinetuneTask(nn.Module):
@@ -124,7 +89,8 @@ def _stage(cfg: Recipe, rt: Runtime, tokenizer, *, name: str, kind: str, steps: 
     t = cfg.train
     lpips_weight = max(cfg.loss.lambda_lpips, cfg.regularizer.lambda_pred_lpips if kind == "ssr" else 0.0)
     lpips_fn = make_lpips(cfg, lpips_weight, rt.device)
-    regularizer = build_regularizer(cfg, kind, tokenizer.latent_channels, lpips_fn)
+    regularizer = build(cfg.regularizer, cfg.loss, kind=kind, latent_channels=tokenizer.latent_channels,
+                        image_size=cfg.data.image_size, seed=cfg.run.seed, lpips_fn=lpips_fn)
     target = EMA(tokenizer.to(rt.device), cfg.regularizer.ema_decay) if kind == "ssr" else None
     task = FinetuneTask(tokenizer, regularizer, target)
     if rt.is_main and hasattr(regularizer, "dynamics"):
@@ -174,7 +140,8 @@ def run_finetune(cfg: Recipe, rt: Runtime) -> Path:
     rt.barrier()
     tokenizer = build_tokenizer(cfg)
     # Fail on a regularizer that cannot fit this tokenizer before any (pre)training time is spent.
-    build_regularizer(cfg, cfg.regularizer.kind, tokenizer.latent_channels, None)
+    build(cfg.regularizer, cfg.loss, latent_channels=tokenizer.latent_channels, image_size=cfg.data.image_size,
+          seed=cfg.run.seed)
     require_lpips_weights(cfg, max(cfg.loss.lambda_lpips,
                                    cfg.regularizer.lambda_pred_lpips if cfg.regularizer.kind == "ssr" else 0.0))
     if cfg.train.pretrain_steps:

@@ -20,6 +20,7 @@ from ssr_cli.engine.progress import console, print_result_table
 from ssr_cli.engine.runtime import Runtime
 from ssr_cli.metrics.lpips import build_lpips
 from ssr_cli.recipe import Recipe
+from ssr_cli.regularizers import build
 from ssr_cli.stages import encode_latents, evaluate, finetune, probe_channels, sample, train_dit
 from ssr_cli.stages.common import (
     build_dit_from,
@@ -32,7 +33,6 @@ from ssr_cli.stages.common import (
 from ssr_cli.stages.denoise import build_arms
 from ssr_cli.stages.diffusability import TransformedTokenizer, build_probe_dit
 from ssr_cli.stages.evaluate import HEADLINE_METRICS
-from ssr_cli.stages.finetune import build_regularizer
 from ssr_cli.stages.probe_channels import probe_dynamics, probe_grid
 
 PIPELINE = (finetune, encode_latents, train_dit, sample, evaluate, probe_channels)
@@ -58,7 +58,8 @@ def check_builds(cfg: Recipe, stages: tuple[str, ...] = STAGES) -> list[str]:
         return tok.encode_latent(torch.zeros(batch, 3, size, size))
 
     if "finetune" in stages and not is_vae_family(cfg):
-        build_regularizer(cfg, cfg.regularizer.kind, tok.latent_channels, None)
+        build(cfg.regularizer, cfg.loss, latent_channels=tok.latent_channels, image_size=cfg.data.image_size,
+              seed=cfg.run.seed)
         built.append(f"regularizer {cfg.regularizer.kind} on {tok.latent_channels} channels")
     if {"train-dit", "sample"} & set(stages):
         z = latent_of(cfg.data.image_size)
