@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import tomllib
+import typing
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from ssr_cli.recipe import Recipe, RecipeError, dump, from_dict, load, parse_override, write_resolved
 
@@ -156,3 +158,29 @@ def test_grad_checkpointing_on_a_tokenizer_without_it_is_a_user_error(tmp_path):
     cfg = load(_write(tmp_path, '[tokenizer]\nfamily = "taesd"\nsize = "taesd"\ngrad_checkpointing = true\n'))
     with pytest.raises(UserError, match="grad_checkpointing"):
         build_tokenizer(cfg, weights=None)
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """The pydantic models an annotation names, through unions, containers and Annotated."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def test_every_recipe_field_has_a_description():
+    """Issue 12: a docstring on every field (turned into its description by use_attribute_docstrings), in every
+    section reachable from Recipe, nested models included; a new field without one fails here."""
+    seen: set[type[BaseModel]] = set()
+    todo: list[type[BaseModel]] = [Recipe]
+    missing = []
+    while todo:
+        model = todo.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, field in model.model_fields.items():
+            if not (field.description or "").strip():
+                missing.append(f"{model.__name__}.{name}")
+            todo.extend(_models_in(field.annotation))
+    assert {field.annotation for field in Recipe.model_fields.values()} <= seen  # the walk reached every section
+    assert not missing, f"fields without a docstring (add one under the field): {', '.join(missing)}"
