@@ -273,6 +273,14 @@ def print_denoise_table(results: dict[str, dict], cfg: Recipe) -> None:
 NAME = "denoise"
 
 
+def is_complete(cfg: Recipe) -> bool:
+    """Every arm's evaluation is written (and the comparison when comparing); each arm resumes from its own
+    checkpoints when run again."""
+    arms = [ARM_DIRS[kind] for kind in arms_of(cfg)]
+    files = [cfg.run_dir() / arm / EVAL_FILE for arm in arms] + ([cfg.run_dir() / COMPARISON_FILE] if len(arms) > 1 else [])
+    return all(f.is_file() for f in files)
+
+
 def run(cfg: Recipe, rt: Runtime):
     """:func:`run_denoise`."""
     return run_denoise(cfg, rt)

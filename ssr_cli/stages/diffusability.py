@@ -734,6 +734,12 @@ def compare_diffusability(results: dict[str, dict], out_dir: Path) -> dict:
 NAME = "diffusability"
 
 
+def is_complete(cfg: Recipe) -> bool:
+    """``diffusability.json`` is written; each proxy's part is cached by the digest of its inputs, so a rerun
+    recomputes only what changed."""
+    return (cfg.run_dir() / "diffusability" / "diffusability.json").is_file()
+
+
 def run(cfg: Recipe, rt: Runtime, **options):
     """:func:`run_diffusability` (``options``: weights, out_dir)."""
     return run_diffusability(cfg, rt, **options)

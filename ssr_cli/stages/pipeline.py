@@ -166,5 +166,9 @@ def print_summary(summary: dict) -> None:
 NAME = "pipeline"
 
 
+def is_complete(cfg: Recipe, stages: tuple[str, ...] = STAGES) -> bool:
+    return all(BY_NAME[name].is_complete(cfg) for name in stages)
+
+
 def run(cfg: Recipe, rt: Runtime, stages: tuple[str, ...] = STAGES) -> dict:
     return run_pipeline(cfg, rt, stages)

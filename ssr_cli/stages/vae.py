@@ -39,6 +39,7 @@ from ssr_cli.stages.common import (
     train_spec,
 )
 from ssr_cli.vae_objective import PosteriorCollapseAlarm, kl_weight_schedule, nelbo
+from ssr_cli.engine.checkpoint import Checkpointer
 
 STAGE_DIR = "vae"
 
@@ -190,6 +191,12 @@ def run_vae_train(cfg: Recipe, rt: Runtime, *, model: nn.Module | None = None) -
 
 # -- the stage protocol (one module per command) -----------------------------------------------------------
 NAME = "finetune"  # `ssr finetune` runs this stage for the vector-VAE families
+
+
+def is_complete(cfg: Recipe) -> bool:
+    """The VAE is exported and its checkpoints reached ``train.steps``."""
+    done = Checkpointer(cfg.run_dir() / STAGE_DIR / "checkpoints").list()
+    return finetuned_weights(cfg).is_file() and bool(done) and done[-1][0] >= cfg.train.steps
 
 
 def run(cfg: Recipe, rt: Runtime):
