@@ -175,6 +175,8 @@ def write_report(out: Path, names: list[str], seeds: list[int], *, toy: bool) ->
 
     from ssr_cli.stages.diffusability import RANKED, plot_diffusability
 
+    if not names:
+        raise SystemExit("study: no space has its ground truth yet; run the study first")
     gts = {n: _load(out / n / "gt" / "diffusability.json") for n in names}
     missing = [n for n, g in gts.items() if g is None]
     if missing:
