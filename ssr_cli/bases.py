@@ -41,6 +41,8 @@ from numpy.polynomial import legendre as _leg
 from scipy import linalg as _sla
 from scipy import special as _special
 
+from ssr_cli.errors import UserValueError
+
 BASES = ("fourier", "chebyshev", "legendre", "hermite")
 DISCRETIZATIONS = ("euler", "zoh")
 RANDOM_A_STREAM = 0x5A4D
@@ -56,7 +58,7 @@ def check_basis(basis: str) -> str:
     """Return the canonical basis name; ValueError naming the choices for anything else."""
     name = str(basis).strip().lower()
     if name not in BASES:
-        raise ValueError(f"unknown basis {basis!r}: choose one of {', '.join(BASES)}")
+        raise UserValueError(f"unknown basis {basis!r}: choose one of {', '.join(BASES)}")
     return name
 
 
@@ -65,7 +67,7 @@ def parse_grid(size: str | int) -> tuple[int, int]:
 
     Raises ValueError with a clear message for zero, negative or malformed sizes."""
     if isinstance(size, bool):
-        raise ValueError(f"grid size must be an integer or 'WxH', got {size!r}")
+        raise UserValueError(f"grid size must be an integer or 'WxH', got {size!r}")
     if isinstance(size, (int, np.integer)):
         parts = [str(int(size))] * 2
     else:
@@ -74,10 +76,10 @@ def parse_grid(size: str | int) -> tuple[int, int]:
         if len(parts) == 1:
             parts = parts * 2
     if len(parts) != 2 or not all(p.lstrip("+-").isdigit() for p in parts):
-        raise ValueError(f"grid size must be an integer or 'WxH' such as '8' or '8x4', got {size!r}")
+        raise UserValueError(f"grid size must be an integer or 'WxH' such as '8' or '8x4', got {size!r}")
     w, h = int(parts[0]), int(parts[1])
     if w < 1 or h < 1:
-        raise ValueError(f"grid size must be at least 1x1 (W, H >= 1), got {size!r}")
+        raise UserValueError(f"grid size must be at least 1x1 (W, H >= 1), got {size!r}")
     return w, h
 
 
@@ -89,7 +91,7 @@ def grid_for_channels(channels: int, grid: str | int | None = None) -> tuple[int
     if grid is not None:
         w, h = parse_grid(grid)
         if w * h != channels:
-            raise ValueError(f"grid {w}x{h} has {w * h} basis functions but the latent has {channels} channels")
+            raise UserValueError(f"grid {w}x{h} has {w * h} basis functions but the latent has {channels} channels")
         return w, h
     h = max(d for d in range(1, math.isqrt(channels) + 1) if channels % d == 0)
     return channels // h, h
@@ -269,7 +271,7 @@ def discretize(A: np.ndarray, delta: float, method: str = "zoh") -> np.ndarray:
     """Ā for step Δ: euler → I + Δ·A, zoh → exp(Δ·A) (matrix exponential). A: (C, C); returns (C, C) float64."""
     method = str(method).strip().lower()
     if method not in DISCRETIZATIONS:
-        raise ValueError(f"unknown discretization {method!r}: choose one of {', '.join(DISCRETIZATIONS)}")
+        raise UserValueError(f"unknown discretization {method!r}: choose one of {', '.join(DISCRETIZATIONS)}")
     if not np.isfinite(delta) or delta < 0:
         raise ValueError(f"delta must be a finite number >= 0, got {delta}")
     A = np.asarray(A, dtype=np.float64)

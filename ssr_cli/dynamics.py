@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ssr_cli import bases
+from ssr_cli.errors import UserValueError
 from ssr_cli.models.weights import WeightsError, save_weights
 
 DELTA_SOURCES = ("fixed", "blur_gap")
@@ -51,12 +52,12 @@ def resolve_grid(latent_channels: int, grid: str | tuple[int, int] | None = None
         try:
             w, h = bases.parse_grid(grid)
         except ValueError as exc:
-            raise ValueError(f"regularizer.grid = {grid!r}: {exc}") from None
+            raise UserValueError(f"regularizer.grid = {grid!r}: {exc}") from None
     else:
         w, h = (int(v) for v in grid)
     if w * h != latent_channels:
         valid = [f"{latent_channels // d}x{d}" for d in range(1, latent_channels + 1) if latent_channels % d == 0]
-        raise ValueError(
+        raise UserValueError(
             f"regularizer.grid = '{w}x{h}' has W·H = {w * h} basis functions, but the tokenizer's latent has "
             f"{latent_channels} channels (one channel per basis function): set regularizer.grid to one of "
             f"{', '.join(valid)}, or leave it unset for the most square one "
@@ -97,9 +98,9 @@ class SSRDynamics(nn.Module):
         if a.ndim != 2 or a.shape[0] != a.shape[1]:
             raise ValueError(f"A must be a square (C, C) matrix, got shape {tuple(a.shape)}")
         if discretization not in ("zoh", "euler"):
-            raise ValueError(f"regularizer.discretization must be 'zoh' or 'euler', got {discretization!r}")
+            raise UserValueError(f"regularizer.discretization must be 'zoh' or 'euler', got {discretization!r}")
         if not delta_init > 0:
-            raise ValueError(f"regularizer.delta_init must be > 0, got {delta_init}")
+            raise UserValueError(f"regularizer.delta_init must be > 0, got {delta_init}")
         self.discretization = discretization
         # the sparsity pattern: given (bases.nonzero_mask) or the exactly nonzero entries
         mask = a != 0 if mask is None else torch.as_tensor(np.asarray(mask, dtype=bool))
@@ -186,7 +187,7 @@ def resolve_discretization(discretization: str, basis: str) -> str:
     if discretization == "auto":
         return AUTO_DISCRETIZATION.get(basis, "zoh")
     if discretization not in ("zoh", "euler"):
-        raise ValueError(f"regularizer.discretization must be 'zoh', 'euler' or 'auto', got {discretization!r}")
+        raise UserValueError(f"regularizer.discretization must be 'zoh', 'euler' or 'auto', got {discretization!r}")
     return discretization
 
 
@@ -218,18 +219,19 @@ def build_dynamics(
     proportional to the orthonormal-coefficient generator (Fourier, or ``orthonormal``), else ValueError.
     """
     if a_normalization not in A_NORMALIZATIONS:
-        raise ValueError(f"regularizer.a_normalization must be one of {', '.join(A_NORMALIZATIONS)}, "
-                         f"got {a_normalization!r}")
+        raise UserValueError(f"regularizer.a_normalization must be one of {', '.join(A_NORMALIZATIONS)}, "
+                             f"got {a_normalization!r}")
     if delta_source not in DELTA_SOURCES:
-        raise ValueError(f"regularizer.delta_source must be one of {', '.join(DELTA_SOURCES)}, got {delta_source!r}")
+        raise UserValueError(f"regularizer.delta_source must be one of {', '.join(DELTA_SOURCES)}, got "
+                             f"{delta_source!r}")
     method = resolve_discretization(discretization, basis)
     common = dict(discretization=method, learn_a=learn_a, learn_delta=learn_delta)
     normalize = a_normalization == "max"
     width, height = resolve_grid(latent_channels, grid)  # checked for a random A too (the probe orders by it)
     if basis == "random":
         if delta_source != "fixed" or not normalize:
-            raise ValueError("regularizer.basis = 'random' has no physical time: it needs "
-                             "regularizer.delta_source = 'fixed' and regularizer.a_normalization = 'max'")
+            raise UserValueError("regularizer.basis = 'random' has no physical time: it needs "
+                                 "regularizer.delta_source = 'fixed' and regularizer.a_normalization = 'max'")
         a = bases.random_a_matrix(latent_channels, seed)
         return SSRDynamics(a, mask=np.ones_like(a, dtype=bool), delta_init=delta_init, **common)
     domain = bases.image_domain(width, height, image_aspect)
@@ -241,9 +243,9 @@ def build_dynamics(
         generator = bases.a_matrix(basis, width, height, normalize=False, orthonormal=True, domain=domain)
         ratio = np.max(np.abs(a)) / max(np.max(np.abs(generator)), 1e-300)
         if not np.allclose(a, ratio * generator, rtol=1e-9, atol=1e-12 * np.max(np.abs(a))):
-            raise ValueError(f"regularizer.delta_source = 'blur_gap': the paper-literal {basis} A is not a "
-                             "coefficient generator, so no Δ makes Ā the blur's dynamics; set "
-                             "regularizer.orthonormal = true (or delta_source = 'fixed')")
+            raise UserValueError(f"regularizer.delta_source = 'blur_gap': the paper-literal {basis} A is not a "
+                                 "coefficient generator, so no Δ makes Ā the blur's dynamics; set "
+                                 "regularizer.orthonormal = true (or delta_source = 'fixed')")
         # A = ratio·A_orth, so exp(Δ·A) = exp(Δ_phys·A_orth) for Δ = Δ_phys / ratio
         delta = bases.delta_from_blur(basis, width, height, delta_tau, image_size, domain=domain,
                                       normalized=False) / ratio

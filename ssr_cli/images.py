@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from ssr_cli.engine.atomic import atomic_write
+from ssr_cli.errors import UserFileNotFoundError, UserValueError, one_line
 from ssr_cli.metrics.pixel import to_uint8
 
 
@@ -55,8 +56,11 @@ def save_grid(rows: list[torch.Tensor], path: str | Path, *, row_labels: list[st
 
 
 def _read_rgb(path: Path) -> torch.Tensor:
-    with Image.open(path) as img:
-        arr = np.asarray(img.convert("RGB"), dtype=np.float32)
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("RGB"), dtype=np.float32)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:  # PIL's errors for a bad image file
+        raise UserValueError(f"{path}: not a readable image ({one_line(exc)}); replace it or remove the pair") from None
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
 
 
@@ -69,7 +73,7 @@ def load_image_pairs(noisy_dir: str | Path, clean_dir: str | Path) -> list[tuple
     noisy_dir, clean_dir = Path(noisy_dir), Path(clean_dir)
     for d in (noisy_dir, clean_dir):
         if not d.is_dir():
-            raise FileNotFoundError(f"image pair folder not found: {d}")
+            raise UserFileNotFoundError(f"image pair folder not found: {d}")
 
     def keyed(folder: Path) -> dict[str, Path]:
         files = [p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")]
@@ -79,14 +83,14 @@ def load_image_pairs(noisy_dir: str | Path, clean_dir: str | Path) -> list[tuple
     keys = sorted(set(noisy) & set(clean), key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
     missing = sorted(set(noisy) ^ set(clean))
     if not keys:
-        raise FileNotFoundError(f"no matching image pairs between {noisy_dir} and {clean_dir}")
+        raise UserFileNotFoundError(f"no matching image pairs between {noisy_dir} and {clean_dir}")
     if missing:
-        raise FileNotFoundError(f"unpaired images (keys {missing[:5]}) between {noisy_dir} and {clean_dir}")
+        raise UserFileNotFoundError(f"unpaired images (keys {missing[:5]}) between {noisy_dir} and {clean_dir}")
     pairs = []
     for k in keys:
         a, b = _read_rgb(noisy[k]), _read_rgb(clean[k])
         if a.shape != b.shape:
-            raise ValueError(f"pair {k}: noisy {tuple(a.shape)} and clean {tuple(b.shape)} differ in size")
+            raise UserValueError(f"pair {k}: noisy {tuple(a.shape)} and clean {tuple(b.shape)} differ in size")
         pairs.append((a, b))
     return pairs
 

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from ssr_cli.data import subset_indices
 from ssr_cli.engine.atomic import atomic_write
-from ssr_cli.errors import one_line
+from ssr_cli.errors import UserFileNotFoundError, one_line
 from ssr_cli.inputs import file_sha256
 from ssr_cli.models.lightningdit import read_stats, write_stats
 from ssr_cli.models.weights import WeightsError, read_safetensors
@@ -121,8 +121,8 @@ def read_manifest(directory: Path) -> dict:
     shards = sorted(Path(directory).glob("*.safetensors")) if Path(directory).is_dir() else []
     if shards and (Path(directory) / STATS).is_file():
         return _lightningdit_manifest(Path(directory), shards)
-    raise FileNotFoundError(f"no latent cache at {directory}: expected {MANIFEST} (run `ssr encode-latents` first) "
-                            f"or a LightningDiT latent folder (*.safetensors shards and {STATS}), found neither")
+    raise UserFileNotFoundError(f"no latent cache at {directory}: expected {MANIFEST} (run `ssr encode-latents` first) "
+                                f"or a LightningDiT latent folder (*.safetensors shards and {STATS}), found neither")
 
 
 def open_shard(path: Path, what: str = "a latent shard (.safetensors, written by `ssr encode-latents`)"):
@@ -160,7 +160,7 @@ def load_stats(directory: Path) -> tuple[torch.Tensor, torch.Tensor]:
     if (Path(directory) / LEGACY_STATS).is_file():
         stats = read_safetensors(Path(directory) / LEGACY_STATS, "latent statistics (mean, std)")
         return stats["mean"], stats["std"]
-    raise FileNotFoundError(f"no latent statistics in {directory} (expected {STATS}); run `ssr encode-latents`")
+    raise UserFileNotFoundError(f"no latent statistics in {directory} (expected {STATS}); run `ssr encode-latents`")
 
 
 class LatentShards(Dataset):

@@ -32,6 +32,7 @@ from torch import nn
 
 from ssr_cli.blur import gaussian_blur, sample_tau_pairs
 from ssr_cli.dynamics import SSRDynamics, build_dynamics
+from ssr_cli.errors import UserValueError
 from ssr_cli.models.tokenizer import DiagonalGaussian, latent_of
 from ssr_cli.recipe import LossConfig, RegularizerConfig
 
@@ -117,7 +118,7 @@ def latent_mse(z2_hat: torch.Tensor, z2: torch.Tensor, reading: str = "centred")
     if reading == "carried_mean":
         return F.mse_loss(z2_hat.float(), z2.float())
     if reading != "centred":
-        raise ValueError(f"latent loss reading must be one of {', '.join(LATENT_LOSSES)}, got {reading!r}")
+        raise UserValueError(f"latent loss reading must be one of {', '.join(LATENT_LOSSES)}, got {reading!r}")
     centre = lambda z: z.float() - z.float().mean(dim=(-2, -1), keepdim=True)  # noqa: E731
     return F.mse_loss(centre(z2_hat), centre(z2))
 
@@ -205,14 +206,15 @@ class SSRRegularizer(Regularizer):
     ) -> None:
         super().__init__(**recon_kwargs)
         if latent_loss not in LATENT_LOSSES:
-            raise ValueError(f"regularizer.latent_loss must be one of {', '.join(LATENT_LOSSES)}, got {latent_loss!r}")
+            raise UserValueError(f"regularizer.latent_loss must be one of {', '.join(LATENT_LOSSES)}, got "
+                                 f"{latent_loss!r}")
         if latent_space not in LATENT_SPACES:
-            raise ValueError(f"regularizer.latent_space must be one of {', '.join(LATENT_SPACES)}, "
-                             f"got {latent_space!r}")
+            raise UserValueError(f"regularizer.latent_space must be one of {', '.join(LATENT_SPACES)}, "
+                                 f"got {latent_space!r}")
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"regularizer.alpha must be in [0, 1], got {alpha}")
+            raise UserValueError(f"regularizer.alpha must be in [0, 1], got {alpha}")
         if not 0 < delta_tau <= tau_max:
-            raise ValueError(f"need 0 < regularizer.delta_tau ({delta_tau}) <= regularizer.tau_max ({tau_max})")
+            raise UserValueError(f"need 0 < regularizer.delta_tau ({delta_tau}) <= regularizer.tau_max ({tau_max})")
         self.dynamics = dynamics
         self.alpha = alpha
         self.lambda_latent = lambda_latent
@@ -363,7 +365,7 @@ class ScaleRegularizer(Regularizer):
         if se_weight < 0:
             raise ValueError(f"FT-SE weight must be >= 0, got {se_weight}")
         if not factors or any(int(f) < 1 for f in factors):
-            raise ValueError(f"FT-SE downsampling factors must be integers >= 1, got {factors}")
+            raise UserValueError(f"FT-SE downsampling factors must be integers >= 1, got {factors}")
         self.se_weight = se_weight
         self.factors = tuple(int(f) for f in factors)
 
@@ -385,7 +387,7 @@ class ScaleRegularizer(Regularizer):
         full = self._recon(x, tokenizer.decode(z), posterior)
         usable = tuple(f for f in self.factors if z.shape[-2] // f >= 1 and z.shape[-1] // f >= 1)
         if not usable:
-            raise ValueError(
+            raise UserValueError(
                 f"FT-SE: latent {tuple(z.shape[-2:])} is too small for downsampling factors {self.factors}"
             )
         factor = _choice(usable, step_rng)
@@ -458,7 +460,7 @@ def build_regularizer(
                               lambda_mae_ssr=lambda_mae_ssr, lambda_lpips_ssr=lambda_lpips_ssr,
                               mean_centering=mean_centering, latent_loss=latent_loss, latent_space=latent_space,
                               tau_max=tau_max, delta_tau=delta_tau, **recon)
-    raise ValueError(f"regularizer.kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    raise UserValueError(f"regularizer.kind must be one of {', '.join(KINDS)}, got {kind!r}")
 
 
 def build(r: RegularizerConfig, loss: LossConfig, *, latent_channels: int, image_size: int | None, seed: int,

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ssr_cli.blur import gaussian_blur, sample_tau_pairs
+from ssr_cli.errors import UserValueError
 from ssr_cli.metrics.pixel import psnr_uint8, ssim_uint8
 from ssr_cli.models.restoration import Denoiser
 from ssr_cli.regularizers import latent_mse
@@ -93,7 +94,7 @@ def denoise_loss(model: Denoiser, clean: torch.Tensor, noisy: torch.Tensor, *, d
     realization) to both. Returns float32 scalars: loss, l1, ssr_latent (0 when not taken), branch (1 = SSR term added).
     """
     if blur_source not in ("noisy", "clean"):
-        raise ValueError(f"blur_source must be 'noisy' or 'clean', got {blur_source!r}")
+        raise UserValueError(f"blur_source must be 'noisy' or 'clean', got {blur_source!r}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha (probability of the SSR term) must be in [0, 1], got {alpha}")
     out = model(noisy)

@@ -15,6 +15,7 @@ import warnings
 
 import torch
 
+from ssr_cli.errors import UserValueError
 from ssr_cli.models.s4d import _VectorVAE
 from ssr_cli.models.tokenizer import DiagonalGaussian
 
@@ -89,7 +90,7 @@ def kl_weight_schedule(step: int, kind: str = "none", *, warmup_steps: int = 0, 
         return float(max_weight)
     if kind == "linear_warmup":
         if warmup_steps <= 0:
-            raise ValueError(f"kl_schedule 'linear_warmup' needs warmup_steps > 0, got {warmup_steps}")
+            raise UserValueError(f"kl_schedule 'linear_warmup' needs warmup_steps > 0, got {warmup_steps}")
         progress = min(1.0, max(0, step) / warmup_steps)
     elif kind == "cyclical":
         if cycle_steps <= 0:
@@ -98,7 +99,7 @@ def kl_weight_schedule(step: int, kind: str = "none", *, warmup_steps: int = 0, 
             raise ValueError(f"ramp_fraction must be in (0, 1], got {ramp_fraction}")
         progress = min(1.0, (max(0, step) % cycle_steps) / (ramp_fraction * cycle_steps))
     else:
-        raise ValueError(f"kl schedule kind must be one of {', '.join(KL_SCHEDULES)}, got {kind!r}")
+        raise UserValueError(f"kl schedule kind must be one of {', '.join(KL_SCHEDULES)}, got {kind!r}")
     return float(start_weight + (max_weight - start_weight) * progress)
 
 
@@ -123,7 +124,7 @@ class PosteriorCollapseAlarm:
     def __init__(self, threshold_nats_per_dim: float = 0.01, patience_steps: int = 200,
                  collapsed_fraction: float = 1.0, grace_steps: int = 0) -> None:
         if threshold_nats_per_dim <= 0:
-            raise ValueError(f"threshold_nats_per_dim must be > 0, got {threshold_nats_per_dim}")
+            raise UserValueError(f"threshold_nats_per_dim must be > 0, got {threshold_nats_per_dim}")
         if patience_steps < 1:
             raise ValueError(f"patience_steps must be >= 1, got {patience_steps}")
         if not 0 < collapsed_fraction <= 1:

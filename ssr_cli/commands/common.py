@@ -92,15 +92,16 @@ def load_recipe(recipe: Path | None, sets: list[str] | None, device: str | None 
 
 def run_dry(cfg, stages: tuple[str, ...]) -> None:
     """``--dry-run``: print the resolved recipe, then build the models the run would build (see
-    :func:`ssr_cli.pipeline.check_builds`); a failure there exits 2 as the run would."""
+    :func:`ssr_cli.pipeline.check_builds`); a user error there (:class:`ssr_cli.errors.UserError`) exits 2 as the
+    run would; any other exception is a bug and keeps its traceback."""
     from ssr_cli.errors import UserError
     from ssr_cli.stages.pipeline import check_builds
 
     print_recipe(cfg)
     try:
         built = check_builds(cfg, stages)
-    except (UserError, ValueError, KeyError) as exc:
-        fail(str(exc).strip("'\""))
+    except UserError as exc:
+        fail(str(exc))
     console.print("dry run: built " + "; ".join(built))
 
 
@@ -135,8 +136,9 @@ def print_recipe(recipe) -> None:
 
 
 class start_run:
-    """Context manager: set up device/precision/DDP, write the resolved recipe (rank 0), turn known
-    user errors (missing files, bad values) into one clear line and exit code 2."""
+    """Context manager: set up device/precision/DDP, write the resolved recipe (rank 0), turn user errors
+    (:class:`ssr_cli.errors.UserError`: missing files, bad values, unsupported options) into one clear line and
+    exit code 2; any other exception is a bug and keeps its traceback."""
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
@@ -146,11 +148,12 @@ class start_run:
     def __enter__(self):
         from ssr_cli.engine.lock import RunLock, RunLocked
         from ssr_cli.engine.runtime import setup_runtime
+        from ssr_cli.errors import UserError
         from ssr_cli.recipe import write_resolved
 
         try:
             self.rt = setup_runtime(self.cfg.run.device, self.cfg.run.precision, self.cfg.run.threads)
-        except RuntimeError as exc:
+        except UserError as exc:  # e.g. run.device = "cuda" without a CUDA device
             fail(str(exc))
         if self.rt.is_main and self.rt.device.type == "cpu":
             import torch
@@ -176,10 +179,10 @@ class start_run:
             self.rt.shutdown()
         from ssr_cli.errors import UserError
 
-        # User errors (and the standard types our checks raise for bad input, subclasses included) become one line
-        # and exit 2; anything else is a bug and keeps its traceback.
-        if exc is not None and (isinstance(exc, (UserError, FileNotFoundError, ValueError)) or exc_type is KeyError):
-            fail(str(exc).strip("'\""))
+        # User errors (UserError and what derives from it: RecipeError, WeightsError, UserValueError, …) become one
+        # line and exit 2; anything else, a plain ValueError included, is a bug and keeps its traceback.
+        if isinstance(exc, UserError):
+            fail(str(exc))
         return False
 
 

@@ -14,6 +14,7 @@ import typer
 
 # numpy, scipy (through bases) and rich tables load when the command runs, not for `ssr --help`.
 from ssr_cli.commands.common import OptionalRecipeArg, SetOpt, console, fail
+from ssr_cli.errors import UserError, UserValueError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -28,7 +29,7 @@ def _basis_cb(value: Optional[str]) -> Optional[str]:
         return None
     try:
         return bases.check_basis(value)
-    except ValueError as exc:
+    except UserError as exc:
         raise typer.BadParameter(str(exc)) from None
 
 
@@ -41,8 +42,8 @@ def check_grid_size(w: int, h: int) -> None:
     n = w * h
     if n > MAX_CHANNELS:
         gib = 6 * 8 * n * n / 2**30
-        raise ValueError(f"a {w}x{h} grid has {n} channels: its dense {n}x{n} float64 matrices would need about "
-                         f"{gib:.0f} GiB; derive-a accepts at most {MAX_CHANNELS} channels (e.g. 64x64)")
+        raise UserValueError(f"a {w}x{h} grid has {n} channels: its dense {n}x{n} float64 matrices would need about "
+                             f"{gib:.0f} GiB; derive-a accepts at most {MAX_CHANNELS} channels (e.g. 64x64)")
 
 
 def _size_cb(value: Optional[str]) -> Optional[str]:
@@ -53,7 +54,7 @@ def _size_cb(value: Optional[str]) -> Optional[str]:
     try:
         w, h = bases.parse_grid(value)
         check_grid_size(w, h)
-    except ValueError as exc:
+    except UserError as exc:
         raise typer.BadParameter(str(exc)) from None
     return f"{w}x{h}"
 
@@ -146,7 +147,7 @@ def derive_a(
     W, H = bases.parse_grid(size)
     try:
         check_grid_size(W, H)
-    except ValueError as exc:
+    except UserError as exc:
         fail(str(exc))
     orthonormal = orthonormal or bool(reg and reg.orthonormal)
     discretization = discretization or (reg.discretization if reg else "zoh")

@@ -31,6 +31,7 @@ def finetune(recipe: RecipeArg, set_: SetOpt = None, dry_run: DryRunOpt = False,
         return
     from rich.table import Table
 
+    from ssr_cli.errors import UserError
     from ssr_cli.models.registry import parameter_counts
     from ssr_cli.stages.common import build_tokenizer
     from ssr_cli.stages.pipeline import check_builds
@@ -40,10 +41,10 @@ def finetune(recipe: RecipeArg, set_: SetOpt = None, dry_run: DryRunOpt = False,
     try:
         check_builds(cfg, ("finetune",))  # the tokenizer and the regularizer that must fit it
         tok = build_tokenizer(cfg, weights=None)
-    except (ValueError, KeyError) as exc:
+        if not is_vae_family(cfg):  # the vector VAEs train from scratch: nothing frozen
+            tok.frozen_blocks(cfg.tokenizer.frozen_encoder_blocks, cfg.tokenizer.frozen_decoder_blocks)
+    except UserError as exc:  # as run_dry: a user error is one line, anything else keeps its traceback
         fail(str(exc))
-    if not is_vae_family(cfg):  # the vector VAEs train from scratch: nothing frozen
-        tok.frozen_blocks(cfg.tokenizer.frozen_encoder_blocks, cfg.tokenizer.frozen_decoder_blocks)
     counts = parameter_counts(tok)
     table = Table(title=f"tokenizer {cfg.tokenizer.family}/{cfg.tokenizer.size}")
     table.add_column("parameters")

@@ -9,6 +9,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import torch
 
+from ssr_cli.errors import UserValueError
 from ssr_cli.metrics.inception import gaussian_stats
 from ssr_cli.metrics.reference import ReferenceStats
 
@@ -159,7 +160,7 @@ def precision_recall(
             f"precision_recall: expected (N, D) feature sets, got {tuple(real.shape)} and {tuple(fake.shape)}"
         )
     if min(real.shape[0], fake.shape[0]) <= k:
-        raise ValueError(
+        raise UserValueError(
             f"precision_recall: each set needs more than k={k} points, got {real.shape[0]} and {fake.shape[0]}"
         )
     radii_real = _knn_radii_sq(real, k, batch_size)
@@ -188,7 +189,7 @@ def kid(
         raise ValueError(f"kid: expected (N, D) feature sets, got {real.shape} and {fake.shape}")
     m = min(subset_size, real.shape[0], fake.shape[0])
     if m < 2:
-        raise ValueError(f"kid: need at least 2 points per set, got {real.shape[0]} and {fake.shape[0]}")
+        raise UserValueError(f"kid: need at least 2 points per set, got {real.shape[0]} and {fake.shape[0]}")
     dim = real.shape[1]
     rng = np.random.default_rng(seed)
     values = np.empty(subsets)

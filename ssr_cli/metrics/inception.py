@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ssr_cli.errors import UserFileNotFoundError, UserValueError
 from ssr_cli.models.weights import read_torch_tensors
 
 SPATIAL_CHANNELS = 7  # ADM keeps the first 7 channels of mixed_6/conv: 17 * 17 * 7 = 2023 features
@@ -90,7 +91,7 @@ class InceptionFeatures:
 
         weights_path = Path(weights_path)
         if not weights_path.is_file():
-            raise FileNotFoundError(
+            raise UserFileNotFoundError(
                 f"Inception weights not found at {weights_path}. Nothing is downloaded at run time: pass the "
                 f"path of the FID Inception-v3 state dict in torch-fidelity layout (this project's shared data "
                 f"has inception/pt_inception-2015-12-05-reconstructed-nofc.pth)."
@@ -175,7 +176,7 @@ class _RunningGaussian:
 
     def stats(self) -> tuple[np.ndarray, np.ndarray]:
         if self.count < 2:
-            raise ValueError(f"need at least 2 feature vectors for a covariance, have {self.count}")
+            raise UserValueError(f"need at least 2 feature vectors for a covariance, have {self.count}")
         return self.mean.copy(), self.m2 / (self.count - 1)
 
 

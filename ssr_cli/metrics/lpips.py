@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ssr_cli.models.weights import read_torch_tensors
+from ssr_cli.errors import UserFileNotFoundError, UserValueError, one_line
+from ssr_cli.models.weights import WeightsError, read_torch_tensors
 
 # torchvision's file names, so a torch hub cache that already holds them is found without configuration.
 _LPIPS_BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
@@ -30,7 +31,7 @@ def _frozen_lpips_class():
 
 def _check_lpips_net(net: str) -> None:
     if net not in _LPIPS_BACKBONE_FILES:
-        raise ValueError(f"load_lpips: net must be one of {sorted(_LPIPS_BACKBONE_FILES)}, got {net!r}")
+        raise UserValueError(f"load_lpips: net must be one of {sorted(_LPIPS_BACKBONE_FILES)}, got {net!r}")
 
 
 def build_lpips(net: str = "alex"):
@@ -59,7 +60,7 @@ def load_lpips(net: str = "alex", weights_path: str | os.PathLike | None = None,
         weights_path = Path(torch.hub.get_dir()) / "checkpoints" / _LPIPS_BACKBONE_FILES[net]
     weights_path = Path(weights_path)
     if not weights_path.is_file():
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"LPIPS backbone weights not found at {weights_path}. Nothing is downloaded at run time: get "
             f"torchvision's ImageNet {net} checkpoint ({_LPIPS_BACKBONE_FILES[net]}, from "
             f"https://download.pytorch.org/models/), or its features-only subset (in this project's shared "
@@ -78,12 +79,13 @@ def load_lpips(net: str = "alex", weights_path: str | os.PathLike | None = None,
     for key, tensor in features.items():
         layer = key.split(".", 1)[0]
         if layer not in slice_of_layer:
-            raise ValueError(f"{weights_path}: unexpected layer `features.{key}` for the LPIPS {net} trunk")
+            raise WeightsError(f"{weights_path}: unexpected layer `features.{key}` for the LPIPS {net} trunk")
         remapped[f"{slice_of_layer[layer]}.{key}"] = tensor
     try:
         model.net.load_state_dict(remapped, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{weights_path} is not a torchvision {net} state dict (features.K.*): {err}") from None
+        raise WeightsError(f"{weights_path} is not a torchvision {net} state dict (features.K.*): "
+                           f"{one_line(err)}") from None
 
     # lpips loads its heads with strict=False; check they really arrived so a renamed key cannot go unnoticed.
     import lpips  # lazy: see _frozen_lpips_class

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ssr_cli.blur import gaussian_kernels
+from ssr_cli.errors import UserValueError
 
 QUANTIZE_MODES = ("round", "truncate")
 
@@ -27,7 +28,7 @@ def to_uint8(images: torch.Tensor, mode: str = "round") -> torch.Tensor:
     elif mode == "truncate":
         scaled = torch.floor(scaled)
     else:
-        raise ValueError(f"to_uint8: mode must be one of {QUANTIZE_MODES}, got {mode!r}")
+        raise UserValueError(f"to_uint8: mode must be one of {QUANTIZE_MODES}, got {mode!r}")
     return scaled.clamp_(0, 255).to(torch.uint8)
 
 
@@ -79,7 +80,7 @@ def ssim(
     kernel = gaussian_kernels(tau, int(truncate * sigma + 0.5), truncate)[0].to(dtype)
     win = kernel.numel()
     if height < win or width < win:
-        raise ValueError(f"ssim: images of {height}x{width} are smaller than the {win}x{win} Gaussian window")
+        raise UserValueError(f"ssim: images of {height}x{width} are smaller than the {win}x{win} Gaussian window")
     x = x.to(dtype).reshape(batch * channels, 1, height, width)
     y = y.to(dtype).reshape(batch * channels, 1, height, width)
     # Filter the five moments in one separable "valid" convolution.

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ssr_cli.engine.atomic import atomic_path
-from ssr_cli.errors import one_line
+from ssr_cli.errors import UserFileNotFoundError, UserValueError, one_line
 from ssr_cli.metrics.inception import InceptionFeatures, extract_features, gaussian_stats
 from ssr_cli.npz import check_images, iter_npz_batches, npz_array_info
 
@@ -66,6 +66,20 @@ def save_reference_stats(path: str | os.PathLike, feats: Mapping[str, np.ndarray
     return path
 
 
+def _check_gaussian(path: Path, arrays: dict, mean: str, cov: str) -> None:
+    """A reference file's statistics ``mean`` (D,) and ``cov`` (D, D), finite, when it has both (with one of them
+    only, they are computed from its images): other shapes are a user error naming the file, not a failure deep
+    inside the Fréchet distance."""
+    mu, sigma = arrays.get(mean), arrays.get(cov)
+    if mu is None or sigma is None:
+        return
+    numbers = all(np.issubdtype(a.dtype, np.number) for a in (mu, sigma))
+    if (not numbers or mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0])
+            or not (np.isfinite(mu).all() and np.isfinite(sigma).all())):
+        raise UserValueError(f"{path}: `{mean}` {mu.dtype} {mu.shape} and `{cov}` {sigma.dtype} {sigma.shape} are not "
+                             "finite statistics of shape (D,) and (D, D); remake it with `ssr evaluate --make-ref`")
+
+
 def load_reference(
     path: str | os.PathLike, extractor: InceptionFeatures | None = None, batch_size: int = 50
 ) -> ReferenceStats:
@@ -78,15 +92,21 @@ def load_reference(
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"reference file not found: {path}")
+        raise UserFileNotFoundError(f"reference file not found: {path}")
     try:
         with np.load(path, allow_pickle=False) as data:
             keys = set(data.files)
             arrays = {k: data[k] for k in keys if k != "arr_0"}  # arr_0 (the images) is streamed, never loaded whole
     except ValueError as exc:  # e.g. an object array: numpy refuses to unpickle it (allow_pickle=False)
-        raise ValueError(f"{path}: not a reference batch of plain arrays ({one_line(exc)}; pickled objects are "
-                         "never loaded); remake it with `ssr evaluate --make-ref`") from None
+        raise UserValueError(f"{path}: not a reference batch of plain arrays ({one_line(exc)}; pickled objects are "
+                             "never loaded); remake it with `ssr evaluate --make-ref`") from None
     if "format" in arrays and str(arrays["format"]) == REFERENCE_FORMAT:
+        missing = sorted({"mu", "sigma", "pool", "num_images"} - set(arrays))
+        if missing:
+            raise UserValueError(f"{path}: an ssr reference without {', '.join(missing)}; remake it with "
+                                 "`ssr evaluate --make-ref`")
+        _check_gaussian(path, arrays, "mu", "sigma")
+        _check_gaussian(path, arrays, "mu_s", "sigma_s")
         return ReferenceStats(
             mu=arrays["mu"], sigma=arrays["sigma"], mu_s=arrays.get("mu_s"), sigma_s=arrays.get("sigma_s"),
             pool=arrays["pool"], num_images=int(arrays["num_images"]), source=f"{path} (ssr)",
@@ -95,6 +115,8 @@ def load_reference(
     # ADM batch
     notes: dict[str, str] = {}
     pool = mu_s = sigma_s = None
+    _check_gaussian(path, arrays, "mu", "sigma")
+    _check_gaussian(path, arrays, "mu_s", "sigma_s")
     mu, sigma = arrays.get("mu"), arrays.get("sigma")
     mu_s, sigma_s = arrays.get("mu_s"), arrays.get("sigma_s")
     num_images = None
@@ -115,7 +137,7 @@ def load_reference(
     else:
         notes["pool"] = f"{path} has no images (arr_0) to compute features for precision/recall/KID"
     if mu is None or sigma is None:
-        raise ValueError(
+        raise UserValueError(
             f"{path}: neither `mu`/`sigma` statistics nor images `arr_0` with an Inception extractor are available; "
             f"make a reference with `ssr evaluate --make-ref`"
         )

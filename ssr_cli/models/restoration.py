@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssr_cli.errors import UserValueError
+
 
 class ResBlock(nn.Module):
     """x + conv3×3(GELU(conv3×3(x))), channels preserved."""
@@ -84,7 +86,8 @@ class Denoiser(nn.Module):
         ph, pw = (-h) % multiple, (-w) % multiple
         if ph or pw:
             if ph >= h or pw >= w:
-                raise ValueError(f"Denoiser(depth={self.depth}) needs images of at least {multiple} px, got {h}×{w}")
+                raise UserValueError(f"Denoiser(depth={self.depth}) needs images of at least {multiple} px, got "
+                                     f"{h}×{w}")
             x = F.pad(x, (0, pw, 0, ph), mode="reflect")
         return x, (h, w)
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssr_cli.errors import UserValueError
 from ssr_cli.models.dit import sincos_2d
 from ssr_cli.models.tokenizer import DiagonalGaussian, Tokenizer
 
@@ -82,9 +83,9 @@ class S4DKernel(nn.Module):
                  dt_max: float = 1e-1) -> None:
         super().__init__()
         if d_state < 2 or d_state % 2:
-            raise ValueError(f"d_state (real state size N) must be an even number >= 2, got {d_state}")
+            raise UserValueError(f"d_state (real state size N) must be an even number >= 2, got {d_state}")
         if not 0 < dt_min <= dt_max:
-            raise ValueError(f"need 0 < dt_min ({dt_min}) <= dt_max ({dt_max})")
+            raise UserValueError(f"need 0 < dt_min ({dt_min}) <= dt_max ({dt_max})")
         modes = d_state // 2
         log_dt = torch.rand(d_model) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
         self.log_dt = _mark_ssm(nn.Parameter(log_dt))
@@ -235,7 +236,7 @@ class _VectorVAE(Tokenizer):
 
     def _init_sigma(self, sigma_x: float, learn_sigma_x: bool) -> None:
         if not sigma_x > 0:
-            raise ValueError(f"sigma_x (decoder noise std in [-1, 1] pixel units) must be > 0, got {sigma_x}")
+            raise UserValueError(f"sigma_x (decoder noise std in [-1, 1] pixel units) must be > 0, got {sigma_x}")
         self.log_sigma_x = nn.Parameter(torch.tensor(math.log(sigma_x)), requires_grad=learn_sigma_x)
 
     @property
@@ -252,8 +253,8 @@ class _VectorVAE(Tokenizer):
 
     def _check_image(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[2:] != (self.image_size, self.image_size):
-            raise ValueError(f"{type(self).__name__} was built for (B, 3, {self.image_size}, {self.image_size}) "
-                             f"images (image_size={self.image_size}), got {tuple(x.shape)}")
+            raise UserValueError(f"{type(self).__name__} was built for (B, 3, {self.image_size}, {self.image_size}) "
+                                 f"images (image_size={self.image_size}), got {tuple(x.shape)}")
 
 
 class S4DEncoder(nn.Module):
@@ -317,7 +318,7 @@ class S4DVAE(_VectorVAE):
                  learn_sigma_x: bool = True) -> None:
         super().__init__()
         if d_model % 4:
-            raise ValueError(f"d_model must be divisible by 4 (2-D position code), got {d_model}")
+            raise UserValueError(f"d_model must be divisible by 4 (2-D position code), got {d_model}")
         self.image_size = image_size
         self.latent_dim = latent_dim
         self.latent_channels = latent_dim
@@ -361,12 +362,13 @@ class CNNVAE(_VectorVAE):
         super().__init__()
         channels, strides = tuple(int(c) for c in channels), tuple(int(s) for s in strides)
         if len(channels) != len(strides) or not channels:
-            raise ValueError(f"channels {channels} and strides {strides} must be non-empty and of equal length")
+            raise UserValueError(f"channels {channels} and strides {strides} must be non-empty and of equal length")
         if any(s not in (1, 2) for s in strides):
-            raise ValueError(f"strides must be 1 or 2, got {strides}")
+            raise UserValueError(f"strides must be 1 or 2, got {strides}")
         factor = 2 ** sum(s == 2 for s in strides)
         if image_size % factor:
-            raise ValueError(f"image_size {image_size} must be divisible by {factor} (the strides' total downsampling)")
+            raise UserValueError(f"image_size {image_size} must be divisible by {factor} (the strides' total "
+                                 f"downsampling)")
         self.image_size = image_size
         self.latent_dim = latent_dim
         self.latent_channels = latent_dim

@@ -22,7 +22,7 @@ from ssr_cli.engine.checkpoint import Checkpointer
 from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import console
 from ssr_cli.engine.runtime import Runtime, step_seed
-from ssr_cli.errors import UserError
+from ssr_cli.errors import UserError, UserFileNotFoundError, UserValueError
 from ssr_cli.inputs import file_sha256
 from ssr_cli.latent_cache import latents_dir, load_stats
 from ssr_cli.metrics import (
@@ -81,7 +81,8 @@ def train_spec(cfg: Recipe, rt: Runtime, *, name: str, model: nn.Module, param_g
     t = cfg.train
     world_batch = rt.world_size * t.grad_accum
     if t.batch_size % world_batch:
-        raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by ranks × train.grad_accum ({world_batch})")
+        raise UserValueError(f"train.batch_size ({t.batch_size}) must be divisible by ranks × train.grad_accum "
+                             f"({world_batch})")
     optim = optimisation(t)
     optim.update({k: v for k, v in (("steps", steps), ("lr", lr)) if v is not None})
     steps, lr = optim["steps"], optim["lr"]
@@ -162,7 +163,7 @@ def load_tokenizer_for_run(cfg: Recipe):
 def require_lpips_weights(cfg: Recipe, weight: float) -> None:
     """An LPIPS term with weight > 0 needs loss.lpips_weights: say so, naming the file to use."""
     if weight > 0 and not cfg.loss.lpips_weights:
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             "an LPIPS loss weight is > 0 but loss.lpips_weights is not set: point it at the AlexNet features file "
             "(e.g. ../shared/data/lpips/alexnet-owt-7be5be79.features-only.pth, torchvision's alexnet-owt-7be5be79.pth "
             "works too) or set loss.lambda_lpips = 0 and regularizer.lambda_pred_lpips = 0"
@@ -230,7 +231,7 @@ def build_dit_from(kwargs: dict) -> nn.Module:
 def load_trained_dit(cfg: Recipe, use_ema: bool = True) -> tuple[nn.Module, dict]:
     out = cfg.run_dir() / DIT_DIR
     if not (out / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"no trained DiT in {out} (missing {CONFIG_FILE}); run `ssr train-dit` first")
+        raise UserFileNotFoundError(f"no trained DiT in {out} (missing {CONFIG_FILE}); run `ssr train-dit` first")
     kwargs = json.loads((out / CONFIG_FILE).read_text())
     kwargs.pop("latents", None)
     kwargs.pop("imported_from", None)
@@ -240,7 +241,7 @@ def load_trained_dit(cfg: Recipe, use_ema: bool = True) -> tuple[nn.Module, dict
     else:
         state = Checkpointer(out / "checkpoints").load_latest()
         if state is None:
-            raise FileNotFoundError(f"no readable checkpoint under {out / 'checkpoints'}")
+            raise UserFileNotFoundError(f"no readable checkpoint under {out / 'checkpoints'}")
         model.load_state_dict({k[len("model."):]: v for k, v in state["model"].items() if k.startswith("model.")})
     return model.eval(), kwargs
 
@@ -285,7 +286,7 @@ def load_inception(cfg: Recipe, device: torch.device):
     if not path:
         return None, f"no Inception weights: {INCEPTION_HINT}"
     if not Path(path).is_file():
-        raise FileNotFoundError(f"eval.inception_weights file not found: {path}; {INCEPTION_HINT}")
+        raise UserFileNotFoundError(f"eval.inception_weights file not found: {path}; {INCEPTION_HINT}")
     return InceptionFeatures(path, device=device), None
 
 

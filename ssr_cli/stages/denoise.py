@@ -34,6 +34,7 @@ from ssr_cli.engine.loop import train
 from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import console, print_result_table
 from ssr_cli.engine.runtime import Runtime, step_seed
+from ssr_cli.errors import UserError, UserFileNotFoundError, UserValueError
 from ssr_cli.images import load_image_pairs, save_grid
 from ssr_cli.models.restoration import Denoiser
 from ssr_cli.models.weights import save_weights
@@ -52,8 +53,8 @@ def arms_of(cfg: Recipe) -> list[str]:
     if cfg.denoise.compare:
         return ["none", "ssr"]
     if cfg.regularizer.kind not in ARM_DIRS:
-        raise ValueError(f"regularizer.kind = '{cfg.regularizer.kind}' is not available for denoising: "
-                         "choose 'ssr' or 'none' (or set denoise.compare = true for both)")
+        raise UserValueError(f"regularizer.kind = '{cfg.regularizer.kind}' is not available for denoising: "
+                             "choose 'ssr' or 'none' (or set denoise.compare = true for both)")
     return [cfg.regularizer.kind]
 
 
@@ -70,9 +71,9 @@ def build_dynamics(cfg: Recipe):
     try:
         return dynamics_from_config(cfg.regularizer, cfg.denoise.bottleneck_channels,
                                     image_size=cfg.data.image_size, seed=cfg.run.seed)
-    except ValueError as exc:
-        raise ValueError(f"{exc} (here the channels are the denoiser's bottleneck: denoise.bottleneck_channels = "
-                         f"{cfg.denoise.bottleneck_channels})") from None
+    except UserError as exc:  # a grid that does not fit: say which channels; anything else is a bug
+        raise UserValueError(f"{exc} (here the channels are the denoiser's bottleneck: denoise.bottleneck_channels = "
+                             f"{cfg.denoise.bottleneck_channels})") from None
 
 
 def build_arms(cfg: Recipe) -> list[str]:
@@ -160,7 +161,8 @@ def real_pairs(cfg: Recipe) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         return None
     root = Path(cfg.denoise.eval_pairs)
     if not root.is_dir():
-        raise FileNotFoundError(f"denoise.eval_pairs folder not found: {root} (it needs NOISY/ and GT/ sub-folders)")
+        raise UserFileNotFoundError(f"denoise.eval_pairs folder not found: {root} (it needs NOISY/ and GT/ "
+                                    f"sub-folders)")
     size = cfg.denoise.eval_crop
     return [(_center_crop(n, size), _center_crop(c, size)) for n, c in load_image_pairs(root / "NOISY", root / "GT")]
 

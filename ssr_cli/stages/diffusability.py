@@ -51,6 +51,7 @@ from ssr_cli.engine.loop import TrainSpec, train
 from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import console, make_progress, print_result_table
 from ssr_cli.engine.runtime import Runtime, generator_for, step_seed
+from ssr_cli.errors import UserError, UserValueError
 from ssr_cli.inputs import file_sha256
 from ssr_cli.metrics import frechet_distance, gaussian_stats, to_uint8
 from ssr_cli.models.flow import flow_loss, initial_noise, sample_ode
@@ -160,7 +161,7 @@ def radial_spectrum(x: torch.Tensor, transform: str = "fft") -> dict[str, np.nda
         rx = (torch.arange(w, dtype=torch.float64) / w).reshape(1, -1)
         units = float(max(h, w))
     else:
-        raise ValueError(f"unknown spectrum transform {transform!r}; choose 'fft' or 'dct'")
+        raise UserValueError(f"unknown spectrum transform {transform!r}; choose 'fft' or 'dct'")
     rho = (ry.pow(2) + rx.pow(2)).sqrt().expand(h, w).flatten()
     p = power.flatten().cpu()
     bins = torch.round(rho * units).long()
@@ -318,8 +319,8 @@ def build_probe_dit(shape: tuple[int, int, int], *, model: str, depth: int, hidd
     try:
         return build_dit_from({"name": model, "input_size": h, "in_channels": c, "num_classes": 1,
                                "class_dropout": 0.0, "depth": depth, "hidden_size": hidden, "num_heads": heads})
-    except ValueError as exc:  # name the keys to change: the DiT's own message speaks of its arguments
-        raise ValueError(f"diffusability.probe_model / probe_depth / probe_hidden / probe_heads: {exc}") from None
+    except UserError as exc:  # name the keys to change: the DiT's own message speaks of its arguments
+        raise UserValueError(f"diffusability.probe_model / probe_depth / probe_hidden / probe_heads: {exc}") from None
 
 
 def flow_probe(train_x: torch.Tensor, heldout_x: torch.Tensor, run_dir: Path, rt: Runtime, *, t_grid: list[float],
@@ -430,8 +431,8 @@ class _Context:
             ds = image_dataset(self.cfg, augment=False)
             picks = _spread(len(ds), d.num_latents)
             if len(picks) <= d.holdout + 1:
-                raise ValueError(f"diffusability: the data set gives {len(picks)} latents, not more than "
-                                 f"diffusability.holdout ({d.holdout}) + 1; lower holdout or add images")
+                raise UserValueError(f"diffusability: the data set gives {len(picks)} latents, not more than "
+                                     f"diffusability.holdout ({d.holdout}) + 1; lower holdout or add images")
             zs, kls = [], []
             with make_progress(disable=not self.rt.is_main) as progress:
                 task = progress.add_task("diffusability: encode", total=len(picks), status="", rate="")
@@ -530,7 +531,7 @@ def _equivariance(ctx: _Context) -> dict:
     r = cfg.regularizer
     try:
         grid_w, grid_h = grid_for_channels(ctx.tokenizer.latent_channels, r.grid)
-    except ValueError as exc:
+    except UserError as exc:  # a grid that does not fit the latent: a note, not a failure
         out.update(blur_dynamics_error=None, blur_dynamics_note=str(exc))
         return out
     pairs = [(float(t1), float(t1 + r.delta_tau)) for t1 in np.linspace(0.0, r.tau_max - r.delta_tau, 4)]

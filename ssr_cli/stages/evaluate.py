@@ -21,7 +21,7 @@ from ssr_cli.data import build_dataset, ordered_batches, take_subset
 from ssr_cli.engine.atomic import write_json_atomic
 from ssr_cli.engine.progress import console, make_progress, print_result_table
 from ssr_cli.engine.runtime import Runtime, step_seed
-from ssr_cli.errors import UserError
+from ssr_cli.errors import UserError, UserFileNotFoundError, UserValueError
 from ssr_cli.inputs import file_sha256, settings
 from ssr_cli.metrics import (
     REFERENCE_FORMAT,
@@ -57,7 +57,7 @@ def _lpips(cfg: Recipe, device: torch.device):
     if not path:
         return None, "no LPIPS weights: set eval.lpips_weights (e.g. ../shared/data/lpips/alexnet-owt-7be5be79.features-only.pth)"
     if not Path(path).is_file():
-        raise FileNotFoundError(f"eval.lpips_weights file not found: {path}")
+        raise UserFileNotFoundError(f"eval.lpips_weights file not found: {path}")
     return load_lpips(cfg.eval.lpips_net, path, device=device), None
 
 
@@ -231,12 +231,13 @@ def generation(cfg: Recipe, rt: Runtime, samples: Path, inception=None) -> dict:
     if inception is None:
         inception, note = load_inception(cfg, rt.device)
         if inception is None:
-            raise FileNotFoundError(f"generation metrics need Inception weights: {note}")
+            raise UserFileNotFoundError(f"generation metrics need Inception weights: {note}")
     samples = Path(samples)
     shape, dtype = npz_array_info(samples)
     check_images(samples, shape, dtype)
     labels = None
     if "arr_1" in npz_keys(samples):
+        npz_array_info(samples, "arr_1")  # plain numbers (NpzError otherwise): np.load would refuse an object array
         with np.load(samples) as f:
             labels = f["arr_1"]
     bs = cfg.eval.batch_size
@@ -265,11 +266,11 @@ def make_reference(cfg: Recipe, rt: Runtime, out: Path) -> Path:
     reads — plus ours: ``pool`` rows (float32, precision/recall/KID), ``num_images``, ``format``, ``subset``."""
     inception, note = load_inception(cfg, rt.device)
     if inception is None:
-        raise FileNotFoundError(f"--make-ref needs Inception weights: {note}")
+        raise UserFileNotFoundError(f"--make-ref needs Inception weights: {note}")
     e = cfg.eval
     if e.reference and e.reference.endswith(".npz"):
-        raise ValueError(f"--make-ref reads images (a folder, a .tar or [data]); eval.reference is already a "
-                         f"reference batch: {e.reference}")
+        raise UserValueError(f"--make-ref reads images (a folder, a .tar or [data]); eval.reference is already a "
+                             f"reference batch: {e.reference}")
     size = e.image_size or cfg.data.image_size
     n = image_subset(cfg, e.reference, e.reference_split, size, e.num_reference_images)[1]
     with NpzWriter(out) as writer:
@@ -313,7 +314,7 @@ def run_evaluate(cfg: Recipe, rt: Runtime, *, gfid: bool | None = None, samples:
             elif samples.is_file():
                 result["generation"] = {"unavailable": {"all": f"no Inception weights: {INCEPTION_HINT}"}}
             elif gfid:
-                raise FileNotFoundError(f"no samples at {samples}; run `ssr sample` first or pass --samples")
+                raise UserFileNotFoundError(f"no samples at {samples}; run `ssr sample` first or pass --samples")
             else:
                 result["generation"] = {"unavailable": {"all": f"no samples at {samples} (run `ssr sample`)"}}
         path = Path(out) if out else cfg.run_dir() / "eval.json"

@@ -28,7 +28,7 @@ from ssr_cli.dynamics import dynamics_from_config, load_dynamics, resolve_grid
 from ssr_cli.engine.atomic import write_json_atomic
 from ssr_cli.engine.progress import console, print_result_table
 from ssr_cli.engine.runtime import Runtime
-from ssr_cli.errors import UserError
+from ssr_cli.errors import UserError, UserValueError
 from ssr_cli.images import save_grid
 from ssr_cli.inputs import file_sha256, settings
 from ssr_cli.metrics.pixel import psnr_uint8
@@ -89,7 +89,7 @@ def mask_fill(z: torch.Tensor, rule: str = "dataset_mean") -> torch.Tensor:
         return z.mean(dim=(2, 3))
     if rule == "zero":
         return z.new_zeros(b, c)
-    raise ValueError(f"probe.fill must be one of {', '.join(FILLS)}, got {rule!r}")
+    raise UserValueError(f"probe.fill must be one of {', '.join(FILLS)}, got {rule!r}")
 
 
 def latent_norm_maps(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,7 +301,7 @@ def compare_probes(results: dict[str, dict], out_dir: Path) -> Path:
     maps of :func:`compare_latent_norms` and a table."""
     lengths = {len(r["psnr_vs_k"]) for r in results.values()}
     if len(lengths) != 1:
-        raise ValueError(f"cannot compare tokenizers with different channel counts ({sorted(lengths)})")
+        raise UserValueError(f"cannot compare tokenizers with different channel counts ({sorted(lengths)})")
     k = np.arange(1, lengths.pop() + 1)
     path = plot_curves(k, {label: np.asarray(r["psnr_vs_k"]) for label, r in results.items()},
                        Path(out_dir) / "compare_psnr_vs_k.png", xlabel="channels kept (frequency order)",

@@ -16,6 +16,7 @@ from ssr_cli.engine.checkpoint import Checkpointer
 from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import console
 from ssr_cli.engine.runtime import Runtime, step_seed
+from ssr_cli.errors import UserValueError
 from ssr_cli.inputs import refresh, settings
 from ssr_cli.latent_cache import LatentShards, latents_dir, latents_fingerprint, load_stats, read_manifest
 from ssr_cli.models.weights import save_weights
@@ -53,7 +54,8 @@ def run_train_dit(cfg: Recipe, rt: Runtime) -> Path:
     dataset = LatentShards(lat_dir, random_flip=True)
     d = cfg.dit
     if d.batch_size % rt.world_size:
-        raise ValueError(f"dit.batch_size ({d.batch_size}) must be divisible by the number of ranks ({rt.world_size})")
+        raise UserValueError(f"dit.batch_size ({d.batch_size}) must be divisible by the number of ranks "
+                             f"({rt.world_size})")
     out = cfg.run_dir() / DIT_DIR
     if rt.is_main:  # checkpoints of a DiT trained on other latents or settings are not resumed from
         refresh(out / ".inputs.json", dit_inputs(cfg), [out / "checkpoints", out / "metrics.jsonl", out / EMA_FILE,

@@ -24,6 +24,7 @@ from ssr_cli.engine.loop import train
 from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import console
 from ssr_cli.engine.runtime import Runtime, step_seed
+from ssr_cli.errors import UserValueError
 from ssr_cli.images import save_grid
 from ssr_cli.models.registry import VECTOR_VAE_FAMILIES as VAE_FAMILIES
 from ssr_cli.models.s4d import s4d_param_groups
@@ -47,8 +48,8 @@ STAGE_DIR = "vae"
 def build_vae(cfg: Recipe) -> nn.Module:
     """The recipe's VAE, initialised from a seed derived from ``run.seed`` (or loaded from tokenizer.weights)."""
     if not is_vae_family(cfg):
-        raise ValueError(f"tokenizer.family = {cfg.tokenizer.family!r} is not a from-scratch VAE; "
-                         f"choose one of {', '.join(VAE_FAMILIES)}")
+        raise UserValueError(f"tokenizer.family = {cfg.tokenizer.family!r} is not a from-scratch VAE; "
+                             f"choose one of {', '.join(VAE_FAMILIES)}")
     with fixed_seed(step_seed(cfg.run.seed, "vae-init")):
         return build_tokenizer(cfg)
 
@@ -160,9 +161,9 @@ def run_vae_train(cfg: Recipe, rt: Runtime, *, model: nn.Module | None = None) -
     t, d = cfg.train, cfg.data
     vae = build_vae(cfg) if model is None else model
     if getattr(vae, "image_size", d.image_size) != d.image_size:
-        raise ValueError(f"data.image_size = {d.image_size} but the {cfg.tokenizer.family}/{cfg.tokenizer.size} VAE "
-                         f"is built for {vae.image_size}×{vae.image_size} images: set data.image_size = "
-                         f"{vae.image_size} or tokenizer.overrides = {{ image_size = {d.image_size} }}")
+        raise UserValueError(f"data.image_size = {d.image_size} but the {cfg.tokenizer.family}/{cfg.tokenizer.size} "
+                             f"VAE is built for {vae.image_size}×{vae.image_size} images: set data.image_size = "
+                             f"{vae.image_size} or tokenizer.overrides = {{ image_size = {d.image_size} }}")
     run_dir = cfg.run_dir()
     stage = run_dir / STAGE_DIR
     task = VAETask(vae, cfg, grad_accum=t.grad_accum, watch=rt.is_main)
