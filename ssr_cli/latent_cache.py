@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from ssr_cli.data import subset_indices
 from ssr_cli.engine.atomic import atomic_write
-from ssr_cli.errors import UserFileNotFoundError, one_line
+from ssr_cli.errors import UserValueError, UserFileNotFoundError, one_line
 from ssr_cli.inputs import file_sha256
 from ssr_cli.models.lightningdit import read_stats, write_stats
 from ssr_cli.models.weights import WeightsError, read_safetensors
@@ -117,7 +117,11 @@ def save_stats(stats: dict[str, torch.Tensor], path: Path) -> None:
 def read_manifest(directory: Path) -> dict:
     path = Path(directory) / MANIFEST
     if path.is_file():
-        return json.loads(path.read_text())
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserValueError(f"{path} is not valid JSON ({exc}); delete the latent folder {directory} and run "
+                                 "`ssr encode-latents` again") from None
     shards = sorted(Path(directory).glob("*.safetensors")) if Path(directory).is_dir() else []
     if shards and (Path(directory) / STATS).is_file():
         return _lightningdit_manifest(Path(directory), shards)

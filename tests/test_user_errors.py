@@ -143,3 +143,18 @@ def test_a_reference_file_with_wrong_statistics_is_a_user_error(tmp_path):
     np.savez(tmp_path / "ssr.npz", format=np.array(REFERENCE_FORMAT), mu=np.zeros(2), sigma=np.eye(2))
     with pytest.raises(UserValueError, match="an ssr reference without num_images, pool"):  # was a KeyError
         load_reference(tmp_path / "ssr.npz")
+
+
+def test_a_damaged_latent_manifest_or_dit_config_is_one_line(tmp_path):
+    """Files a run wrote itself, damaged (e.g. a disk filled up): a user error naming the file and the fix."""
+    from ssr_cli.recipe import load
+
+    cfg = load(QUICK, [f'run.out_dir="{tmp_path}"'])
+    (cfg.run_dir() / "latents").mkdir(parents=True)
+    (cfg.run_dir() / "latents" / "manifest.json").write_text('{"latent_shape": [16, 8')
+    line = one_error_line(_invoke("train-dit", QUICK, *_in(tmp_path)))
+    assert "manifest.json is not valid JSON" in line and "encode-latents" in line
+    (cfg.run_dir() / "dit").mkdir()
+    (cfg.run_dir() / "dit" / "dit_config.json").write_text("{")
+    line = one_error_line(_invoke("sample", QUICK, *_in(tmp_path)))
+    assert "dit_config.json is not valid JSON" in line and "train-dit" in line

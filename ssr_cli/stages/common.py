@@ -232,7 +232,11 @@ def load_trained_dit(cfg: Recipe, use_ema: bool = True) -> tuple[nn.Module, dict
     out = cfg.run_dir() / DIT_DIR
     if not (out / CONFIG_FILE).is_file():
         raise UserFileNotFoundError(f"no trained DiT in {out} (missing {CONFIG_FILE}); run `ssr train-dit` first")
-    kwargs = json.loads((out / CONFIG_FILE).read_text())
+    try:
+        kwargs = json.loads((out / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise UserValueError(f"{out / CONFIG_FILE} is not valid JSON ({exc}); run `ssr train-dit` with this "
+                             "recipe again: it resumes from its last checkpoint and rewrites the file") from None
     kwargs.pop("latents", None)
     kwargs.pop("imported_from", None)
     model = build_dit_from(kwargs)
