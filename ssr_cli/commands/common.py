@@ -92,7 +92,7 @@ def load_recipe(recipe: Path | None, sets: list[str] | None, device: str | None 
 
 def run_dry(cfg, stages: tuple[str, ...]) -> None:
     """``--dry-run``: print the resolved recipe, then build the models the run would build (see
-    :func:`ssr_cli.pipeline.check_builds`); a user error there (:class:`ssr_cli.errors.UserError`) exits 2 as the
+    :func:`ssr_cli.stages.pipeline.check_builds`); a user error there (:class:`ssr_cli.errors.UserError`) exits 2 as the
     run would; any other exception is a bug and keeps its traceback."""
     from ssr_cli.errors import UserError
     from ssr_cli.stages.pipeline import check_builds

@@ -10,7 +10,7 @@ latents), the space the DiT sees, so spaces of different scale compare:
   normalised images, and the fraction of energy above half the Nyquist frequency.
 - ``equivariance``: relative error ‖E(T x) − T E(x)‖ / ‖T E(x)‖ for 2×2 / 4×4 average-pool downsampling,
   rot90 and horizontal flip; for blur, the Ā-prediction error of ``probe-channels``
-  (:func:`ssr_cli.probe.dynamics_error`, the same implementation).
+  (:func:`ssr_cli.stages.common.dynamics_error`, the same implementation).
 - ``ifid``: interpolated FID (arXiv 2603.05630): each latent's nearest neighbour, the decoded interpolation,
   FID against the same data images. Choices made here: nearest neighbour by Euclidean distance between
   flattened normalised latents of the ``num_images`` pool (itself excluded), linear interpolation with weight

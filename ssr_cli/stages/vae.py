@@ -4,8 +4,8 @@
 shared engine, resumable, in ``<run>/vae/``: checkpoints/, metrics.jsonl (nelbo, rec, kl, kl_weight,
 collapsed_dims, collapse_alarm, ...) and images/ (prior samples and reconstructions as PNG grids every
 ``train.image_every_steps`` and at the end). The trained VAE is exported to ``<run>/tokenizer.safetensors``
-(:func:`ssr_cli.finetune.finetuned_weights`), where ``load_tokenizer_for_run`` and the rest of the toolkit
-find it. :func:`ssr_cli.evaluation.evaluate_vae` gives reconstruction PSNR/SSIM, the NELBO on held-out images
+(:func:`ssr_cli.stages.common.finetuned_weights`), where ``load_tokenizer_for_run`` and the rest of the toolkit
+find it. :func:`ssr_cli.stages.evaluate.evaluate_vae` gives reconstruction PSNR/SSIM, the NELBO on held-out images
 and, with Inception weights, the FID of prior samples against the data images.
 
 Step-dependent state lives in buffers of the task module, so a resumed run repeats an uninterrupted one
