@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ssr_cli.engine.ema import EMA  # noqa: E402
 from ssr_cli.engine.runtime import generator_for  # noqa: E402
-from ssr_cli.finetune import FinetuneTask  # noqa: E402
 from ssr_cli.models.registry import build_tokenizer  # noqa: E402
 from ssr_cli.regularizers import build_regularizer  # noqa: E402
+from ssr_cli.stages.finetune import FinetuneTask  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

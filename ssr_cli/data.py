@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ssr_cli.engine.runtime import step_seed
-from ssr_cli.errors import UserError
+from ssr_cli.errors import UserError, UserFileNotFoundError, UserValueError
 
 log = logging.getLogger("ssr.data")
 
@@ -100,7 +100,7 @@ def transform_image(
         img = img.resize(tuple(max(size, round(s * scale)) for s in img.size), resample=Image.BICUBIC)
     w, h = img.size
     if w < size or h < size:
-        raise ValueError(f"image of {w}x{h} is smaller than the crop size {size} (set data.resize = true)")
+        raise UserValueError(f"image of {w}x{h} is smaller than the crop size {size} (set data.resize = true)")
     if random_crop and rng is not None:
         left = int(rng.integers(0, w - size + 1))
         top = int(rng.integers(0, h - size + 1))
@@ -195,10 +195,10 @@ class ImageFolder(ImageDataset):
         super().__init__(image_size, **kw)
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.root} (set data.path)")
+            raise UserFileNotFoundError(f"image folder not found: {self.root} (set data.path)")
         files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not files:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
+            raise UserFileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
         rel_classes = sorted({p.relative_to(self.root).parts[0] for p in files if len(p.relative_to(self.root).parts) > 1})
         self.classes = rel_classes or ["all"]
         index = {c: k for k, c in enumerate(self.classes)}
@@ -241,7 +241,7 @@ class TarImages(_ArchiveImages):
         super().__init__(image_size, **kw)
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"tar file not found: {self.path} (set data.path)")
+            raise UserFileNotFoundError(f"tar file not found: {self.path} (set data.path)")
         entries = []
         with tarfile.open(self.path, "r:") as tf:
             for member in tf:
@@ -255,7 +255,7 @@ class TarImages(_ArchiveImages):
                 cls = parts[0] if len(parts) > 1 else "all"
                 entries.append((member.name, member.offset_data, member.size, cls))
         if not entries:
-            raise FileNotFoundError(f"no images in {self.path}" + (f" under '{split}/'" if split else ""))
+            raise UserFileNotFoundError(f"no images in {self.path}" + (f" under '{split}/'" if split else ""))
         entries.sort()
         self.classes = sorted({e[3] for e in entries})
         index = {c: k for k, c in enumerate(self.classes)}
@@ -292,14 +292,14 @@ def shard_paths(source: str | Path) -> list[Path]:
     if path.is_dir():
         shards = sorted(p for p in path.iterdir() if p.suffix == ".tar" and p.is_file())
         if not shards:
-            raise FileNotFoundError(f"no .tar shards in the folder {path} (set data.path)")
+            raise UserFileNotFoundError(f"no .tar shards in the folder {path} (set data.path)")
         return shards
     shards = [Path(p).expanduser() for p in expand_urls(text)]
     missing = [str(p) for p in shards if not p.is_file()]
     if missing:
         more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise FileNotFoundError(f"webdataset shard(s) not found: {', '.join(missing[:3])}{more} (set data.path to a "
-                                ".tar, a folder of them or a brace pattern like shards-{000000..000009}.tar)")
+        raise UserFileNotFoundError(f"webdataset shard(s) not found: {', '.join(missing[:3])}{more} (set data.path to "
+                                    "a .tar, a folder of them or a brace pattern like shards-{000000..000009}.tar)")
     return shards
 
 
@@ -352,7 +352,7 @@ class WebDatasetShards(_ArchiveImages):
             except ValueError as exc:  # webdataset: a duplicate file name within one sample
                 raise UserError(f"{shard}: not a valid webdataset shard ({exc.args[0]})") from exc
         if not self.samples:
-            raise FileNotFoundError(f"no samples in the webdataset shards {source}")
+            raise UserFileNotFoundError(f"no samples in the webdataset shards {source}")
         self.labels = self._read_labels(cls_at)
         self.classes = [str(c) for c in range(max(self.labels) + 1)] if any(cls_at) else ["all"]
 
@@ -388,7 +388,7 @@ class WebDatasetShards(_ArchiveImages):
     def _open(self, i: int) -> Image.Image:
         shard, key, image, where = self.samples[i]
         if image is None:
-            raise ValueError(f"sample has no image member (one of .{', .'.join(WDS_IMAGE_KEYS[:5])}, …)")
+            raise UserValueError(f"sample has no image member (one of .{', .'.join(WDS_IMAGE_KEYS[:5])}, …)")
         return _image_from_bytes(self._read(shard, where))
 
 
@@ -465,7 +465,7 @@ def build_dataset(
     elif source == "webdataset":
         ds = WebDatasetShards(path, image_size, **kw)
     else:
-        raise ValueError(f"unknown data.source {source!r}; choose builtin, folder, tar or webdataset")
+        raise UserValueError(f"unknown data.source {source!r}; choose builtin, folder, tar or webdataset")
     if max_images is not None and max_images < len(ds):
         # An even subsample keeps every class represented.
         keep = np.linspace(0, len(ds) - 1, max_images).round().astype(int)
@@ -489,7 +489,7 @@ def subset_indices(labels, n: int, *, seed: int, rule: str = "stratified") -> np
     labels = np.asarray(labels)
     total = len(labels)
     if rule not in SUBSET_RULES:
-        raise ValueError(f"unknown subset rule {rule!r}; choose one of {', '.join(SUBSET_RULES)}")
+        raise UserValueError(f"unknown subset rule {rule!r}; choose one of {', '.join(SUBSET_RULES)}")
     if n >= total:
         return np.arange(total)
     if rule == "first":

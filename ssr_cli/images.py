@@ -1,15 +1,18 @@
-"""Writing images: PNG files and labelled grids (uint8 conversion shared with the metrics)."""
+"""Image files: writing PNGs and labelled grids (uint8 conversion shared with the metrics), reading
+(noisy, clean) image pairs from two folders, and random crops of the images read."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from ssr_cli.engine.atomic import atomic_write
-from ssr_cli.metrics import to_uint8
+from ssr_cli.errors import UserFileNotFoundError, UserValueError, one_line
+from ssr_cli.metrics.pixel import to_uint8
 
 
 def to_hwc_uint8(x: torch.Tensor, quantize: str = "round") -> np.ndarray:
@@ -50,3 +53,58 @@ def save_grid(rows: list[torch.Tensor], path: str | Path, *, row_labels: list[st
         for c, label in enumerate(col_labels[:n_cols]):
             draw.text((left + pad + c * (cw + pad) + 2, 2), label[: max(3, cw // 6)], fill="black")
     return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
+
+
+def _read_rgb(path: Path) -> torch.Tensor:
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("RGB"), dtype=np.float32)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:  # PIL's errors for a bad image file
+        raise UserValueError(f"{path}: not a readable image ({one_line(exc)}); replace it or remove the pair") from None
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def load_image_pairs(noisy_dir: str | Path, clean_dir: str | Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(noisy, clean) image pairs (3, H, W) in [−1, 1] from two folders, matched by the file name's trailing index.
+
+    Files like ``NOISY/NOISY_3.png`` ↔ ``GT/GT_3.png`` (the SIDD layout in ../shared/data/sidd_pairs) pair by the
+    text after the last '_' of the stem; folders whose files share full names pair by name. Sorted by index.
+    """
+    noisy_dir, clean_dir = Path(noisy_dir), Path(clean_dir)
+    for d in (noisy_dir, clean_dir):
+        if not d.is_dir():
+            raise UserFileNotFoundError(f"image pair folder not found: {d}")
+
+    def keyed(folder: Path) -> dict[str, Path]:
+        files = [p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")]
+        return {p.stem.rsplit("_", 1)[-1]: p for p in files}
+
+    noisy, clean = keyed(noisy_dir), keyed(clean_dir)
+    keys = sorted(set(noisy) & set(clean), key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
+    missing = sorted(set(noisy) ^ set(clean))
+    if not keys:
+        raise UserFileNotFoundError(f"no matching image pairs between {noisy_dir} and {clean_dir}")
+    if missing:
+        raise UserFileNotFoundError(f"unpaired images (keys {missing[:5]}) between {noisy_dir} and {clean_dir}")
+    pairs = []
+    for k in keys:
+        a, b = _read_rgb(noisy[k]), _read_rgb(clean[k])
+        if a.shape != b.shape:
+            raise UserValueError(f"pair {k}: noisy {tuple(a.shape)} and clean {tuple(b.shape)} differ in size")
+        pairs.append((a, b))
+    return pairs
+
+
+def random_crops(images: Sequence[torch.Tensor], size: int, count: int,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """``count`` random size×size crops (count, 3, size, size) drawn uniformly from images (3, H, W) ≥ size."""
+    out = []
+    for _ in range(count):
+        img = images[int(torch.randint(len(images), (), generator=generator))]
+        h, w = img.shape[-2:]
+        if h < size or w < size:
+            raise ValueError(f"crop size {size} exceeds an image of {h}×{w}")
+        top = int(torch.randint(h - size + 1, (), generator=generator))
+        left = int(torch.randint(w - size + 1, (), generator=generator))
+        out.append(img[:, top:top + size, left:left + size])
+    return torch.stack(out)

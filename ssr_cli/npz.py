@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ssr_cli.engine.atomic import commit, temp_path_for
-from ssr_cli.errors import UserError
+from ssr_cli.errors import UserError, UserFileNotFoundError
 
 
 class NpzError(UserError, ValueError):
@@ -33,7 +33,7 @@ class NpzError(UserError, ValueError):
 def _open_member(path: str | os.PathLike, key: str):
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"npz file not found: {path}")
+        raise UserFileNotFoundError(f"npz file not found: {path}")
     try:
         zf = zipfile.ZipFile(path, "r")
     except zipfile.BadZipFile:

@@ -26,17 +26,24 @@ class RecipeError(UserError, ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # use_attribute_docstrings: the string under each field becomes its description (tests/test_recipe.py checks it).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class RunConfig(Section):
     name: str = "run"
+    """Run folder name: every output goes to <out_dir>/<name>."""
     out_dir: str = "runs"
+    """Parent folder of the run folders."""
     seed: int = 0
+    """Root of the run's random draws (initialisation, batch order, augmentation, blur levels, posterior
+    samples, KID subsets), derived per (seed, stage, rank, step); sampling noise uses sample.seed."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """"auto": CUDA when available, else CPU; "cuda" fails without a GPU (torchrun ranks use cuda:LOCAL_RANK)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 autocast on CUDA, fp32 on CPU."""
     compile: bool = False
+    """torch.compile the model of each training loop (CUDA only; ignored on CPU)."""
     threads: Annotated[int, Field(ge=0)] | Literal["auto"] = 0
     """CPU threads for torch's intra-op work. 0 (default): one per core of this process's CPU set (divided among
     the torchrun ranks of one host), so a rerun or a resume uses the same count and gives bit-identical results.
@@ -47,20 +54,27 @@ class RunConfig(Section):
 
 class DataConfig(Section):
     source: Literal["builtin", "folder", "tar", "webdataset"] = "builtin"
+    """Where images come from: "builtin" (random crops of the photographs bundled with scikit-image,
+    class = photograph), an image "folder", a "tar" file or "webdataset" shards (see path)."""
     path: str | None = None
     """Image folder (class = sub-folder), tar file (members split/class/file) or, for webdataset, a .tar shard, a
     folder of them or a brace pattern (shards-{000000..000009}.tar); unused for builtin."""
     split: str | None = None
     """For tar sources: the member prefix to read (e.g. "train"); None reads all members."""
     image_size: int = Field(64, ge=8)
+    """Side of the square crops, pixels: the training resolution (the blur τ, px², is measured at it)."""
     resize: bool = True
     """Resize the short side to image_size before cropping (off: crop directly, e.g. random patches)."""
     random_crop: bool = False
+    """Random instead of center crops when training (builtin always crops at random)."""
     random_flip: bool = True
+    """Horizontal flip with probability ½ when training (the stages that only read images never augment)."""
     max_images: int | None = Field(None, ge=1)
+    """Use only this many images, spread evenly over the (sorted) set so every class stays; None: all."""
     builtin_crops: int = Field(256, ge=1)
     """Number of random crops drawn from the built-in photographs (the built-in dataset's length)."""
     num_workers: int = Field(0, ge=0)
+    """DataLoader worker processes for the training batches; 0 loads them in the main process."""
     max_unreadable_fraction: float = Field(0.05, ge=0.0, le=1.0)
     """Stop (exit 2) once more than this fraction of the images proved unreadable; listed in <run>/unreadable_images.txt."""
 
@@ -76,19 +90,30 @@ class DataConfig(Section):
 
 class TokenizerConfig(Section):
     family: Literal["kl-ae", "cosmos-ci", "taesd", "s4d-vae", "cnn-vae"] = "kl-ae"
+    """Architecture: "kl-ae" (Flux/SD-style KL autoencoder), "cosmos-ci" (Cosmos CI), "taesd", or the
+    vector-latent VAEs trained from scratch, "s4d-vae" / "cnn-vae" (blog 002)."""
     size: str = "tiny"
+    """A named size of the family (kl-ae: flux, sd, tiny, …; cosmos-ci: ci16x16, ci8x8, tiny; taesd: taesd,
+    taef1, taef2); kl-ae "diffusers" takes the architecture from the config.json of the weights folder."""
     weights: str | None = None
     """Pretrained weights, a local file: .safetensors, .pt/.pth or TorchScript .jit. None: random init."""
     strict: bool = True
+    """Fail on any missing, unexpected or mis-shaped tensor when loading weights; false loads only the
+    tensors whose names and shapes match and warns about the rest."""
     overrides: dict[str, Any] = Field(default_factory=dict)
     """Architecture overrides passed to the builder (e.g. z_channels, ch, ch_mult)."""
     frozen_encoder_blocks: int = Field(2, ge=0)
+    """Encoder stages frozen while fine-tuning, the first ones executed (paper: 2); pretraining trains all."""
     frozen_decoder_blocks: int = Field(2, ge=0)
+    """Decoder stages frozen while fine-tuning, the last ones executed (paper: 2); pretraining trains all."""
     grad_checkpointing: bool = False
+    """Activation checkpointing in the encoder and decoder (less memory, more compute); kl-ae and cosmos-ci only."""
 
 
 class RegularizerConfig(Section):
     kind: Literal["ssr", "eq_vae", "scale", "none"] = "ssr"
+    """Fine-tuning objective: "ssr" (this method), "eq_vae" (EQ-VAE), "scale" (FT-SE) or "none"
+    (reconstruction only). The vector-latent VAEs need "none"; denoise takes "ssr" or "none"."""
     basis: Literal["fourier", "chebyshev", "legendre", "hermite", "random"] = "fourier"
     """The basis behind A; "random": a dense seeded random A = −M·Mᵀ normalised to max|A| = 1 (seed from run.seed;
     the random-A ablation of the paper's Table 4)."""
@@ -96,10 +121,14 @@ class RegularizerConfig(Section):
     """W×H basis grid, e.g. "4x4"; must satisfy W·H = latent channels. None: most square factorisation. The grid
     only indexes the basis functions: their domain has the image's aspect ratio (square training crops: square)."""
     orthonormal: bool = False
+    """A for the normalised basis φ_n/‖φ_n‖ (the exact generator of orthonormal coefficients); off: the
+    paper-literal A of eq. 40 (method.md §1)."""
     alpha: float = Field(0.25, ge=0.0, le=1.0)
     """Probability of the regularization branch at each step."""
     lambda_latent: float = Field(0.25, ge=0.0)
+    """λ_z: weight of the latent MSE between z2 and ẑ2 (eq. 23; the paper: 0.25 for Flux, 5.0 for Cosmos)."""
     lambda_image: float = Field(1.0, ge=0.0)
+    """λ_I: weight of the decoded prediction's term, lambda_pred_mae·MAE + lambda_pred_lpips·LPIPS (paper: 1)."""
     lambda_pred_mae: float = Field(1.0, ge=0.0)
     """Weight of the MAE between the decoded SSR prediction D(ẑ2) and blur(x, τ2) (inside λ_I's term)."""
     lambda_pred_lpips: float = Field(0.1, ge=0.0)
@@ -114,7 +143,9 @@ class RegularizerConfig(Section):
     a_normalization: Literal["max", "none"] = "max"
     """"max": A / max|A| (max|A| = 1, Table 3); "none": the raw generator (time = blur variance in domain units²)."""
     learn_a: bool = True
+    """Train A's structurally nonzero entries and Δ; off: both stay at their initial values."""
     a_lr_mult: float = Field(0.1, ge=0.0)
+    """Learning rate of A and Δ as a multiple of the base LR, without weight decay (paper: 0.1)."""
     mean_centering: bool = True
     """Predict ẑ2 = mean(z1) + Ā·C(z1) (paper eq. 24; C = minus the spatial mean per channel); off: ẑ2 = Ā·z1."""
     latent_loss: Literal["centred", "carried_mean"] = "centred"
@@ -125,6 +156,7 @@ class RegularizerConfig(Section):
     """Latent the SSR term reads for tokenizers with a scale/shift (Flux, SD): "scaled" = scale·(μ − shift), the
     latent the generator sees (default); "raw" = the posterior mean μ itself. Same for scale 1, shift 0."""
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    """Decay of the EMA copy of the encoder that gives the target z2 = E_ema(I_τ2) (appendix A.5: 0.999)."""
     tau_max: float = Field(10.0, gt=0.0)
     """Largest blur variance, pixels² at the training resolution."""
     delta_tau: float = Field(4.0, gt=0.0)
@@ -158,38 +190,66 @@ class RegularizerConfig(Section):
 
 class LossConfig(Section):
     lambda_mae: float = Field(1.0, ge=0.0)
+    """Weight of the reconstruction MAE (mean over pixel elements of images in [-1, 1]; paper: 1)."""
     lambda_lpips: float = Field(0.1, ge=0.0)
+    """Weight of the reconstruction LPIPS (paper: 0.1), also in the EQ-VAE / FT-SE terms; > 0 needs
+    lpips_weights."""
     lpips_net: Literal["alex", "vgg"] = "alex"
+    """Backbone of the training LPIPS: AlexNet ("alex") or VGG16 ("vgg"); lpips_weights must match it."""
     lpips_weights: str | None = None
     """Local backbone weights for LPIPS (e.g. ../shared/data/lpips/alexnet-owt-7be5be79.features-only.pth)."""
     kl_weight: float = Field(1e-6, ge=0.0)
+    """Weight of KL(q‖N(0, I)) (nats per image) for KL tokenizers, entering as kl_weight·KL/(3·H·W): LDM's
+    convention (Flux: 1e-6). Deterministic autoencoders (Cosmos CI, TAESD) have no KL term."""
 
 
-class TrainConfig(Section):
+class OptimConfig(Section):
+    """What ``[train]`` and ``[dit]`` share: AdamW, gradient clipping, checkpoints, logging and the non-finite
+    guard (:func:`ssr_cli.stages.common.optimisation` hands them to the engine). The defaults here are
+    ``[train]``'s; ``[dit]`` sets its own (LightningDiT's)."""
+
+    steps: int = Field(1000, ge=0)
+    """Optimiser steps, each on batch_size images or latents."""
+    batch_size: int = Field(32, ge=1)
+    """Global batch size (summed over ranks and accumulation steps)."""
+    lr: float = Field(1e-5, gt=0.0)
+    """Peak learning rate (AdamW)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's (β1, β2)."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW's decoupled weight decay (the DiT's norms, biases and embeddings get none)."""
+    grad_clip: float = Field(50.0, ge=0.0)
+    """Clip the gradient's global 2-norm to this value; 0 turns clipping off."""
+    ckpt_every_steps: int = Field(500, ge=1)
+    """Steps between checkpoints (one is also written at the last step)."""
+    keep_last: int = Field(3, ge=1)
+    """Newest checkpoints kept; older ones are deleted."""
+    log_every_steps: int = Field(10, ge=1)
+    """Steps between metrics.jsonl records."""
+    max_nonfinite_steps: int = Field(20, ge=1)
+    """Consecutive steps with a non-finite loss or gradient (each skipped: no optimizer or EMA update) that stop the run."""
+
+
+class TrainConfig(OptimConfig):
     """Optimisation of the tokenizer (``finetune``); the engine's knobs."""
 
     steps: int = Field(1000, ge=0)
     """Fine-tuning steps; 0 (with pretrain_steps > 0) only pretrains: the exported tokenizer is the pretrained one."""
-    batch_size: int = Field(32, ge=1)
-    """Global batch size (summed over ranks and accumulation steps)."""
     grad_accum: int = Field(1, ge=1)
-    lr: float = Field(1e-5, gt=0.0)
+    """Micro-batches accumulated per optimiser step; batch_size must be divisible by ranks × grad_accum."""
     lr_init: float = Field(1e-7, ge=0.0)
+    """Learning rate at the start of the linear warm-up (Table 2: 1e-7)."""
     lr_min: float = Field(1e-6, ge=0.0)
+    """Learning rate at the end of the cosine decay, at most lr (Table 2: 1e-6 for Flux, 1e-5 for Cosmos)."""
     schedule: Literal["warmup_cosine", "constant"] = "warmup_cosine"
+    """"warmup_cosine": linear warm-up from lr_init to lr, hold, cosine to lr_min (Table 2); "constant": lr
+    throughout."""
     warmup_frac: float = Field(0.1, ge=0.0, le=1.0)
+    """Fraction of the run, at its start, of the linear warm-up (Table 2: 1/10); warmup_frac + cosine_frac ≤ 1."""
     cosine_frac: float = Field(0.5, ge=0.0, le=1.0)
     """Fraction of the run, at its end, over which the LR decays by a cosine to lr_min."""
-    weight_decay: float = Field(0.0, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = Field(50.0, ge=0.0)
-    """Clip the gradient's global 2-norm to this value; 0 turns clipping off."""
-    ckpt_every_steps: int = Field(500, ge=1)
-    keep_last: int = Field(3, ge=1)
-    log_every_steps: int = Field(10, ge=1)
-    max_nonfinite_steps: int = Field(20, ge=1)
-    """Consecutive steps with a non-finite loss or gradient (each skipped: no optimizer or EMA update) that stop the run."""
     image_every_steps: int = Field(200, ge=1)
+    """Steps between the progress image grids written to the stage's images/ folder."""
     pretrain_steps: int = Field(0, ge=0)
     """Steps of plain reconstruction training from scratch before fine-tuning (quickstart: no pretrained weights)."""
     pretrain_lr: float = Field(1e-3, gt=0.0)
@@ -212,49 +272,75 @@ class LatentsConfig(Section):
     out_dir: str | None = None
     """Where shards go; default <run folder>/latents."""
     shard_size: int = Field(1024, ge=1)
+    """Images per safetensors shard (a finished shard is kept when encoding resumes)."""
     sample_posterior: bool = True
+    """Cache one posterior sample per image (seeded by the image; LightningDiT) instead of the posterior
+    mean; tokenizers without a posterior store their latent."""
     flip: bool = True
+    """Also cache the latent of each image's horizontal flip (LightningDiT); the DiT reads either copy at random."""
     stats_count: int = Field(10000, ge=1)
+    """Latents (class-stratified, seeded) behind the per-channel mean/std that normalise the DiT's input
+    (LightningDiT: 10K)."""
     batch_size: int = Field(64, ge=1)
+    """Encoding batch size, images."""
 
 
-class DiTConfig(Section):
+class DiTConfig(OptimConfig):
     model: str = "DiT-B/2"
+    """DiT size (DiT-S/B/L/XL with patch 1 or 2: ssr_cli.models.dit.DIT_SIZES); the paper trains LightningDiT-B/2."""
     depth: int | None = Field(None, ge=1)
+    """Transformer blocks; None: the model's (B: 12)."""
     hidden_size: int | None = Field(None, ge=8)
+    """Token width; None: the model's (B: 768)."""
     num_heads: int | None = Field(None, ge=1)
+    """Attention heads; None: the model's (B: 12)."""
     qk_norm: bool = False
+    """RMSNorm on each head's queries and keys (optional in LightningDiT, off in its B/2)."""
     class_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    """Probability that a training label becomes the null class, the unconditional branch of CFG (LightningDiT: 0.1)."""
     num_classes: int | None = Field(None, ge=1)
     """None: taken from the dataset."""
     time_scale: float = Field(1000.0, gt=0.0)
     """The timestep sinusoid sees time_scale·t; 1 is LightningDiT's convention (needed to export to its layout)."""
     steps: int = Field(80000, ge=1)
+    """DiT training steps (the paper: 80K)."""
     batch_size: int = Field(1024, ge=1)
+    """Global batch size, latents, divisible by the number of ranks (LightningDiT: 1024)."""
     lr: float = Field(2e-4, gt=0.0)
+    """AdamW learning rate, constant (LightningDiT: 2e-4)."""
     betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW's (β1, β2) (LightningDiT: (0.9, 0.95))."""
     grad_clip: float = Field(1.0, ge=0.0)
-    """Clip the gradient's global 2-norm to this value; 0 turns clipping off."""
+    """Clip the gradient's global 2-norm to this value (LightningDiT: 1.0); 0 turns clipping off."""
     ema_decay: float = Field(0.9999, ge=0.0, lt=1.0)
+    """Decay of the DiT's EMA weights, the ones sampled from (LightningDiT: 0.9999)."""
     cosine_loss: bool = True
+    """Add mean(1 − cos(v̂, v)) over channels to the velocity MSE (LightningDiT's loss); off: MSE only."""
     t_mean: float = 0.0
+    """Location of the logit-normal training time t = sigmoid(t_mean + t_std·ε), ε ~ N(0, 1) (t = 1: data)."""
     t_std: float = Field(1.0, gt=0.0)
+    """Scale of the logit-normal training time (see t_mean)."""
     ckpt_every_steps: int = Field(5000, ge=1)
-    keep_last: int = Field(3, ge=1)
+    """Steps between DiT checkpoints (one is also written at the last step)."""
     log_every_steps: int = Field(50, ge=1)
-    max_nonfinite_steps: int = Field(20, ge=1)
-    """As train.max_nonfinite_steps, for the DiT."""
+    """Steps between metrics.jsonl records."""
 
 
 class SampleConfig(Section):
     sampler: Literal["euler", "heun"] = "euler"
+    """ODE integrator from noise to data: "euler" (one evaluation per step; LightningDiT) or "heun" (two)."""
     steps: int = Field(250, ge=1)
+    """Integration steps from t = 0 (noise) to t = 1 (data) (LightningDiT: 250)."""
     shift: float = Field(0.3, gt=0.0)
+    """Timestep shift s of the time grid, t' = s·t/(1 + (s − 1)·t); 1: uniform (LightningDiT: 0.3)."""
     cfg_scale: float = Field(1.0, ge=0.0)
+    """Classifier-free guidance scale; 1 (default): no guidance, one conditional forward (the paper's protocol)."""
     cfg_interval: tuple[float, float] = (0.0, 1.0)
+    """Times (lo, hi), 0 ≤ lo ≤ hi ≤ 1, where guidance applies; elsewhere the conditional velocity is used."""
     num_images: int = Field(50000, ge=1)
+    """Samples to generate (ADM protocol: 50K)."""
     batch_size: int = Field(64, ge=1)
+    """Sampling batch size, images; the samples do not depend on it (noise is seeded per image)."""
     labels: Literal["uniform", "balanced"] = "balanced"
     """Class of each sample: "balanced" (index mod K: 50 per class at 50K/1000) or "uniform" (drawn at random,
     seeded, as ADM, DiT and LightningDiT do). Recorded in samples.json and eval.json."""
@@ -262,8 +348,11 @@ class SampleConfig(Section):
     """[-1, 1] -> uint8 of the saved samples: "round" (ours, round((x+1)*127.5)) or "truncate" (ADM's sampler,
     floor((x+1)*127.5), about half a grey level darker)."""
     seed: int = 0
+    """Seed of each image's initial noise and of "uniform" labels, per image index; independent of run.seed."""
     use_ema: bool = True
+    """Sample with the DiT's EMA weights (dit_ema.safetensors); off: the raw weights of its newest checkpoint."""
     out_dir: str | None = None
+    """Where samples go (png/ and samples.npz); None: <run folder>/samples."""
 
     @model_validator(mode="after")
     def _interval(self) -> "SampleConfig":
@@ -277,7 +366,10 @@ class EvalConfig(Section):
     inception_weights: str | None = None
     """TF-Inception weights (../shared/data/inception/pt_inception-2015-12-05-reconstructed-nofc.pth)."""
     lpips_weights: str | None = None
+    """Local LPIPS backbone weights for the reconstruction metric (e.g.
+    ../shared/data/lpips/alexnet-owt-7be5be79.features-only.pth); None: LPIPS is reported unavailable."""
     lpips_net: Literal["alex", "vgg"] = "alex"
+    """Backbone of the LPIPS metric: AlexNet ("alex") or VGG16 ("vgg"); lpips_weights must match it."""
     image_size: int | None = Field(None, ge=8)
     """Reconstruction resolution (resize + center crop); None: data.image_size."""
     num_images: int | None = Field(None, ge=1)
@@ -285,20 +377,29 @@ class EvalConfig(Section):
     images: str | None = None
     """Reconstruction image set (folder or .tar, e.g. ImageNet val); None: the recipe's [data]."""
     images_split: str | None = None
+    """For a .tar eval.images: the member prefix to read (as data.split); None reads all members."""
     batch_size: int = Field(32, ge=1)
+    """Batch size, images, of reconstruction and of Inception feature extraction."""
     num_reference_images: int | None = Field(None, ge=2)
     """Images read from a folder/tar/[data] reference (None: all), chosen by eval.subset."""
     subset: Literal["stratified", "uniform", "first"] = "stratified"
     """How num_images / num_reference_images pick their images: "stratified" (seeded, every class keeps its
     share), "uniform" (seeded, uniformly at random) or "first" (sorted order: few classes of a sorted tar)."""
     subset_seed: int = 0
+    """Seed of the "stratified" and "uniform" subsets; independent of run.seed, so runs see the same images."""
     reference: str | None = None
     """FID reference: image folder / tar, ADM .npz batch or stats file from --make-ref. None: the data set."""
     reference_split: str | None = None
+    """For a .tar eval.reference: the member prefix to read (as data.split); None reads all members."""
     reconstruction: bool = True
+    """Compute the reconstruction metrics (PSNR, SSIM, LPIPS, rFID, KL) on eval.images."""
     generation: bool = True
+    """Compute the generation metrics of the run's samples (FID, sFID, IS, precision/recall, KID; needs
+    inception_weights)."""
     kid_subsets: int = Field(10, ge=1)
+    """KID: random subsets the unbiased MMD² is averaged over (torch-fidelity uses 100)."""
     kid_subset_size: int = Field(1000, ge=2)
+    """KID: features per subset, drawn without replacement, capped at the smaller set (as torch-fidelity)."""
 
 
 class ProbeConfig(Section):
@@ -307,8 +408,12 @@ class ProbeConfig(Section):
     score_images: int = Field(64, ge=1)
     """Images behind the numbers (PSNR vs k, order scores) and the channel means used for masking."""
     image_size: int | None = Field(None, ge=8)
+    """Side of the probe's images, pixels; None: data.image_size."""
     taus: list[float] = Field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0, 6.0, 8.0, 10.0])
+    """Blur variances, px² at the probe's resolution, of the latent-dynamics plot; the largest is also
+    the τ of the per-channel blur-decay ratio."""
     channels_shown: int = Field(4, ge=1)
+    """Channels, the first in frequency order, plotted in latent_dynamics.png."""
     fill: Literal["dataset_mean", "image_mean", "zero"] = "dataset_mean"
     """Value of a masked channel in the partial decodes: its mean over the score images and positions
     ("dataset_mean"), the image's own spatial mean of that channel ("image_mean"), or 0 ("zero")."""
@@ -318,11 +423,17 @@ class VAEConfig(Section):
     """From-scratch VAE training (S4D-VAE / CNN-VAE, blog 002)."""
 
     kl_schedule: Literal["none", "linear_warmup", "cyclical"] = "linear_warmup"
+    """KL weight schedule against posterior collapse: "none" (kl_max_weight throughout), "linear_warmup"
+    (Bowman et al. 2016) or "cyclical" (Fu et al. 2019)."""
     kl_warmup_steps: int = Field(500, ge=0)
+    """Steps of the linear ramp from kl_start_weight to kl_max_weight (> 0 with "linear_warmup"); also
+    the alarm's grace when collapse_grace_steps is None."""
     kl_max_weight: float = Field(1.0, ge=0.0)
+    """KL weight β after the ramp (throughout with "none"); 1 minimises the plain NELBO."""
     collapse_threshold: float = Field(0.01, ge=0.0)
     """KL per latent dimension (nats) under which a dimension counts as collapsed."""
     collapse_patience: int = Field(100, ge=1)
+    """Consecutive steps the collapse must last before the alarm fires."""
     num_prior_samples: int = Field(64, ge=1)
     """Prior samples in each PNG grid (8 per row)."""
     kl_start_weight: float = Field(0.0, ge=0.0)
@@ -347,7 +458,9 @@ class DenoiseConfig(Section):
     noise_sigma: float = Field(25.0, gt=0.0)
     """Gaussian noise std on the 0-255 scale."""
     channels: int = Field(32, ge=4)
+    """Width of the U-Net's first level (doubled at each level down)."""
     bottleneck_channels: int = Field(16, ge=1)
+    """Channels of the bottleneck features SSR regularizes; must equal W·H of regularizer.grid."""
     eval_pairs: str | None = None
     """Folder with NOISY/ and GT/ sub-folders (e.g. ../shared/data/sidd_pairs)."""
     eval_crop: int = Field(256, ge=16)
@@ -355,6 +468,7 @@ class DenoiseConfig(Section):
     depth: int = Field(2, ge=1)
     """U-Net levels (each halves the resolution); the bottleneck is at 1/2^depth."""
     blocks_per_level: int = Field(1, ge=1)
+    """Residual blocks per U-Net level, on the way down and on the way up."""
     feature_norm: bool = True
     """GroupNorm(1) without affine on the bottleneck features (fixes their scale; SSR diverges without it)."""
     lambda_ssr: float = Field(0.1, ge=0.0)
@@ -397,13 +511,20 @@ class DiffusabilityConfig(Section):
     t_grid: list[float] = Field(default_factory=lambda: [0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95])
     """Times (0 = noise, 1 = data) of the held-out flow loss and the velocity-variance estimate."""
     probe_model: str = "DiT-S/2"
+    """DiT size name of the flow probe (as dit.model); only its patch size counts: probe_depth, probe_hidden
+    and probe_heads set the rest."""
     probe_depth: int = Field(4, ge=1)
+    """Transformer blocks of the flow probe."""
     probe_hidden: int = Field(128, ge=8)
+    """Token width of the flow probe."""
     probe_heads: int = Field(4, ge=1)
+    """Attention heads of the flow probe."""
     probe_steps: int = Field(2000, ge=1)
     """Fixed training budget of the flow probe (steps of probe_batch latents)."""
     probe_batch: int = Field(64, ge=1)
+    """Latents per flow-probe training step."""
     probe_lr: float = Field(5e-4, gt=0.0)
+    """Constant AdamW learning rate of the flow probe (betas (0.9, 0.95), gradient clip 1)."""
     probe_ckpt_every: int = Field(250, ge=1)
     """Checkpoint interval: an interrupted probe resumes from the last one."""
     probe_samples: int = Field(256, ge=0)
@@ -416,6 +537,7 @@ class DiffusabilityConfig(Section):
     transform_strength: float = Field(0.0, ge=0.0)
     """noise: its std in units of each channel's std over the batch."""
     transform_seed: int = 0
+    """Seed of latent_transform's noise, permutation or mixing matrix."""
 
     @model_validator(mode="after")
     def _sizes(self) -> "DiffusabilityConfig":
@@ -431,19 +553,33 @@ class DiffusabilityConfig(Section):
 
 class Recipe(Section):
     run: RunConfig = Field(default_factory=RunConfig)
+    """[run]: run folder, seed, device, precision, threads."""
     data: DataConfig = Field(default_factory=DataConfig)
+    """[data]: the image data set and its crops."""
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    """[tokenizer]: the autoencoder, its weights and what is frozen."""
     regularizer: RegularizerConfig = Field(default_factory=RegularizerConfig)
+    """[regularizer]: the fine-tuning objective (SSR and the baselines) and its dynamics."""
     loss: LossConfig = Field(default_factory=LossConfig)
+    """[loss]: the reconstruction loss every regularizer kind uses."""
     train: TrainConfig = Field(default_factory=TrainConfig)
+    """[train]: optimisation of the tokenizer (finetune; also the VAE and denoiser stages)."""
     latents: LatentsConfig = Field(default_factory=LatentsConfig)
+    """[latents]: the latent cache of encode-latents."""
     dit: DiTConfig = Field(default_factory=DiTConfig)
+    """[dit]: the DiT of train-dit and its optimisation."""
     sample: SampleConfig = Field(default_factory=SampleConfig)
+    """[sample]: generation with the trained DiT."""
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    """[eval]: reconstruction and generation metrics."""
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    """[probe]: probe-channels figures and numbers."""
     vae: VAEConfig = Field(default_factory=VAEConfig)
+    """[vae]: from-scratch VAE training (KL schedule, collapse alarm)."""
     denoise: DenoiseConfig = Field(default_factory=DenoiseConfig)
+    """[denoise]: the restoration task."""
     diffusability: DiffusabilityConfig = Field(default_factory=DiffusabilityConfig)
+    """[diffusability]: the diffusability proxies."""
 
     @model_validator(mode="after")
     def _cross_section(self) -> "Recipe":

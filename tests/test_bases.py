@@ -1,4 +1,4 @@
-"""ssr_cli.bases against independent truths: quadrature, scipy.integrate.quad, the heat kernel, series."""
+"""ssr_cli.bases(_verify) against independent truths: quadrature, scipy.integrate.quad, the heat kernel, series."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from numpy.polynomial import hermite as Hm
 from numpy.polynomial import legendre as L
 from scipy import integrate, ndimage
 
-from ssr_cli import bases
+from ssr_cli import bases, bases_verify
 
 SIZES = [(w, h) for w in range(1, 9) for h in range(1, 9)] + [(2, 3), (4, 8)]
 
@@ -20,7 +20,7 @@ SIZES = [(w, h) for w in range(1, 9) for h in range(1, 9)] + [(2, 3), (4, 8)]
 def test_closed_forms_match_2d_quadrature(basis):
     """Every grid 1×1 … 8×8 and the rectangles, paper-literal and orthonormal, to 1e-9 relative."""
     for W, H in SIZES:
-        r = bases.verify_quadrature(W, H, bases=[basis])[basis]
+        r = bases_verify.verify_quadrature(W, H, bases=[basis])[basis]
         for variant in ("paper", "orthonormal"):
             v = r[variant]
             assert v["max_err_rel_to_max"] < 1e-9, (basis, W, H, variant, v)
@@ -103,7 +103,7 @@ def test_orthonormal_A_is_the_exact_heat_generator_in_the_span(basis):
     W, H = 3, 2
     A_orth = bases.a_matrix(basis, W, H, normalize=False, orthonormal=True)
     for tau in (0.01, 0.1, 0.5):
-        M = bases.heat_propagator_in_span(basis, W, H, tau)
+        M = bases_verify.heat_propagator_in_span(basis, W, H, tau)
         np.testing.assert_allclose(bases.discretize(A_orth, tau), M, atol=1e-11 * np.abs(M).max())
 
 
@@ -228,7 +228,7 @@ def test_photo_pipeline_exact_for_polynomial_images_blurred_on_R():
 
 
 def test_verify_dynamics_numbers():
-    r = bases.verify_dynamics(2, 2, taus=(2.0,), pixels_per_unit=8)
+    r = bases_verify.verify_dynamics(2, 2, taus=(2.0,), pixels_per_unit=8)
     assert set(r["photo"]) == {"fourier", "fourier_periodic", "chebyshev", "legendre", "hermite", "hermite_on_R"}
     for basis in bases.BASES:
         assert r["in_span"][basis]["orthonormal"][0] < 1e-12

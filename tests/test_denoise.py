@@ -71,6 +71,11 @@ def test_compare_both_arms_beat_the_noisy_input(run, tmp_path):
     result = run("--set", "denoise.compare=true", *(["--set", f'denoise.eval_pairs="{pairs}"'] if pairs else []))
     assert result.exit_code == 0, result.output
     root = tmp_path / "runs" / "den"
+    from ssr_cli.recipe import load
+    from ssr_cli.stages import denoise
+
+    cfg = load(tmp_path / "den.toml", ["denoise.compare=true"])
+    assert denoise.is_complete(cfg) and not denoise.is_complete(load(tmp_path / "den.toml", ['run.name="other"']))
     comparison = json.loads((root / "comparison.json").read_text())
     arms = comparison["arms"]
     assert set(arms) == {"baseline", "ssr"}

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssr_cli.diffusability import (
+from ssr_cli.engine.runtime import setup_runtime
+from ssr_cli.metrics import frechet_distance, gaussian_stats, to_uint8
+from ssr_cli.stages.diffusability import (
     TransformedTokenizer,
     equivariance_errors,
     flow_probe,
@@ -17,8 +19,6 @@ from ssr_cli.diffusability import (
     posterior_velocity_variance,
     radial_spectrum,
 )
-from ssr_cli.engine.runtime import setup_runtime
-from ssr_cli.metrics import frechet_distance, gaussian_stats, to_uint8
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -181,9 +181,9 @@ def test_command_compares_two_runs_side_by_side(tmp_path, monkeypatch):
     other = tmp_path / "other.toml"
     other.write_text(toy.read_text().replace('name = "dfz-toy"', 'name = "dfz-other"')
                      .replace("[diffusability]", '[diffusability]\nproxies = ["stats", "spectrum"]'))
-    from ssr_cli.finetune import EXPORT_NAME, build_tokenizer
     from ssr_cli.models.weights import save_weights
     from ssr_cli.recipe import load
+    from ssr_cli.stages.common import EXPORT_NAME, build_tokenizer
 
     for recipe in (toy, other):  # a run needs its tokenizer: a seeded from-scratch one, as `ssr finetune` would start
         cfg = load(recipe)

@@ -17,7 +17,7 @@ from PIL import Image
 from scipy import linalg
 
 from ssr_cli.data import subset_indices
-from ssr_cli.engine import setup_runtime
+from ssr_cli.engine.runtime import setup_runtime
 from ssr_cli.errors import UserError
 from ssr_cli.recipe import from_dict
 
@@ -60,7 +60,7 @@ def _cfg(tmp_path: Path, **eval_keys):
 
 
 def test_reference_subset_of_a_ten_class_tar_holds_every_class(tmp_path):
-    from ssr_cli.evaluation import image_subset
+    from ssr_cli.stages.evaluate import image_subset
 
     tar = _ten_class_tar(tmp_path / "test.tar")
     cfg = _cfg(tmp_path, reference=str(tar), reference_split="test", num_reference_images=30)
@@ -164,13 +164,13 @@ def test_npz_writer_streams_rows_np_load_and_the_adm_reader_agree(tmp_path):
 
 
 def test_make_ref_file_passes_the_adm_reader(tmp_path, shared_data):
-    from ssr_cli.evaluation import make_reference
     from ssr_cli.metrics import (
         InceptionFeatures,
         extract_features,
         load_reference,
         to_uint8,
     )
+    from ssr_cli.stages.evaluate import make_reference
 
     tar = _ten_class_tar(tmp_path / "test.tar", per_class=3, size=16, classes=4)
     cfg = _cfg(tmp_path, reference=str(tar), reference_split="test", num_reference_images=4, image_size=16,
@@ -183,7 +183,7 @@ def test_make_ref_file_passes_the_adm_reader(tmp_path, shared_data):
         "mu": (np.float64, (2048,)), "sigma": (np.float64, (2048, 2048)),
         "mu_s": (np.float64, (2023,)), "sigma_s": (np.float64, (2023, 2023))}
     # arr_0 holds the stratified subset (one image per class), quantised by rounding, NHWC.
-    from ssr_cli.evaluation import image_subset
+    from ssr_cli.stages.evaluate import image_subset
 
     ds, _, _ = image_subset(cfg, str(tar), "test", 16, 4)
     expected = to_uint8(torch.stack([ds[(i, None)][0] for i in range(4)])).permute(0, 2, 3, 1).numpy()
@@ -227,7 +227,7 @@ def _fid_direct(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_generation_streams_samples_larger_than_a_memory_cap(tmp_path):
-    from ssr_cli.evaluation import generation
+    from ssr_cli.stages.evaluate import generation
 
     cap = 4 * 2**20  # bytes of Python/numpy heap the evaluation may hold at its peak
     rng = np.random.default_rng(0)
@@ -271,8 +271,8 @@ def test_generation_streams_samples_larger_than_a_memory_cap(tmp_path):
 
 
 def test_write_npz_streams_pngs_and_records_the_sampling_protocol(tmp_path):
-    from ssr_cli.evaluation import samples_protocol
-    from ssr_cli.generate import sampling_protocol, write_npz
+    from ssr_cli.stages.evaluate import samples_protocol
+    from ssr_cli.stages.sample import sampling_protocol, write_npz
 
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (7, 6, 5, 3), dtype=np.uint8)
@@ -311,7 +311,7 @@ def _result(**protocol):
 
 
 def test_compare_refuses_mixed_protocols_unless_told():
-    from ssr_cli.evaluation import check_protocols
+    from ssr_cli.stages.evaluate import check_protocols
 
     same = {"a": _result(), "b": _result(seed=7, reference="b/ref.npz")}  # a seed or a path (same hash) is no change
     assert check_protocols(same) == []
@@ -327,8 +327,8 @@ def test_compare_refuses_mixed_protocols_unless_told():
 
 
 def test_rfid_reference_is_the_reconstructions_own_originals():
-    from ssr_cli.evaluation import paired_rfid
     from ssr_cli.metrics import FeatureAccumulator, frechet_distance
+    from ssr_cli.stages.evaluate import paired_rfid
 
     rng = np.random.default_rng(0)
     real, recon = FeatureAccumulator(keep=(), stats=("pool",)), FeatureAccumulator(keep=(), stats=("pool",))
@@ -344,7 +344,7 @@ def test_rfid_reference_is_the_reconstructions_own_originals():
 
 def test_tables_state_labels_quantisation_and_reference():
     from ssr_cli.engine.progress import console
-    from ssr_cli.evaluation import print_comparison, print_table
+    from ssr_cli.stages.evaluate import print_comparison, print_table
 
     result = _result(reference_subset={"rule": "stratified", "count": 1000, "of": 10000, "classes": 10})
     width, console.width = console.width, 200

@@ -10,12 +10,11 @@ import pytest
 import torch
 
 from ssr_cli.engine.runtime import Runtime
-from ssr_cli.evaluation import LABELS, posterior_kl, reconstruction
-from ssr_cli.finetune import build_tokenizer
 from ssr_cli.models.tokenizer import DiagonalGaussian
 from ssr_cli.models.weights import save_weights
 from ssr_cli.recipe import load
-from ssr_cli.training import image_dataset
+from ssr_cli.stages.common import build_tokenizer, image_dataset
+from ssr_cli.stages.evaluate import LABELS, posterior_kl, reconstruction
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.toml"
 
@@ -77,7 +76,7 @@ def test_evaluate_has_no_kl_for_a_deterministic_tokenizer(tmp_path):
 
 
 def test_pipeline_summary_shows_kl_only_when_measured():
-    from ssr_cli.pipeline import summary_rows
+    from ssr_cli.stages.pipeline import summary_rows
 
     with_kl = summary_rows({"stages": {}, "eval": {"reconstruction": {"psnr": 20.0, "kl": 1234.4}}})
     assert ("reconstruction kl", "1234") in with_kl  # 4 significant digits

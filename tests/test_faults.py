@@ -28,16 +28,21 @@ from typer.testing import CliRunner
 
 from ssr_cli.cli import app
 from ssr_cli.data import StepSampler, pil_to_tensor
-from ssr_cli.engine import EMA, Checkpointer, TrainSpec, lr_lambda, setup_runtime, train
+from ssr_cli.engine.ema import EMA
+from ssr_cli.engine.checkpoint import Checkpointer
+from ssr_cli.engine.loop import TrainSpec, train
+from ssr_cli.engine.optim import lr_lambda
+from ssr_cli.engine.runtime import setup_runtime
 from ssr_cli.engine.checkpoint import CheckpointWriteError, load_checkpoint_file
 from ssr_cli.engine.loop import DivergenceError, Preempted
 from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import read_metrics
 from ssr_cli.errors import UserError
-from ssr_cli.finetune import build_tokenizer, run_finetune
 from ssr_cli.models.weights import load_state_dict_file, save_weights
-from ssr_cli.pipeline import run_pipeline
 from ssr_cli.recipe import dump, from_dict
+from ssr_cli.stages.common import build_tokenizer
+from ssr_cli.stages.finetune import run_finetune
+from ssr_cli.stages.pipeline import run_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,17 +111,17 @@ def test_kills_at_random_steps_resume_to_the_uninterrupted_weights(first_run, tm
 
 
 def test_changed_finetune_settings_redo_the_finetune_stage(first_run, tmp_path):
-    from ssr_cli.pipeline import _complete
+    from ssr_cli.stages import finetune
 
     shutil.copytree(first_run.run_dir(), tmp_path / "f")
-    assert _complete(_recipe(tmp_path), "finetune")
+    assert finetune.is_complete(_recipe(tmp_path))
     changed = _recipe(tmp_path, train={"lr": 5e-4})
-    assert not _complete(changed, "finetune")  # old checkpoints, other settings: not complete
+    assert not finetune.is_complete(changed)  # old checkpoints, other settings: not complete
     before = (tmp_path / "f" / "tokenizer.safetensors").read_bytes()
     run_finetune(changed, setup_runtime("cpu", "fp32"))  # discards them and trains again from step 0
     steps = [r["step"] for r in read_metrics(tmp_path / "f" / "finetune" / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4] and (tmp_path / "f" / "tokenizer.safetensors").read_bytes() != before
-    assert _complete(changed, "finetune")
+    assert finetune.is_complete(changed)
 
 
 def test_tokenizer_change_redoes_every_later_stage(first_run, tmp_path):
@@ -142,7 +147,7 @@ def test_tokenizer_change_redoes_every_later_stage(first_run, tmp_path):
 
 
 def test_sample_redraws_pngs_when_its_settings_change(first_run, tmp_path):
-    from ssr_cli.generate import run_sample
+    from ssr_cli.stages.sample import run_sample
 
     shutil.copytree(first_run.run_dir(), tmp_path / "f")
     before = np.load(tmp_path / "f" / "samples" / "samples.npz")["arr_0"]
@@ -155,7 +160,7 @@ def test_sample_redraws_pngs_when_its_settings_change(first_run, tmp_path):
 
 
 def test_later_stage_without_a_tokenizer_is_a_user_error_not_a_random_init(tmp_path):
-    from ssr_cli.latents import encode_latents
+    from ssr_cli.stages.encode_latents import encode_latents
 
     with pytest.raises(UserError, match="no tokenizer for run 'typo'.*ssr finetune"):
         encode_latents(_recipe(tmp_path, name="typo"), setup_runtime("cpu", "fp32"))
@@ -441,7 +446,7 @@ def test_dry_run_of_sample_and_encode_latents_builds_the_models():
 def test_unreadable_images_warn_once_each_and_stop_above_the_fraction(tmp_path):
     import warnings
 
-    from ssr_cli.training import image_dataset
+    from ssr_cli.stages.common import image_dataset
 
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -480,7 +485,7 @@ def test_unreadable_image_count_in_metrics(tmp_path):
     records = read_metrics(metrics)
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[-1]["unreadable_images"] == 1  # every batch of 6 reads all six files, one of them broken
-    from ssr_cli.pipeline import summarize, summary_rows
+    from ssr_cli.stages.pipeline import summarize, summary_rows
 
     summary = summarize(cfg, {"finetune": "1 s"})
     assert summary["unreadable_images"] == 1
@@ -554,7 +559,7 @@ def test_malicious_dit_weights_refused(tmp_path):
 def test_malicious_latent_shard_refused(tmp_path):
     from safetensors import SafetensorError
 
-    from ssr_cli.latents import STATS, read_manifest
+    from ssr_cli.latent_cache import STATS, read_manifest
     from ssr_cli.models.weights import WeightsError
 
     marker = tmp_path / "pwned"
@@ -642,7 +647,7 @@ def test_cli_refuses_malicious_tokenizer_weights(tmp_path):
 
 
 def test_cli_refuses_malicious_dit_weights(tmp_path):
-    from ssr_cli.generate import CONFIG_FILE, DIT_DIR, EMA_FILE, _dit_kwargs
+    from ssr_cli.stages.common import CONFIG_FILE, DIT_DIR, EMA_FILE, dit_kwargs
 
     marker = tmp_path / "pwned"
     cfg = _recipe(tmp_path, name="dit")
@@ -655,7 +660,7 @@ def test_cli_refuses_malicious_dit_weights(tmp_path):
     # A trained run whose EMA weights file was replaced by a pickle: `ssr sample` refuses it.
     dit = cfg.run_dir() / DIT_DIR
     dit.mkdir(parents=True)
-    (dit / CONFIG_FILE).write_text(json.dumps(_dit_kwargs(cfg, {"latent_shape": [16, 4, 4], "num_classes": 1})))
+    (dit / CONFIG_FILE).write_text(json.dumps(dit_kwargs(cfg, {"latent_shape": [16, 4, 4], "num_classes": 1})))
     _write_malicious(dit / EMA_FILE, marker)
     _refused_in_one_line(_cli("sample", toml), marker, f"{EMA_FILE}: expected the DiT's EMA weights",
                          "cannot be read as safetensors")
@@ -663,7 +668,7 @@ def test_cli_refuses_malicious_dit_weights(tmp_path):
 
 @pytest.mark.parametrize("layout", ["ssr", "lightningdit", "stats"])
 def test_cli_refuses_a_malicious_latent_shard(tmp_path, layout):
-    from ssr_cli.latents import MANIFEST, STATS
+    from ssr_cli.latent_cache import MANIFEST, STATS
     from ssr_cli.models.lightningdit import write_stats
 
     marker = tmp_path / "pwned"

@@ -10,10 +10,11 @@ from safetensors.torch import load_file
 
 from ssr_cli.data import build_dataset
 from ssr_cli.engine import setup_runtime
-from ssr_cli.finetune import build_tokenizer
-from ssr_cli.latents import LatentShards, encode_latents, latents_dir, load_stats
+from ssr_cli.latent_cache import LatentShards, latents_dir, load_stats
 from ssr_cli.models.weights import save_weights
 from ssr_cli.recipe import from_dict
+from ssr_cli.stages.common import build_tokenizer
+from ssr_cli.stages.encode_latents import encode_latents
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -150,7 +151,7 @@ def test_our_cache_is_a_lightningdit_latent_folder(tmp_path):
 def test_a_lightningdit_latent_folder_reads_as_a_cache(tmp_path):
     from safetensors.torch import save_file
 
-    from ssr_cli.latents import read_manifest
+    from ssr_cli.latent_cache import read_manifest
     from ssr_cli.models.lightningdit import write_stats
 
     # Written the way LightningDiT's extract_features does: shards of latents / latents_flip / labels, then stats.

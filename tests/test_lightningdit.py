@@ -154,8 +154,9 @@ def test_imported_checkpoint_gives_the_reference_velocity(tmp_path, patch, qk_no
         model, kwargs = load_lightningdit(path, use)
         assert (kwargs["depth"], kwargs["hidden_size"], kwargs["num_heads"], model.patch_size) == (2, 64, 4, patch)
         assert kwargs["num_classes"] == 10 and kwargs["qk_norm"] == qk_norm and model.time_scale == 1.0
-        with torch.no_grad():
-            torch.testing.assert_close(model(x, t, y), ref(x, t, y), rtol=1e-4, atol=1e-4)
+        with torch.no_grad():  # float32 op-order rounding differs between CPUs: up to 2.3e-4 seen on outputs of
+            # size ~1 (weights 0.3·N(0, 1)); a wrong key or layout is off by O(1)
+            torch.testing.assert_close(model(x, t, y), ref(x, t, y), rtol=1e-3, atol=1e-3)
 
 
 def test_export_loads_strictly_into_the_reference_with_the_same_velocity():
@@ -222,7 +223,7 @@ def test_import_dit_makes_it_the_runs_dit(tmp_path):
     from typer.testing import CliRunner
 
     from ssr_cli.cli import app
-    from ssr_cli.generate import dit_latent_stats, load_trained_dit
+    from ssr_cli.stages.common import dit_latent_stats, load_trained_dit
 
     ref = _randomise(RefLightningDiT(), seed=9)
     torch.save({"ema": ref.state_dict()}, tmp_path / "lightningdit.pt")

@@ -40,9 +40,8 @@ def rank_correlation(x: np.ndarray, y: np.ndarray) -> float:
 
 def full_decode_psnr(run: Path) -> float:
     """Mean PSNR (dB, uint8 by rounding) of decode(encode(x)) over the probe's image pool, from the run's files."""
-    from ssr_cli.finetune import load_tokenizer_for_run
     from ssr_cli.recipe import load
-    from ssr_cli.training import image_dataset
+    from ssr_cli.stages.common import image_dataset, load_tokenizer_for_run
 
     cfg = load(run / "recipe.resolved.toml")
     tokenizer = load_tokenizer_for_run(cfg)[0].eval()

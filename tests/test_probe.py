@@ -12,14 +12,29 @@ import torch
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+from ssr_cli.dynamics import SSRDynamics, load_dynamics, save_dynamics
 from ssr_cli.engine.runtime import Runtime
-from ssr_cli.finetune import build_tokenizer, finetuned_weights, learned_dynamics_path
 from ssr_cli.models.weights import WeightsError, save_weights
-from ssr_cli.probe import (FILLS, blur_decay, blur_ladder, channel_basis_maps, dynamics_error, latent_norm_maps,
-                           mask_fill, partial_decodes, probe_dynamics, radial_centroid, run_probe)
 from ssr_cli.recipe import RecipeError, load
-from ssr_cli.regularizers import SSRDynamics, load_dynamics, save_dynamics
-from ssr_cli.training import image_dataset
+from ssr_cli.stages.common import (
+    build_tokenizer,
+    dynamics_error,
+    finetuned_weights,
+    image_dataset,
+    learned_dynamics_path,
+)
+from ssr_cli.stages.probe_channels import (
+    FILLS,
+    blur_decay,
+    blur_ladder,
+    channel_basis_maps,
+    latent_norm_maps,
+    mask_fill,
+    partial_decodes,
+    probe_dynamics,
+    radial_centroid,
+    run_probe,
+)
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.toml"
 
@@ -257,20 +272,20 @@ def test_probe_scores_the_learned_dynamics(tmp_path):
 
 
 def test_pipeline_redoes_the_probe_when_the_learned_dynamics_change(tmp_path):
-    from ssr_cli.pipeline import stage_inputs
+    from ssr_cli.stages import probe_channels
 
     cfg = _quick_cfg(tmp_path)
-    before = stage_inputs(cfg, "probe-channels")
+    before = probe_channels.inputs(cfg)
     assert before["dynamics"] is None
     save_dynamics(_modified_dynamics(), learned_dynamics_path(cfg))
-    after = stage_inputs(cfg, "probe-channels")
+    after = probe_channels.inputs(cfg)
     assert after["dynamics"] is not None and after != before
 
 
 @pytest.mark.slow  # a 3-step SSR fine-tune (checkpoint, curves) then the probe: ~10–20 s on a shared 2-core CPU
 def test_probe_after_a_real_ssr_finetune_scores_what_it_learned(tmp_path):
-    from ssr_cli.finetune import run_finetune
     from ssr_cli.recipe import from_dict
+    from ssr_cli.stages.finetune import run_finetune
 
     cfg = from_dict({
         "run": {"name": "learned", "out_dir": str(tmp_path), "device": "cpu", "precision": "fp32"},
@@ -293,7 +308,7 @@ def test_probe_after_a_real_ssr_finetune_scores_what_it_learned(tmp_path):
 
 
 def test_compare_draws_latent_norms_of_runs_on_one_scale(tmp_path):
-    from ssr_cli.probe import compare_latent_norms
+    from ssr_cli.stages.probe_channels import compare_latent_norms
 
     rng = np.random.default_rng(4)
     results = {}

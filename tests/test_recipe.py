@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import tomllib
+import typing
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from ssr_cli.recipe import Recipe, RecipeError, dump, from_dict, load, parse_override, write_resolved
 
@@ -113,7 +115,7 @@ def test_grad_clip_zero_turns_clipping_off(tmp_path):
 
     from ssr_cli.engine.optim import ParamGroup
     from ssr_cli.engine.runtime import setup_runtime
-    from ssr_cli.training import train_spec
+    from ssr_cli.stages.common import train_spec
 
     model = nn.Linear(2, 2)
     rt = setup_runtime("cpu", "fp32")
@@ -127,10 +129,58 @@ def test_grad_clip_zero_turns_clipping_off(tmp_path):
         load(_write(tmp_path, "[train]\ngrad_clip = -1\n"))
 
 
+def test_train_and_dit_share_one_optimisation_section(tmp_path):
+    """[train] and [dit] are one type (OptimConfig) with their own defaults, and the engine gets both through one
+    function: a key set in either reaches the TrainSpec field of the same name."""
+    from ssr_cli.recipe import DiTConfig, OptimConfig, TrainConfig
+    from ssr_cli.stages.common import optimisation
+
+    assert issubclass(TrainConfig, OptimConfig) and issubclass(DiTConfig, OptimConfig)
+    shared = set(OptimConfig.model_fields)
+    assert shared <= set(TrainConfig.model_fields) and shared <= set(DiTConfig.model_fields)
+    text = "\n".join(f"[{s}]\nsteps = 7\nlr = 0.003\nbetas = [0.8, 0.9]\nweight_decay = 0.01\ngrad_clip = 0\n"
+                     f"ckpt_every_steps = 3\nkeep_last = 2\nlog_every_steps = 4\nmax_nonfinite_steps = 5\n"
+                     for s in ("train", "dit"))
+    cfg = load(_write(tmp_path, text))
+    expected = {"steps": 7, "lr": 0.003, "betas": (0.8, 0.9), "weight_decay": 0.01, "grad_clip": None,
+                "ckpt_every": 3, "keep_last": 2, "log_every": 4, "max_nonfinite_steps": 5}
+    assert optimisation(cfg.train) == expected and optimisation(cfg.dit) == expected
+    # the defaults stay each section's own (LightningDiT's for the DiT)
+    defaults = load(_write(tmp_path, ""))
+    assert (defaults.dit.lr, defaults.dit.betas, defaults.dit.grad_clip) == (2e-4, (0.9, 0.95), 1.0)
+    assert (defaults.train.lr, defaults.train.betas, defaults.train.grad_clip) == (1e-5, (0.9, 0.999), 50.0)
+
+
 def test_grad_checkpointing_on_a_tokenizer_without_it_is_a_user_error(tmp_path):
     from ssr_cli.errors import UserError
-    from ssr_cli.finetune import build_tokenizer
+    from ssr_cli.stages.common import build_tokenizer
 
     cfg = load(_write(tmp_path, '[tokenizer]\nfamily = "taesd"\nsize = "taesd"\ngrad_checkpointing = true\n'))
     with pytest.raises(UserError, match="grad_checkpointing"):
         build_tokenizer(cfg, weights=None)
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """The pydantic models an annotation names, through unions, containers and Annotated."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def test_every_recipe_field_has_a_description():
+    """Issue 12: a docstring on every field (turned into its description by use_attribute_docstrings), in every
+    section reachable from Recipe, nested models included; a new field without one fails here."""
+    seen: set[type[BaseModel]] = set()
+    todo: list[type[BaseModel]] = [Recipe]
+    missing = []
+    while todo:
+        model = todo.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, field in model.model_fields.items():
+            if not (field.description or "").strip():
+                missing.append(f"{model.__name__}.{name}")
+            todo.extend(_models_in(field.annotation))
+    assert {field.annotation for field in Recipe.model_fields.values()} <= seen  # the walk reached every section
+    assert not missing, f"fields without a docstring (add one under the field): {', '.join(missing)}"

@@ -1,4 +1,4 @@
-"""Regularizers of ``ssr finetune`` (ssr_cli/regularizers.py): dynamics, SSR / EQ-VAE / FT-SE losses, the grid check."""
+"""Regularizers of ``ssr finetune`` (regularizers.py, dynamics.py): dynamics, SSR / EQ-VAE / FT-SE losses, the grid check."""
 
 from __future__ import annotations
 
@@ -13,17 +13,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssr_cli.blur import gaussian_blur
+from ssr_cli.dynamics import SSRDynamics, resolve_grid
 from ssr_cli.models.tokenizer import DiagonalGaussian, Tokenizer
 from ssr_cli.regularizers import (
     EQ_ROTATIONS,
     EQ_SCALES,
     EQVAERegularizer,
     ScaleRegularizer,
-    SSRDynamics,
     SSRRegularizer,
     build_regularizer,
     reconstruction_loss,
-    resolve_grid,
 )
 
 # A sparse, strictly upper-triangular A (the polynomial-basis structure): j ≤ k − 2, j ≡ k (mod 2).
@@ -384,7 +383,7 @@ def test_eq_vae_branch_frequency_and_reproducibility():
 def test_dynamics_prediction_is_fp32_under_bf16_autocast():
     """Ā·z is computed in fp32 outside autocast: under CPU bf16 autocast ẑ2 agrees with an fp64 computation
     to fp32 rounding (in bf16 the slowest decay 1 − Ā would be off by tens of percent)."""
-    from ssr_cli.regularizers import SSRDynamics
+    from ssr_cli.dynamics import SSRDynamics
 
     dyn = SSRDynamics.from_basis("fourier", 4, 4, delta_init=0.1)
     z1 = torch.randn(3, 16, 5, 5, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
@@ -422,7 +421,8 @@ def test_kl_of_scaled_shifted_posterior_is_the_raw_posteriors_closed_form():
 def test_carried_mean_loss_is_the_centred_loss_plus_the_channel_mean_penalty():
     """MSE(z2, mean(z1) + Ā·C(z1)) = MSE(C(z2), Ā·C(z1)) + mean over (b, c) of (mean(z2) − mean(z1))² / 1 —
     exactly, since Ā·C(z1) has zero spatial mean (the per-element MSE divides both sides by B·C·h·w)."""
-    from ssr_cli.regularizers import SSRDynamics, latent_mse
+    from ssr_cli.dynamics import SSRDynamics
+    from ssr_cli.regularizers import latent_mse
 
     g = torch.Generator().manual_seed(3)
     dyn = SSRDynamics.from_basis("fourier", 4, 4, delta_init=0.3)
@@ -445,9 +445,9 @@ def test_carried_mean_loss_is_the_centred_loss_plus_the_channel_mean_penalty():
 def test_lpips_loss_takes_the_small_pairs_of_eq_vae_and_ft_se(shared_data, side):
     """At CIFAR size the EQ-VAE / FT-SE pairs are 16² or 8², too small for AlexNet's pooling: the loss compares
     them after upsampling both to 32², which equals LPIPS of the upsampled pair, and is finite with a gradient."""
-    from ssr_cli.finetune import LPIPS_MIN_SIDE, make_lpips
     from ssr_cli.metrics import load_lpips
     from ssr_cli.recipe import Recipe
+    from ssr_cli.stages.common import LPIPS_MIN_SIDE, make_lpips
 
     weights = shared_data / "lpips" / "alexnet-owt-7be5be79.features-only.pth"
     cfg = Recipe.model_validate({"loss": {"lambda_lpips": 0.1, "lpips_weights": str(weights)}})
@@ -463,3 +463,33 @@ def test_lpips_loss_takes_the_small_pairs_of_eq_vae_and_ft_se(shared_data, side)
     torch.testing.assert_close(got.detach(), expected, rtol=1e-5, atol=1e-6)
     got.sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_build_from_the_recipe_sections_takes_every_field_from_them(tmp_path):
+    """regularizers.build(cfg.regularizer, cfg.loss, ...) — what finetune and --dry-run call — passes each recipe
+    field to the regularizer it configures (non-default values everywhere, read back from the built objects)."""
+    from ssr_cli.recipe import load
+    from ssr_cli.regularizers import EQVAERegularizer, ScaleRegularizer, SSRRegularizer, build
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        '[regularizer]\nkind = "ssr"\ngrid = "2x2"\nalpha = 0.7\nlambda_latent = 0.3\nlambda_image = 1.5\n'
+        "lambda_pred_mae = 0.6\nlambda_pred_lpips = 0.0\nmean_centering = false\nlatent_loss = \"carried_mean\"\n"
+        'latent_space = "raw"\ntau_max = 3.0\ndelta_tau = 0.5\ndelta_init = 0.2\neq_probability = 0.9\n'
+        "se_weight = 0.4\nse_factors = [2]\n"
+        "[loss]\nlambda_mae = 0.8\nlambda_lpips = 0.0\nkl_weight = 0.002\n")
+    cfg = load(recipe)
+    reg = build(cfg.regularizer, cfg.loss, latent_channels=4, image_size=32, seed=0)
+    assert isinstance(reg, SSRRegularizer)
+    got = {k: getattr(reg, k) for k in ("alpha", "lambda_latent", "lambda_image", "lambda_mae_ssr", "lambda_lpips_ssr",
+                                        "mean_centering", "latent_loss", "latent_space", "tau_max", "delta_tau",
+                                        "lambda_mae", "lambda_lpips", "kl_weight")}
+    assert got == {"alpha": 0.7, "lambda_latent": 0.3, "lambda_image": 1.5, "lambda_mae_ssr": 0.6,
+                   "lambda_lpips_ssr": 0.0, "mean_centering": False, "latent_loss": "carried_mean",
+                   "latent_space": "raw", "tau_max": 3.0, "delta_tau": 0.5, "lambda_mae": 0.8, "lambda_lpips": 0.0,
+                   "kl_weight": 0.002}
+    assert float(reg.dynamics.delta_start) == pytest.approx(0.2)
+    eq = build(cfg.regularizer, cfg.loss, kind="eq_vae", latent_channels=4, image_size=32, seed=0)
+    se = build(cfg.regularizer, cfg.loss, kind="scale", latent_channels=4, image_size=32, seed=0)
+    assert isinstance(eq, EQVAERegularizer) and isinstance(se, ScaleRegularizer)
+    assert eq.p_equivariance == 0.9 and se.se_weight == 0.4 and tuple(se.factors) == (2,)

@@ -6,17 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from ssr_cli.dynamics import SSRDynamics
+from ssr_cli.images import load_image_pairs, random_crops
 from ssr_cli.metrics import psnr_uint8
-from ssr_cli.models.restoration import (
-    Denoiser,
-    add_gaussian_noise,
-    denoise_loss,
-    evaluate_denoiser,
-    load_image_pairs,
-    random_crops,
-    ssr_feature_loss,
-)
-from ssr_cli.regularizers import SSRDynamics
+from ssr_cli.models.restoration import Denoiser
+from ssr_cli.restoration import add_gaussian_noise, denoise_loss, evaluate_denoiser, ssr_feature_loss
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,17 +15,14 @@ from ssr_cli.models.s4d import (
     S4D,
     S4D_VAE_SIZES,
     CNNVAE,
-    PosteriorCollapseAlarm,
-    PosteriorCollapseWarning,
     S4DVAE,
     fft_conv,
     is_ssm_parameter,
-    kl_weight_schedule,
-    nelbo,
     positional_encoding_2d,
     s4d_param_groups,
 )
 from ssr_cli.models.tokenizer import DiagonalGaussian
+from ssr_cli.vae_objective import PosteriorCollapseAlarm, PosteriorCollapseWarning, kl_weight_schedule, nelbo
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 from ssr_cli import bases as B
 from ssr_cli.blur import gaussian_blur
+from ssr_cli.dynamics import build_dynamics, dynamics_from_config, save_dynamics
 from ssr_cli.recipe import RecipeError, from_dict
-from ssr_cli.regularizers import SSRRegularizer, build_dynamics, dynamics_from_config, save_dynamics
+from ssr_cli.regularizers import SSRRegularizer
 
 
 def _reg(**keys):
@@ -209,7 +210,8 @@ def test_random_a_is_seeded_normalised_and_stable():
 
 @pytest.mark.parametrize("reading", ["centred", "carried_mean"])
 def test_denoise_ssr_feature_loss_follows_latent_loss(reading):
-    from ssr_cli.models.restoration import Denoiser, ssr_feature_loss
+    from ssr_cli.models.restoration import Denoiser
+    from ssr_cli.restoration import ssr_feature_loss
 
     torch.manual_seed(0)
     model = Denoiser(channels=8, depth=1, bottleneck_channels=16, blocks_per_level=1)
@@ -260,7 +262,7 @@ def test_tiny_finetune_records_the_start_delta(tmp_path, keys, one_thread):
     from safetensors.torch import load_file
 
     from ssr_cli.engine.runtime import setup_runtime
-    from ssr_cli.finetune import run_finetune
+    from ssr_cli.stages.finetune import run_finetune
 
     cfg = from_dict({
         "run": {"name": "t", "out_dir": str(tmp_path), "device": "cpu", "precision": "fp32"},

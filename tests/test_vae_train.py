@@ -15,12 +15,13 @@ from safetensors.torch import load_file
 
 from ssr_cli.engine.checkpoint import load_checkpoint_file
 from ssr_cli.engine.runtime import setup_runtime
-from ssr_cli.finetune import finetuned_weights, load_tokenizer_for_run
-from ssr_cli.models.s4d import CNN_VAE_SIZES, CNNVAE, PosteriorCollapseWarning, nelbo
+from ssr_cli.models.s4d import CNN_VAE_SIZES, CNNVAE
 from ssr_cli.models.tokenizer import DiagonalGaussian
 from ssr_cli.recipe import from_dict
-from ssr_cli.vae_train import STAGE_DIR, build_vae, run_vae_train
-
+from ssr_cli.stages import vae
+from ssr_cli.stages.common import finetuned_weights, load_tokenizer_for_run
+from ssr_cli.stages.vae import STAGE_DIR, build_vae, run_vae_train
+from ssr_cli.vae_objective import PosteriorCollapseWarning, nelbo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,10 +64,11 @@ def test_nelbo_decreases_alarm_silent_and_files(tmp_path, family):
     cfg = _cfg(tmp_path, family)
     x = _fixed_batch(cfg)
     before = _eval_nelbo(build_vae(cfg), x)  # build_vae is seeded: the very initialisation training starts from
+    assert not vae.is_complete(cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("error", PosteriorCollapseWarning)  # a VAE that uses its latent: no alarm
         out = run_vae_train(cfg, setup_runtime("cpu", "fp32"))
-    assert out == finetuned_weights(cfg) and out.is_file()
+    assert out == finetuned_weights(cfg) and out.is_file() and vae.is_complete(cfg)
     trained, source = load_tokenizer_for_run(cfg)  # what the rest of the toolkit loads
     assert source == out
     after = _eval_nelbo(trained, x)

@@ -159,11 +159,11 @@ def test_seeded_stream_order_and_augmentation_match_the_tar_source(shards, tmp_p
 def test_encode_latents_reads_webdataset_shards(shards, tmp_path):
     from safetensors.torch import load_file
 
-    from ssr_cli.engine import setup_runtime
-    from ssr_cli.finetune import build_tokenizer
-    from ssr_cli.latents import encode_latents
+    from ssr_cli.engine.runtime import setup_runtime
     from ssr_cli.models.weights import save_weights
     from ssr_cli.recipe import from_dict
+    from ssr_cli.stages.common import build_tokenizer
+    from ssr_cli.stages.encode_latents import encode_latents
 
     folder, samples = shards
     cfg = from_dict({
@@ -187,10 +187,10 @@ def test_encode_latents_reads_webdataset_shards(shards, tmp_path):
 
 @pytest.mark.slow  # about 10 s on a loaded 2-core machine (the curves and grids a run draws included)
 def test_a_tiny_finetune_trains_on_webdataset_shards(shards, tmp_path):
-    from ssr_cli.engine import setup_runtime
+    from ssr_cli.engine.runtime import setup_runtime
     from ssr_cli.engine.progress import read_metrics
-    from ssr_cli.finetune import run_finetune
     from ssr_cli.recipe import from_dict
+    from ssr_cli.stages.finetune import run_finetune
 
     folder, _ = shards
     cfg = from_dict({

@@ -92,16 +92,39 @@ def load_recipe(recipe: Path | None, sets: list[str] | None, device: str | None 
 
 def run_dry(cfg, stages: tuple[str, ...]) -> None:
     """``--dry-run``: print the resolved recipe, then build the models the run would build (see
-    :func:`ssr_cli.pipeline.check_builds`); a failure there exits 2 as the run would."""
+    :func:`ssr_cli.stages.pipeline.check_builds`); a user error there (:class:`ssr_cli.errors.UserError`) exits 2 as the
+    run would; any other exception is a bug and keeps its traceback."""
     from ssr_cli.errors import UserError
-    from ssr_cli.pipeline import check_builds
+    from ssr_cli.stages.pipeline import check_builds
 
     print_recipe(cfg)
     try:
         built = check_builds(cfg, stages)
-    except (UserError, ValueError, KeyError) as exc:
-        fail(str(exc).strip("'\""))
+    except UserError as exc:
+        fail(str(exc))
     console.print("dry run: built " + "; ".join(built))
+
+
+def run_command(recipe: Path | None, sets: list[str] | None, device: str | None, dry_run: bool, stage,
+                *, dry_stages: tuple[str, ...] | None = None, after=None, **options):
+    """What every stage command does, in order: load the recipe, apply ``--set`` and ``--device`` (bad input:
+    exit 2), then either ``--dry-run`` (print the resolved recipe, build what the stage would build, exit) or
+    run ``ssr_cli.stages.<stage>.run(cfg, rt, **options)`` in a set-up run (:class:`start_run`: device,
+    precision, DDP, run lock, resolved recipe; user errors become exit 2), then ``after(cfg, rt, result)`` (e.g.
+    ``--compare``). ``stage`` is a module name of :mod:`ssr_cli.stages`, or a function of the recipe giving one.
+    The stage module is imported only here, so ``ssr --help`` stays fast."""
+    import importlib
+
+    cfg = load_recipe(recipe, sets, device)
+    module = importlib.import_module(f"ssr_cli.stages.{stage(cfg) if callable(stage) else stage}")
+    if dry_run:
+        run_dry(cfg, dry_stages or (module.NAME,))
+        return None
+    with start_run(cfg) as rt:
+        result = module.run(cfg, rt, **options)
+        if after is not None:
+            after(cfg, rt, result)
+    return result
 
 
 def print_recipe(recipe) -> None:
@@ -113,8 +136,9 @@ def print_recipe(recipe) -> None:
 
 
 class start_run:
-    """Context manager: set up device/precision/DDP, write the resolved recipe (rank 0), turn known
-    user errors (missing files, bad values) into one clear line and exit code 2."""
+    """Context manager: set up device/precision/DDP, write the resolved recipe (rank 0), turn user errors
+    (:class:`ssr_cli.errors.UserError`: missing files, bad values, unsupported options) into one clear line and
+    exit code 2; any other exception is a bug and keeps its traceback."""
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
@@ -124,11 +148,12 @@ class start_run:
     def __enter__(self):
         from ssr_cli.engine.lock import RunLock, RunLocked
         from ssr_cli.engine.runtime import setup_runtime
+        from ssr_cli.errors import UserError
         from ssr_cli.recipe import write_resolved
 
         try:
             self.rt = setup_runtime(self.cfg.run.device, self.cfg.run.precision, self.cfg.run.threads)
-        except RuntimeError as exc:
+        except UserError as exc:  # e.g. run.device = "cuda" without a CUDA device
             fail(str(exc))
         if self.rt.is_main and self.rt.device.type == "cpu":
             import torch
@@ -154,10 +179,10 @@ class start_run:
             self.rt.shutdown()
         from ssr_cli.errors import UserError
 
-        # User errors (and the standard types our checks raise for bad input, subclasses included) become one line
-        # and exit 2; anything else is a bug and keeps its traceback.
-        if exc is not None and (isinstance(exc, (UserError, FileNotFoundError, ValueError)) or exc_type is KeyError):
-            fail(str(exc).strip("'\""))
+        # User errors (UserError and what derives from it: RecipeError, WeightsError, UserValueError, …) become one
+        # line and exit 2; anything else, a plain ValueError included, is a bug and keeps its traceback.
+        if isinstance(exc, UserError):
+            fail(str(exc))
         return False
 
 

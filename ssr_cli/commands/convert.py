@@ -27,7 +27,7 @@ def import_dit(
     sinusoid) and latent_stats.safetensors (mean, std / latent_multiplier). The recipe's tokenizer decodes.
     """
     cfg = load_recipe(recipe, set_)
-    from ssr_cli.convert import import_dit as run
+    from ssr_cli.stages.convert import import_dit as run
 
     with start_run(cfg):
         run(cfg, checkpoint, stats, latent_multiplier=latent_multiplier, use=use)
@@ -46,7 +46,7 @@ def export_dit(
     latent_norm: true, latent_multiplier: 1.0. Needs a DiT trained with dit.time_scale = 1.
     """
     cfg = load_recipe(recipe, set_)
-    from ssr_cli.convert import export_dit as run
+    from ssr_cli.stages.convert import export_dit as run
 
     with start_run(cfg):
         run(cfg, out, use_ema=not raw)
@@ -66,7 +66,7 @@ def export_tokenizer(
     A kl-ae with attention in its down/up levels (size vavae) has no such layout and is refused.
     """
     cfg = load_recipe(recipe, set_)
-    from ssr_cli.convert import export_tokenizer as run
+    from ssr_cli.stages.convert import export_tokenizer as run
 
     with start_run(cfg):
         run(cfg, out, sample_size=sample_size)

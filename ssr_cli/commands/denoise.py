@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ssr_cli.commands.common import DeviceOpt, DryRunOpt, RecipeArg, SetOpt, load_recipe, run_dry, start_run
+from ssr_cli.commands.common import DeviceOpt, DryRunOpt, RecipeArg, SetOpt, run_command
 
 
 def denoise(recipe: RecipeArg, set_: SetOpt = None, dry_run: DryRunOpt = False, device: DeviceOpt = None) -> None:
@@ -16,11 +16,4 @@ def denoise(recipe: RecipeArg, set_: SetOpt = None, dry_run: DryRunOpt = False, 
     Writes <run.out_dir>/<run.name>/{baseline,ssr}/: checkpoints, metrics.jsonl, images, denoiser.safetensors,
     denoise_eval.json; and comparison.json when comparing.
     """
-    cfg = load_recipe(recipe, set_, device)
-    if dry_run:
-        run_dry(cfg, ("denoise",))
-        return
-    from ssr_cli.denoise import run_denoise
-
-    with start_run(cfg) as rt:
-        run_denoise(cfg, rt)
+    run_command(recipe, set_, device, dry_run, "denoise")

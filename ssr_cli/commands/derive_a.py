@@ -1,6 +1,7 @@
 """`ssr derive-a`: the A matrix of a 2D basis (and its discretization Ā), summary, files, heatmap, checks.
 
-All mathematics lives in ``ssr_cli.bases``; this module parses options, prints and writes files.
+All mathematics lives in ``ssr_cli.bases`` (its checks in ``ssr_cli.bases_verify``); this module parses options,
+prints and writes files.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import typer
 
 # numpy, scipy (through bases) and rich tables load when the command runs, not for `ssr --help`.
 from ssr_cli.commands.common import OptionalRecipeArg, SetOpt, console, fail
+from ssr_cli.errors import UserError, UserValueError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -27,7 +29,7 @@ def _basis_cb(value: Optional[str]) -> Optional[str]:
         return None
     try:
         return bases.check_basis(value)
-    except ValueError as exc:
+    except UserError as exc:
         raise typer.BadParameter(str(exc)) from None
 
 
@@ -40,8 +42,8 @@ def check_grid_size(w: int, h: int) -> None:
     n = w * h
     if n > MAX_CHANNELS:
         gib = 6 * 8 * n * n / 2**30
-        raise ValueError(f"a {w}x{h} grid has {n} channels: its dense {n}x{n} float64 matrices would need about "
-                         f"{gib:.0f} GiB; derive-a accepts at most {MAX_CHANNELS} channels (e.g. 64x64)")
+        raise UserValueError(f"a {w}x{h} grid has {n} channels: its dense {n}x{n} float64 matrices would need about "
+                             f"{gib:.0f} GiB; derive-a accepts at most {MAX_CHANNELS} channels (e.g. 64x64)")
 
 
 def _size_cb(value: Optional[str]) -> Optional[str]:
@@ -52,7 +54,7 @@ def _size_cb(value: Optional[str]) -> Optional[str]:
     try:
         w, h = bases.parse_grid(value)
         check_grid_size(w, h)
-    except ValueError as exc:
+    except UserError as exc:
         raise typer.BadParameter(str(exc)) from None
     return f"{w}x{h}"
 
@@ -145,12 +147,12 @@ def derive_a(
     W, H = bases.parse_grid(size)
     try:
         check_grid_size(W, H)
-    except ValueError as exc:
+    except UserError as exc:
         fail(str(exc))
     orthonormal = orthonormal or bool(reg and reg.orthonormal)
     discretization = discretization or (reg.discretization if reg else "zoh")
     if discretization == "auto":  # the recipe's "auto": what fine-tuning resolves it to for this basis
-        from ssr_cli.regularizers import resolve_discretization
+        from ssr_cli.dynamics import resolve_discretization
 
         discretization = resolve_discretization(discretization, basis)
     if blur_gap is not None:
@@ -256,10 +258,10 @@ def _save(path: Path, A: np.ndarray, A_bar: np.ndarray, meta: dict[str, str]) ->
 def _run_verify(W: int, H: int) -> None:
     from rich.table import Table
 
-    from ssr_cli import bases
+    from ssr_cli import bases_verify
 
     console.print(f"\n[bold]verify (a)[/]: closed forms vs independent 2D Gauss quadrature, {W}x{H} grid")
-    quad = bases.verify_quadrature(W, H)
+    quad = bases_verify.verify_quadrature(W, H)
     t = Table()
     for col in ("basis", "variant", "max|A| (raw)", "max err / max|A|", "max rel err (nonzeros)", "quad on zeros / max|A|"):
         t.add_column(col, justify="right" if col.startswith(("max", "quad")) else "left")
@@ -273,7 +275,7 @@ def _run_verify(W: int, H: int) -> None:
     status = "[green]PASS[/]" if worst <= 1e-9 else "[red]FAIL[/]"
     console.print(f"largest relative error: {worst:.2e} (tolerance 1e-9) {status}")
 
-    dyn = bases.verify_dynamics(W, H)
+    dyn = bases_verify.verify_dynamics(W, H)
     taus = dyn["taus_px2"]
     console.print(
         f"\n[bold]verify (b)[/]: dynamics. Δ = τ / {dyn['pixels_per_unit']}² physical units² "

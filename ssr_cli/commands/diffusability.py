@@ -15,9 +15,7 @@ from ssr_cli.commands.common import (
     SetOpt,
     WeightsOpt,
     compared_results,
-    load_recipe,
-    run_dry,
-    start_run,
+    run_command,
 )
 
 
@@ -39,14 +37,11 @@ def diffusability(
     diffusability.json, diffusability.png and ranking.md; each proxy is cached in parts/ and an interrupted
     run resumes. With --compare, also compare_diffusability.png/.json and compare_ranking.md.
     """
-    cfg = load_recipe(recipe, set_, device)
-    if dry_run:
-        run_dry(cfg, ("diffusability",))
-        return
-    from ssr_cli.diffusability import compare_diffusability, run_diffusability
-
-    with start_run(cfg) as rt:
-        result = run_diffusability(cfg, rt, weights=weights, out_dir=out)
+    def compare_with(cfg, rt, result) -> None:
         if compare and rt.is_main:
+            from ssr_cli.stages.diffusability import compare_diffusability, run_diffusability
+
             results = compared_results(cfg, result, compare, device, lambda other: run_diffusability(other, rt))
             compare_diffusability(results, Path(out) if out else cfg.run_dir() / "diffusability")
+
+    run_command(recipe, set_, device, dry_run, "diffusability", after=compare_with, weights=weights, out_dir=out)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ssr_cli.commands.common import DeviceOpt, DryRunOpt, RecipeArg, SetOpt, load_recipe, run_dry, start_run
+from ssr_cli.commands.common import DeviceOpt, DryRunOpt, RecipeArg, SetOpt, run_command
 
 
 def encode_latents(recipe: RecipeArg, set_: SetOpt = None, dry_run: DryRunOpt = False, device: DeviceOpt = None) -> None:
@@ -12,11 +12,4 @@ def encode_latents(recipe: RecipeArg, set_: SetOpt = None, dry_run: DryRunOpt = 
     (tokenizer, weights hash, recipe) to \\[latents].out_dir (default <run>/latents). Finished shards are kept
     when re-run; works under torchrun.
     """
-    cfg = load_recipe(recipe, set_, device)
-    if dry_run:
-        run_dry(cfg, ("encode-latents",))
-        return
-    from ssr_cli.latents import encode_latents as run
-
-    with start_run(cfg) as rt:
-        run(cfg, rt)
+    run_command(recipe, set_, device, dry_run, "encode_latents")

@@ -15,9 +15,7 @@ from ssr_cli.commands.common import (
     SetOpt,
     compared_results,
     current_run_recipe,
-    load_recipe,
-    run_dry,
-    start_run,
+    run_command,
 )
 
 
@@ -51,23 +49,16 @@ def evaluate(
     --compare other recipes' runs, e.g. recipes/s4d_vae.toml --compare recipes/cnn_vae.toml; runs evaluated
     under different protocols (eval.json "protocol") are refused unless --mixed-protocols.
     """
-    cfg = load_recipe(current_run_recipe(recipe), set_, device)
-    if dry_run:
-        run_dry(cfg, ("evaluate",))
-        return
-    from ssr_cli.evaluation import make_reference, run_evaluate
-
-    with start_run(cfg) as rt:
-        if make_ref is not None:
-            if rt.is_main:
-                make_reference(cfg, rt, make_ref)
-            return
-        result = run_evaluate(cfg, rt, gfid=gfid, samples=samples, weights=weights, out=out)
-        if compare and rt.is_main:
+    def compare_with(cfg, rt, result) -> None:
+        if compare and rt.is_main and make_ref is None:
             from ssr_cli.engine.progress import console
-            from ssr_cli.evaluation import check_protocols, print_comparison
+            from ssr_cli.stages.evaluate import check_protocols, print_comparison, run_evaluate
 
             results = compared_results(cfg, result, compare, device, lambda other: run_evaluate(other, rt, gfid=gfid))
             for line in check_protocols(results, allow_mixed=mixed_protocols):
                 console.print(f"[yellow]protocols differ: {line}")
             print_comparison(results)
+
+    options = {"make_ref": make_ref} if make_ref is not None else {"gfid": gfid, "samples": samples,
+                                                                    "weights": weights, "out": out}
+    run_command(current_run_recipe(recipe), set_, device, dry_run, "evaluate", after=compare_with, **options)

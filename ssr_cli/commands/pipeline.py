@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ssr_cli.commands.common import DeviceOpt, DryRunOpt, RecipeArg, SetOpt, fail, load_recipe, run_dry, start_run
+from ssr_cli.commands.common import DeviceOpt, DryRunOpt, RecipeArg, SetOpt, fail, run_command
 
 
 def pipeline(
@@ -25,15 +25,10 @@ def pipeline(
     their settings) are unchanged are skipped, others are redone, training stages continue from their newest
     checkpoint. Ends with a summary table (also <run>/summary.json).
     """
-    from ssr_cli.pipeline import STAGES, run_pipeline
+    from ssr_cli.stages.pipeline import STAGES
 
-    cfg = load_recipe(recipe, set_, device)
     stages = tuple(only) if only else STAGES
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         fail(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
-    if dry_run:
-        run_dry(cfg, stages)
-        return
-    with start_run(cfg) as rt:
-        run_pipeline(cfg, rt, stages)
+    run_command(recipe, set_, device, dry_run, "pipeline", dry_stages=stages, stages=stages)

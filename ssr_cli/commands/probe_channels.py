@@ -15,9 +15,7 @@ from ssr_cli.commands.common import (
     SetOpt,
     compared_results,
     current_run_recipe,
-    load_recipe,
-    run_dry,
-    start_run,
+    run_command,
 )
 
 
@@ -46,16 +44,12 @@ def probe_channels(
     compare_psnr_vs_k.png and compare_latent_norms.png (one row per run, one colour scale: e.g. a run trained
     with regularizer.mean_centering = false beside one with it, as in Fig. 4(a)).
     """
-    cfg = load_recipe(current_run_recipe(recipe), set_, device)
-    if dry_run:
-        run_dry(cfg, ("probe-channels",))
-        return
-    from ssr_cli.probe import run_probe
-
-    with start_run(cfg) as rt:
-        result = run_probe(cfg, rt, weights=weights, out_dir=out)
+    def compare_with(cfg, rt, result) -> None:
         if compare and rt.is_main:
-            from ssr_cli.probe import compare_probes
+            from ssr_cli.stages.probe_channels import compare_probes, run_probe
 
             results = compared_results(cfg, result, compare, device, lambda other: run_probe(other, rt))
             compare_probes(results, Path(out) if out else cfg.run_dir() / "probe")
+
+    run_command(current_run_recipe(recipe), set_, device, dry_run, "probe_channels", after=compare_with,
+                weights=weights, out_dir=out)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ssr_cli.commands.common import DeviceOpt, DryRunOpt, RecipeArg, SetOpt, load_recipe, run_dry, start_run
+from ssr_cli.commands.common import DeviceOpt, DryRunOpt, RecipeArg, SetOpt, run_command
 
 
 def sample(recipe: RecipeArg, set_: SetOpt = None, dry_run: DryRunOpt = False, device: DeviceOpt = None) -> None:
@@ -11,11 +11,4 @@ def sample(recipe: RecipeArg, set_: SetOpt = None, dry_run: DryRunOpt = False, d
     Each image has its own seed, so results do not depend on batch size or GPU count. Writes PNGs and an
     ADM-style samples.npz (arr_0: uint8 NHWC, arr_1: labels) to <run>/samples/; existing PNGs are kept.
     """
-    cfg = load_recipe(recipe, set_, device)
-    if dry_run:
-        run_dry(cfg, ("sample",))
-        return
-    from ssr_cli.generate import run_sample
-
-    with start_run(cfg) as rt:
-        run_sample(cfg, rt)
+    run_command(recipe, set_, device, dry_run, "sample")

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ssr_cli.errors import UserValueError
+
 
 @dataclass
 class ParamGroup:
@@ -46,7 +48,7 @@ def build_optimizer(
             }
         )
     if not param_groups:
-        raise ValueError("no trainable parameters: everything is frozen")
+        raise UserValueError("no trainable parameters: everything is frozen")
     if fused is None:
         fused = all(p.is_cuda for g in param_groups for p in g["params"])
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=fused or None)
@@ -71,7 +73,7 @@ def lr_lambda(
     if schedule == "constant":
         return lambda step: 1.0
     if schedule != "warmup_cosine":
-        raise ValueError(f"unknown schedule {schedule!r}; choose 'warmup_cosine' or 'constant'")
+        raise UserValueError(f"unknown schedule {schedule!r}; choose 'warmup_cosine' or 'constant'")
     warmup = int(round(warmup_frac * total_steps))
     decay = int(round(cosine_frac * total_steps))
     decay_start = total_steps - decay

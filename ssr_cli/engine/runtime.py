@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ssr_cli.errors import UserRuntimeError, UserValueError
+
 
 @dataclass
 class Runtime:
@@ -59,7 +61,7 @@ class Runtime:
 
 def resolve_device(preference: str = "auto") -> torch.device:
     if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+        raise UserRuntimeError("run.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     if preference == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(preference)
@@ -114,7 +116,7 @@ def set_cpu_threads(threads: int | str = 0, local_world_size: int = 1) -> int:
     elif threads == 0:
         n = max(1, cpu_set_size() // max(1, local_world_size))
     else:
-        raise ValueError(f"run.threads must be a positive integer, 0 or \"auto\", got {threads!r}")
+        raise UserValueError(f"run.threads must be a positive integer, 0 or \"auto\", got {threads!r}")
     torch.set_num_threads(n)
     return n
 

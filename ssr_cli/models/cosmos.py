@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ssr_cli.errors import UserValueError
 from ssr_cli.models.kl_ae import Decoder, Encoder, stage_prefixes
 from ssr_cli.models.tokenizer import Tokenizer
 from ssr_cli.models.weights import load_state_dict_file, partner_file
@@ -82,13 +83,13 @@ class CosmosCI(Tokenizer):
         patch_levels = int(math.log2(params.patch_size))
         down = int(math.log2(params.spatial_compression)) - patch_levels
         if 2**patch_levels != params.patch_size or 2 ** (down + patch_levels) != params.spatial_compression:
-            raise ValueError(
+            raise UserValueError(
                 f"patch_size ({params.patch_size}) and spatial_compression ({params.spatial_compression}) must be "
                 "powers of two with spatial_compression >= patch_size"
             )
         mult = tuple(int(m) for m in params.channels_mult)
         if not 0 <= down <= len(mult):
-            raise ValueError(
+            raise UserValueError(
                 f"spatial_compression {params.spatial_compression} needs {down} downsampling stages after the "
                 f"patch-{params.patch_size} patcher, but channels_mult {mult} has only {len(mult)} levels"
             )
@@ -110,7 +111,7 @@ class CosmosCI(Tokenizer):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, 3, H, W) in [-1, 1], H and W multiples of f -> latent (B, 16, H/f, W/f)."""
         if x.shape[-2] % self.downsample_factor or x.shape[-1] % self.downsample_factor:
-            raise ValueError(f"image size {tuple(x.shape[-2:])} must be a multiple of {self.downsample_factor}")
+            raise UserValueError(f"image size {tuple(x.shape[-2:])} must be a multiple of {self.downsample_factor}")
         return self.quant_conv(self.encoder(haar_patchify(x, self.patch_levels)))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -148,11 +149,11 @@ COSMOS_SIZES: dict[str, dict] = {
 def build_cosmos(size: str = "ci16x16", *, grad_checkpointing: bool = False, **overrides) -> CosmosCI:
     """A Cosmos CI tokenizer of a named size with field overrides (``channels``, ``channels_mult``, …)."""
     if size not in COSMOS_SIZES:
-        raise ValueError(f"unknown cosmos-ci size {size!r}; choose one of {sorted(COSMOS_SIZES)}")
+        raise UserValueError(f"unknown cosmos-ci size {size!r}; choose one of {sorted(COSMOS_SIZES)}")
     config = {**COSMOS_SIZES[size], **overrides}
     allowed = set(CosmosParams.__dataclass_fields__)
     unknown = sorted(set(config) - allowed)
     if unknown:
-        raise ValueError(f"unknown cosmos-ci override(s) {unknown}; allowed: {sorted(allowed)}")
+        raise UserValueError(f"unknown cosmos-ci override(s) {unknown}; allowed: {sorted(allowed)}")
     config["channels_mult"] = tuple(int(m) for m in config.get("channels_mult", CosmosParams.channels_mult))
     return CosmosCI(CosmosParams(**config), grad_checkpointing=grad_checkpointing)

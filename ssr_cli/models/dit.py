@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssr_cli.errors import UserValueError
+
 
 @dataclass(frozen=True)
 class DiTSize:
@@ -83,7 +85,7 @@ def rope_2d_angles(head_dim: int, grid: int, theta: float = ROPE_THETA) -> torch
     the last head_dim/4 with its column, at frequencies theta^(-i/(head_dim/4)).
     """
     if head_dim % 4:
-        raise ValueError(f"2D RoPE needs a head dimension divisible by 4, got {head_dim}")
+        raise UserValueError(f"2D RoPE needs a head dimension divisible by 4, got {head_dim}")
     quarter = head_dim // 4
     freqs = theta ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
@@ -228,11 +230,11 @@ class DiT(nn.Module):
     ) -> None:
         super().__init__()
         if input_size % patch_size:
-            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+            raise UserValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+            raise UserValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
         if hidden_size % 4:
-            raise ValueError(f"hidden_size must be divisible by 4 (2D sin-cos embedding), got {hidden_size}")
+            raise UserValueError(f"hidden_size must be divisible by 4 (2D sin-cos embedding), got {hidden_size}")
         self.input_size, self.in_channels, self.num_classes = input_size, in_channels, num_classes
         self.patch_size, self.hidden_size, self.depth, self.num_heads = patch_size, hidden_size, depth, num_heads
         self.qk_norm, self.class_dropout, self.time_scale = qk_norm, class_dropout, float(time_scale)
@@ -307,7 +309,7 @@ def build_dit(
 ) -> DiT:
     """A DiT of a named size (``DIT_SIZES``); depth/hidden_size/num_heads override the size's values."""
     if name not in DIT_SIZES:
-        raise ValueError(f"unknown DiT model {name!r}; choose one of {', '.join(DIT_SIZES)}")
+        raise UserValueError(f"unknown DiT model {name!r}; choose one of {', '.join(DIT_SIZES)}")
     size = DIT_SIZES[name]
     return DiT(
         input_size=input_size,

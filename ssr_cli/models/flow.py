@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ssr_cli.errors import UserValueError
+
 
 def sample_t_logit_normal(n: int, gen: torch.Generator | None, device: torch.device | str, mean: float = 0.0,
                           std: float = 1.0) -> torch.Tensor:
@@ -69,7 +71,7 @@ def sample_ode(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: 
     t = 1), exact for a velocity affine in t.
     """
     if method not in ("euler", "heun"):
-        raise ValueError(f"unknown ODE method {method!r}; choose 'euler' or 'heun'")
+        raise UserValueError(f"unknown ODE method {method!r}; choose 'euler' or 'heun'")
     grid = time_grid(steps, shift).tolist()  # python floats: no device syncs inside the loop
     x = noise
     n = x.shape[0]

@@ -27,13 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ssr_cli.errors import UserValueError
 from ssr_cli.models.tokenizer import DiagonalGaussian, Tokenizer
 from ssr_cli.models.weights import WeightsError
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
     if channels % groups:
-        raise ValueError(
+        raise UserValueError(
             f"GroupNorm: {channels} channels are not divisible by norm_groups={groups}; choose ch / ch_mult / "
             "norm_groups so that every level's width is a multiple of norm_groups"
         )
@@ -297,7 +298,7 @@ class KLAutoEncoder(Tokenizer):
         self.scale_factor = float(params.scale_factor)
         self.shift_factor = float(params.shift_factor)
         if self.scale_factor <= 0:
-            raise ValueError(f"scale_factor must be > 0, got {self.scale_factor}")
+            raise UserValueError(f"scale_factor must be > 0, got {self.scale_factor}")
         common = dict(ch=params.ch, ch_mult=ch_mult, num_res_blocks=params.num_res_blocks,
                       norm_groups=params.norm_groups, mid_attention=params.mid_attention,
                       attn_levels=params.attn_levels())
@@ -377,9 +378,10 @@ class KLAutoEncoder(Tokenizer):
 def stage_prefixes(encoder_levels: int, decoder_levels: int, encoder: int, decoder: int) -> list[str]:
     """Prefixes of the first ``encoder`` encoder levels and the last ``decoder`` executed decoder levels."""
     if not 0 <= encoder <= encoder_levels:
-        raise ValueError(f"cannot freeze {encoder} encoder stages: the encoder has {encoder_levels} (encoder.down.*)")
+        raise UserValueError(f"cannot freeze {encoder} encoder stages: the encoder has {encoder_levels} "
+                             f"(encoder.down.*)")
     if not 0 <= decoder <= decoder_levels:
-        raise ValueError(f"cannot freeze {decoder} decoder stages: the decoder has {decoder_levels} (decoder.up.*)")
+        raise UserValueError(f"cannot freeze {decoder} decoder stages: the decoder has {decoder_levels} (decoder.up.*)")
     return [f"encoder.down.{i}" for i in range(encoder)] + [f"decoder.up.{i}" for i in range(decoder)]
 
 
@@ -411,12 +413,12 @@ KL_AE_SIZES: dict[str, dict] = {
 def build_kl_ae(size: str = "flux", *, grad_checkpointing: bool = False, **overrides) -> KLAutoEncoder:
     """A KL autoencoder of a named size with field overrides (``ch``, ``ch_mult``, ``z_channels``, …)."""
     if size not in KL_AE_SIZES:
-        raise ValueError(f"unknown kl-ae size {size!r}; choose one of {sorted(KL_AE_SIZES)}")
+        raise UserValueError(f"unknown kl-ae size {size!r}; choose one of {sorted(KL_AE_SIZES)}")
     config = {**KL_AE_SIZES[size], **overrides}
     allowed = set(KLAEParams.__dataclass_fields__)
     unknown = sorted(set(config) - allowed)
     if unknown:
-        raise ValueError(f"unknown kl-ae override(s) {unknown}; allowed: {sorted(allowed)}")
+        raise UserValueError(f"unknown kl-ae override(s) {unknown}; allowed: {sorted(allowed)}")
     config["ch_mult"] = tuple(int(m) for m in config["ch_mult"])
     return KLAutoEncoder(KLAEParams(**config), grad_checkpointing=grad_checkpointing)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ssr_cli.errors import UserFileNotFoundError
 from ssr_cli.models.dit import DIT_SIZES, DiT, build_dit, rope_2d_angles
 from ssr_cli.models.weights import WeightsError, read_torch_tensors
 
@@ -39,7 +40,7 @@ def checkpoint_state(path: str | Path, use: str = "ema") -> dict[str, torch.Tens
     is a bare state dict; a DDP ``module.`` prefix is removed."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"LightningDiT checkpoint not found: {path}")
+        raise UserFileNotFoundError(f"LightningDiT checkpoint not found: {path}")
     data = read_torch_tensors(path, "a LightningDiT .pt")
     if not isinstance(data, dict):
         raise WeightsError(f"{path}: expected a dict (a state dict or {{'model', 'ema'}}), found {type(data).__name__}")
@@ -145,7 +146,7 @@ def read_stats(path: str | Path, latent_multiplier: float = 1.0) -> tuple[torch.
     """Our (mean, std), each (C,), from a LightningDiT ``latents_stats.pt``: x = (z − mean) / (std / multiplier)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"latent statistics not found: {path} (LightningDiT's latents_stats.pt)")
+        raise UserFileNotFoundError(f"latent statistics not found: {path} (LightningDiT's latents_stats.pt)")
     stats = read_torch_tensors(path, "LightningDiT's latents_stats.pt")
     if not (isinstance(stats, dict) and all(isinstance(stats.get(k), torch.Tensor) for k in ("mean", "std"))):
         found = sorted(stats) if isinstance(stats, dict) else type(stats).__name__

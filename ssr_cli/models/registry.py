@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from ssr_cli.errors import UserFileNotFoundError, UserValueError
 from ssr_cli.models import s4d
 from ssr_cli.models.cosmos import COSMOS_SIZES, build_cosmos
 from ssr_cli.models.diffusers_vae import CONFIG, diffusers_folder, params_from_config, read_config
@@ -49,7 +50,7 @@ def sizes_of(family: str) -> dict[str, dict[str, Any]]:
         return TOKENIZER_SIZES[family]
     if family in VECTOR_VAE_FAMILIES:
         return _vector_vae(family)[0]
-    raise ValueError(f"tokenizer.family = {family!r} is unknown; choose one of {families()}")
+    raise UserValueError(f"tokenizer.family = {family!r} is unknown; choose one of {families()}")
 
 
 DIFFUSERS_SIZE = "diffusers"
@@ -85,25 +86,25 @@ def build_tokenizer(family: str, size: str, *, weights: str | Path | None = None
         try:
             model = _kl_ae_from_diffusers(architecture if architecture is not None else weights, dict(overrides))
         except TypeError as exc:
-            raise ValueError(f"tokenizer.overrides {overrides} do not fit kl-ae/{size}: {exc}") from exc
+            raise UserValueError(f"tokenizer.overrides {overrides} do not fit kl-ae/{size}: {exc}") from exc
         if weights is not None:
             load_weights(model, weights, strict=strict)
         return model
     if size not in sizes:
-        raise ValueError(f"tokenizer.size = {size!r} is not a {family} size; choose one of {sorted(sizes)}")
+        raise UserValueError(f"tokenizer.size = {size!r} is not a {family} size; choose one of {sorted(sizes)}")
     try:
         if family in VECTOR_VAE_FAMILIES:
             model = _vector_vae(family)[1](**{**sizes[size], **overrides})
         else:
             model = _BUILDERS[family](size, **overrides)
     except TypeError as exc:  # e.g. an override of the wrong type
-        raise ValueError(f"tokenizer.overrides {overrides} do not fit {family}/{size}: {exc}") from exc
+        raise UserValueError(f"tokenizer.overrides {overrides} do not fit {family}/{size}: {exc}") from exc
     if weights is not None:
         try:
             load_weights(model, weights, strict=strict)
         except FileNotFoundError as exc:
             hint = WEIGHTS_SOURCES.get((family, size))
-            raise FileNotFoundError(f"{exc}; {hint}" if hint else str(exc)) from None
+            raise UserFileNotFoundError(f"{exc}; {hint}" if hint else str(exc)) from None
     return model
 
 

@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ssr_cli.errors import UserFileNotFoundError, UserValueError
 from ssr_cli.models.tokenizer import Tokenizer
-from ssr_cli.models.weights import load_state_dict_file, partner_file, save_weights
+from ssr_cli.models.weights import WeightsError, load_state_dict_file, partner_file, save_weights
 
 
 def conv3(n_in: int, n_out: int, **kwargs) -> nn.Conv2d:
@@ -122,9 +123,9 @@ class TAESD(Tokenizer):
     def frozen_block_names(self, encoder: int = 2, decoder: int = 2) -> list[str]:
         """Prefixes ``encoder.<i>`` / ``decoder.<i>`` of the first ``encoder`` and last ``decoder`` stages."""
         if not 0 <= encoder <= len(_ENCODER_STAGES):
-            raise ValueError(f"cannot freeze {encoder} encoder stages: TAESD's encoder has {len(_ENCODER_STAGES)}")
+            raise UserValueError(f"cannot freeze {encoder} encoder stages: TAESD's encoder has {len(_ENCODER_STAGES)}")
         if not 0 <= decoder <= len(_DECODER_STAGES_FROM_END):
-            raise ValueError(
+            raise UserValueError(
                 f"cannot freeze {decoder} decoder stages: TAESD's decoder has {len(_DECODER_STAGES_FROM_END)}"
             )
         names = [f"encoder.{i}" for stage in _ENCODER_STAGES[:encoder] for i in stage]
@@ -138,13 +139,13 @@ class TAESD(Tokenizer):
             return state  # a combined file (what save_weights writes)
         halves = partner_file(source)
         if halves is None:
-            raise ValueError(
+            raise WeightsError(
                 f"{source}: keys have no 'encoder.'/'decoder.' prefix and the file name does not say which half it "
                 "is; pass the original '*_encoder.pth' (its '*_decoder.pth' must lie beside it) or a combined file"
             )
         (own, partner), other = halves, ("decoder" if halves[0] == "encoder" else "encoder")
         if not partner.is_file():
-            raise FileNotFoundError(
+            raise UserFileNotFoundError(
                 f"{source} is a TAESD {own} file but its {other} file {partner} was not found; put both files in "
                 "the same folder"
             )
@@ -170,11 +171,11 @@ TAESD_SIZES: dict[str, dict] = {
 def build_taesd(size: str = "taesd", **overrides) -> TAESD:
     """A TAESD of a named size with overrides (``latent_channels``, ``width``, ``pool_lowest``, scale/shift)."""
     if size not in TAESD_SIZES:
-        raise ValueError(f"unknown taesd size {size!r}; choose one of {sorted(TAESD_SIZES)}")
+        raise UserValueError(f"unknown taesd size {size!r}; choose one of {sorted(TAESD_SIZES)}")
     config = {**TAESD_SIZES[size], **overrides}
     allowed = {"latent_channels", "width", "pool_lowest", "scale_factor", "shift_factor"}
     unknown = sorted(set(config) - allowed)
     if unknown:
-        raise ValueError(f"unknown taesd override(s) {unknown}; allowed: {sorted(allowed)}")
+        raise UserValueError(f"unknown taesd override(s) {unknown}; allowed: {sorted(allowed)}")
     return TAESD(**config)
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ssr_cli.engine.atomic import atomic_path
-from ssr_cli.errors import UserError, one_line
+from ssr_cli.errors import UserError, UserFileNotFoundError, one_line
 
 RECIPE_KEY = "tokenizer.weights"
 _TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
@@ -118,7 +118,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
                                f"{WEIGHT_FILES[0]}, or vae/ holding them), found a folder without them")
         path = weights_file(folder)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"weights file not found: {path} (check {RECIPE_KEY}, or leave it unset for random init)"
         )
     suffix = path.suffix.lower()
@@ -133,7 +133,11 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         # TorchScript archive: the graph is deserialised but never run; only the tensors are kept.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit deprecation notice; the format is what ships
-            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+            try:
+                state = torch.jit.load(str(path), map_location="cpu").state_dict()
+            except Exception as exc:  # noqa: BLE001 - torch.jit raises RuntimeError (and others) for a foreign file
+                raise WeightsError(f"{path}: expected a TorchScript archive, but it cannot be read as one "
+                                   f"({one_line(exc)})") from None
     else:
         raise WeightsError(
             f"{path}: unsupported weights format {suffix!r}; use .safetensors, .pt/.pth/.ckpt/.bin, .jit or a "

@@ -7,11 +7,11 @@ Run from the project root:
     python studies/diffusability/study.py --report   # only (re)write the report from the finished jsons
 
 Every number comes from the committed commands, in this order, each resumable:
-1. tokenizers: those of the CIFAR-10 study (``studies/cifar10``: the pretrained KL-AE and its seed-0 fine-tunes
-   none / ssr / eq_vae / scale, made by that study's driver when missing, with its recipe ``study.toml``);
-   TAEF2 is pretrained (../shared/data/taesd).
+1. tokenizers: the CIFAR-10 study's pretrained KL-AE (``studies/cifar10/results/shared``, committed by that
+   study's driver, with its recipe ``study.toml``), TAEF2 as released (../shared/data/taesd), and that study's
+   seed-1 fine-tunes none / ssr / eq_vae / scale where they are on this machine (skipped otherwise).
 2. proxies: ``ssr diffusability`` per latent space and seed (the KL-AE spaces, TAEF2, and controlled
-   degradations of the ``none`` fine-tune: additive noise of growing strength, a fixed spatial permutation,
+   degradations of the pretrained KL-AE: additive noise of growing strength, a fixed spatial permutation,
    a random orthogonal channel mixing). Each proxy is cached, the flow probe resumes from its checkpoints.
 3. ground truth: ``ssr diffusability`` with only the flow probe at the CIFAR-10 study's generation budget
    (LightningDiT-S/2, depth 6, width 192, 3000 steps of 64, FID of 2000 samples; toy: its held-out loss).
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,34 +40,39 @@ class Space:
     """--set overrides of ``ssr diffusability`` (tokenizer, degradation)."""
     weights: str | None = None
     """--weights: the tokenizer file this space scores."""
-    prepare: list[str] | None = None
-    """An ``ssr finetune`` call producing ``weights`` (skipped once the file exists)."""
+    optional: bool = False
+    """Skipped (and left out of the report) when ``weights`` is not on this machine."""
 
 
 CIFAR10 = ROOT / "studies" / "cifar10"
 CIFAR10_RECIPE = CIFAR10 / "study.toml"
 
 
+PRETRAINED = CIFAR10 / "results" / "shared" / "pretrain_tokenizer.safetensors"
+"""The CIFAR-10 study's pretrained KL-AE, committed by its driver: every session has these bytes."""
+
+
 def _cifar10_weights(run: str) -> str:
     return str(CIFAR10 / "runs" / run / "tokenizer.safetensors")
 
 
-def full_spaces(recipe: str) -> list[Space]:
-    """The tokenizers of the CIFAR-10 study (studies/cifar10: the pretrained KL-AE, its four seed-0 fine-tunes)
-    made by that study's driver when missing, TAEF2 as released, and degradations of the recon-only fine-tune."""
-    prepare = [sys.executable, str(CIFAR10 / "study.py"), "--only", "main"]
-    spaces = [Space("klae-pretrained", weights=_cifar10_weights("pretrain"), prepare=prepare)]
-    for kind in ("none", "ssr", "eq_vae", "scale"):
-        spaces.append(Space(f"ft-{kind}", weights=_cifar10_weights(f"{kind}-s0"), prepare=prepare))
-    spaces.append(Space("taef2", sets=['tokenizer.family="taesd"', 'tokenizer.size="taef2"',
-                                       'tokenizer.weights="../shared/data/taesd/taef2_encoder.pth"',
-                                       'regularizer.grid="8x4"']))
-    base = spaces[1].weights
+def full_spaces(recipe: str, seed: int = 1) -> list[Space]:
+    """The pretrained KL-AE of the CIFAR-10 study (its committed copy), its degradations (additive noise of four
+    strengths, a fixed spatial permutation, a random orthogonal channel mixing), TAEF2 as released, and the CIFAR-10
+    study's four fine-tunes of seed ``seed`` where that study made them on this machine (``optional``: they live in
+    its gitignored run folders; a fresh checkout scores the other eight spaces)."""
+    base = str(PRETRAINED)
+    spaces = [Space("klae-pretrained", weights=base)]
     for strength in (0.25, 0.5, 1.0, 2.0):
         spaces.append(Space(f"noise-{strength}", weights=base, sets=['diffusability.latent_transform="noise"',
                                                                      f"diffusability.transform_strength={strength}"]))
     spaces.append(Space("permute", weights=base, sets=['diffusability.latent_transform="permute"']))
     spaces.append(Space("mix", weights=base, sets=['diffusability.latent_transform="mix"']))
+    spaces.append(Space("taef2", sets=['tokenizer.family="taesd"', 'tokenizer.size="taef2"',
+                                       'tokenizer.weights="../shared/data/taesd/taef2_encoder.pth"',
+                                       'regularizer.grid="8x4"']))
+    for kind in ("none", "ssr", "eq_vae", "scale"):
+        spaces.append(Space(f"ft-{kind}", weights=_cifar10_weights(f"{kind}-s{seed}"), optional=True))
     return spaces
 
 
@@ -89,7 +93,7 @@ def toy_spaces(out: Path) -> list[Space]:
     if not weights.is_file():
         from ssr_cli.models.registry import build_tokenizer
         from ssr_cli.models.weights import save_weights
-        from ssr_cli.training import fixed_seed
+        from ssr_cli.stages.common import fixed_seed
 
         with fixed_seed(0):
             save_weights(build_tokenizer("kl-ae", "tiny").state_dict(), weights)
@@ -128,18 +132,24 @@ def diffusability_args(recipe: str, space: Space, seed: int, out: Path, extra: l
 def run_study(out: Path, *, toy: bool, seeds: list[int], device: str | None) -> None:
     recipe = str(HERE / "toy.toml" if toy else CIFAR10_RECIPE)
     spaces = toy_spaces(out) if toy else full_spaces(recipe)
-    for space in spaces:
-        if space.prepare and not Path(space.weights).is_file():
-            if space.prepare[0] == sys.executable:  # another study's driver makes it
-                print("$ " + " ".join(space.prepare), flush=True)
-                subprocess.run(space.prepare + (["--device", device] if device else []), check=True, cwd=ROOT)
-            else:
-                run_cli(space.prepare + (["--device", device] if device else []))
+    if not toy and not PRETRAINED.is_file():
+        raise SystemExit(f"study: {PRETRAINED} is missing: run `python studies/cifar10/study.py --shared-only` "
+                         "(it pretrains the KL-AE and commits that copy)")
+    missing = [s.name for s in spaces if s.optional and not Path(s.weights).is_file()]
+    if missing:
+        print(f"study: skipping {', '.join(missing)}: their tokenizers are not on this machine (the CIFAR-10 "
+              "study's fine-tunes; run its main arms here to add them)", flush=True)
+    spaces = [s for s in spaces if s.name not in missing]
     for space in spaces:
         for seed in seeds:
             run_cli(diffusability_args(recipe, space, seed, out / space.name / f"seed{seed}", [], device))
         run_cli(diffusability_args(recipe, space, 0, out / space.name / "gt", TOY_GT if toy else FULL_GT, device))
     write_report(out, [s.name for s in spaces], seeds, toy=toy)
+
+
+def finished_spaces(out: Path, spaces: list[Space]) -> list[str]:
+    """The spaces with a ground truth in ``out`` (what ``--report`` can rank)."""
+    return [s.name for s in spaces if (out / s.name / "gt" / "diffusability.json").is_file()]
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -163,8 +173,10 @@ def spearman_agreement(proxy: list[float], truth: list[float], lower_is_better: 
 def write_report(out: Path, names: list[str], seeds: list[int], *, toy: bool) -> Path:
     import numpy as np
 
-    from ssr_cli.diffusability import RANKED, plot_diffusability
+    from ssr_cli.stages.diffusability import RANKED, plot_diffusability
 
+    if not names:
+        raise SystemExit("study: no space has its ground truth yet; run the study first")
     gts = {n: _load(out / n / "gt" / "diffusability.json") for n in names}
     missing = [n for n, g in gts.items() if g is None]
     if missing:
@@ -270,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     seeds = args.seeds or ([0, 1] if args.toy else [0, 1, 2])
     if args.report:
-        names = [s.name for s in (toy_spaces(out) if args.toy else full_spaces(str(CIFAR10_RECIPE)))]
-        write_report(out, names, seeds, toy=args.toy)
+        spaces = toy_spaces(out) if args.toy else full_spaces(str(CIFAR10_RECIPE))
+        write_report(out, finished_spaces(out, spaces), seeds, toy=args.toy)
     else:
         run_study(out, toy=args.toy, seeds=seeds, device=args.device)
     return 0

@@ -4,8 +4,8 @@
 shared engine, resumable, in ``<run>/vae/``: checkpoints/, metrics.jsonl (nelbo, rec, kl, kl_weight,
 collapsed_dims, collapse_alarm, ...) and images/ (prior samples and reconstructions as PNG grids every
 ``train.image_every_steps`` and at the end). The trained VAE is exported to ``<run>/tokenizer.safetensors``
-(:func:`ssr_cli.finetune.finetuned_weights`), where ``load_tokenizer_for_run`` and the rest of the toolkit
-find it. :func:`ssr_cli.evaluation.evaluate_vae` gives reconstruction PSNR/SSIM, the NELBO on held-out images
+(:func:`ssr_cli.stages.common.finetuned_weights`), where ``load_tokenizer_for_run`` and the rest of the toolkit
+find it. :func:`ssr_cli.stages.evaluate.evaluate_vae` gives reconstruction PSNR/SSIM, the NELBO on held-out images
 and, with Inception weights, the FID of prior samples against the data images.
 
 Step-dependent state lives in buffers of the task module, so a resumed run repeats an uninterrupted one
@@ -20,30 +20,36 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ssr_cli.engine import train
+from ssr_cli.engine.loop import train
 from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import console
 from ssr_cli.engine.runtime import Runtime, step_seed
-from ssr_cli.finetune import build_tokenizer, finetuned_weights
+from ssr_cli.errors import UserValueError
 from ssr_cli.images import save_grid
 from ssr_cli.models.registry import VECTOR_VAE_FAMILIES as VAE_FAMILIES
-from ssr_cli.models.s4d import PosteriorCollapseAlarm, kl_weight_schedule, nelbo, s4d_param_groups
+from ssr_cli.models.s4d import s4d_param_groups
 from ssr_cli.models.weights import save_weights
 from ssr_cli.recipe import Recipe
-from ssr_cli.training import fixed_images, fixed_seed, image_dataset, train_spec
+from ssr_cli.stages.common import (
+    build_tokenizer,
+    finetuned_weights,
+    fixed_images,
+    fixed_seed,
+    image_dataset,
+    is_vae_family,
+    train_spec,
+)
+from ssr_cli.vae_objective import PosteriorCollapseAlarm, kl_weight_schedule, nelbo
+from ssr_cli.engine.checkpoint import Checkpointer
 
 STAGE_DIR = "vae"
-
-
-def is_vae_family(cfg: Recipe) -> bool:
-    return cfg.tokenizer.family in VAE_FAMILIES
 
 
 def build_vae(cfg: Recipe) -> nn.Module:
     """The recipe's VAE, initialised from a seed derived from ``run.seed`` (or loaded from tokenizer.weights)."""
     if not is_vae_family(cfg):
-        raise ValueError(f"tokenizer.family = {cfg.tokenizer.family!r} is not a from-scratch VAE; "
-                         f"choose one of {', '.join(VAE_FAMILIES)}")
+        raise UserValueError(f"tokenizer.family = {cfg.tokenizer.family!r} is not a from-scratch VAE; "
+                             f"choose one of {', '.join(VAE_FAMILIES)}")
     with fixed_seed(step_seed(cfg.run.seed, "vae-init")):
         return build_tokenizer(cfg)
 
@@ -155,9 +161,9 @@ def run_vae_train(cfg: Recipe, rt: Runtime, *, model: nn.Module | None = None) -
     t, d = cfg.train, cfg.data
     vae = build_vae(cfg) if model is None else model
     if getattr(vae, "image_size", d.image_size) != d.image_size:
-        raise ValueError(f"data.image_size = {d.image_size} but the {cfg.tokenizer.family}/{cfg.tokenizer.size} VAE "
-                         f"is built for {vae.image_size}×{vae.image_size} images: set data.image_size = "
-                         f"{vae.image_size} or tokenizer.overrides = {{ image_size = {d.image_size} }}")
+        raise UserValueError(f"data.image_size = {d.image_size} but the {cfg.tokenizer.family}/{cfg.tokenizer.size} "
+                             f"VAE is built for {vae.image_size}×{vae.image_size} images: set data.image_size = "
+                             f"{vae.image_size} or tokenizer.overrides = {{ image_size = {d.image_size} }}")
     run_dir = cfg.run_dir()
     stage = run_dir / STAGE_DIR
     task = VAETask(vae, cfg, grad_accum=t.grad_accum, watch=rt.is_main)
@@ -182,3 +188,18 @@ def run_vae_train(cfg: Recipe, rt: Runtime, *, model: nn.Module | None = None) -
         console.print(f"[green]VAE written to {out}; grids in {run_dir}/recon_final.png, {run_dir}/prior_final.png")
     rt.barrier()
     return out
+
+
+# -- the stage protocol (one module per command) -----------------------------------------------------------
+NAME = "finetune"  # `ssr finetune` runs this stage for the vector-VAE families
+
+
+def is_complete(cfg: Recipe) -> bool:
+    """The VAE is exported and its checkpoints reached ``train.steps``."""
+    done = Checkpointer(cfg.run_dir() / STAGE_DIR / "checkpoints").list()
+    return finetuned_weights(cfg).is_file() and bool(done) and done[-1][0] >= cfg.train.steps
+
+
+def run(cfg: Recipe, rt: Runtime):
+    """:func:`run_vae_train`."""
+    return run_vae_train(cfg, rt)

@@ -13,112 +13,32 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from ssr_cli.denoise import build_arms
-from ssr_cli.diffusability import TransformedTokenizer, build_probe_dit
 from ssr_cli.engine.atomic import write_json_atomic
-from ssr_cli.engine.checkpoint import Checkpointer
 from ssr_cli.engine.progress import console, print_result_table
 from ssr_cli.engine.runtime import Runtime
-from ssr_cli.evaluation import HEADLINE_METRICS, run_evaluate
-from ssr_cli.finetune import (
-    FINETUNE_KEY,
-    build_regularizer,
-    build_tokenizer,
-    finetune_inputs,
-    finetuned_weights,
-    learned_dynamics_path,
-    run_finetune,
-)
-from ssr_cli.generate import (
-    DIT_DIR,
-    EMA_FILE,
-    _dit_kwargs,
-    build_dit_from,
-    dit_inputs,
-    run_sample,
-    run_train_dit,
-    samples_dir,
-)
-from ssr_cli.inputs import file_sha256, settings
-from ssr_cli.latents import MANIFEST, encode_latents, latents_dir, latents_fingerprint
-from ssr_cli.metrics import build_lpips
-from ssr_cli.probe import probe_dynamics, probe_grid, run_probe
+from ssr_cli.metrics.lpips import build_lpips
 from ssr_cli.recipe import Recipe
-from ssr_cli.training import unreadable_count
-from ssr_cli.vae_train import is_vae_family
+from ssr_cli.regularizers import build
+from ssr_cli.stages import encode_latents, evaluate, finetune, probe_channels, sample, train_dit
+from ssr_cli.stages.common import (
+    build_dit_from,
+    build_tokenizer,
+    dit_kwargs,
+    is_vae_family,
+    record_path,
+    unreadable_count,
+)
+from ssr_cli.stages.denoise import build_arms
+from ssr_cli.stages.diffusability import TransformedTokenizer, build_probe_dit
+from ssr_cli.stages.evaluate import HEADLINE_METRICS
+from ssr_cli.stages.probe_channels import probe_dynamics, probe_grid
 
-STAGES = ("finetune", "encode-latents", "train-dit", "sample", "evaluate", "probe-channels")
-
-
-def _complete(cfg: Recipe, stage: str) -> bool:
-    """A stage is complete when its output is there and was made from the inputs it would read now."""
-    run = cfg.run_dir()
-    if stage == "finetune":
-        stage_dir, steps = ("finetune", cfg.train.steps) if cfg.train.steps else ("pretrain", cfg.train.pretrain_steps)
-        done = Checkpointer(run / stage_dir / "checkpoints").list()
-        return (finetuned_weights(cfg).is_file() and bool(done) and done[-1][0] >= steps
-                and _read_json(run / FINETUNE_KEY) == finetune_inputs(cfg))
-    if stage == "encode-latents":
-        present = (latents_dir(cfg) / MANIFEST).is_file()
-    elif stage == "train-dit":
-        done = Checkpointer(run / DIT_DIR / "checkpoints").list()
-        present = (run / DIT_DIR / EMA_FILE).is_file() and bool(done) and done[-1][0] >= cfg.dit.steps
-    elif stage == "sample":
-        npz = samples_dir(cfg) / "samples.npz"
-        present = npz.is_file()
-        if present:
-            with np.load(npz) as f:
-                present = f["arr_0"].shape[0] == cfg.sample.num_images
-    elif stage == "evaluate":
-        present = (run / "eval.json").is_file()
-    elif stage == "probe-channels":
-        present = (run / "probe" / "probe.json").is_file()
-    else:
-        raise ValueError(stage)
-    return present and _recorded(cfg, stage) == stage_inputs(cfg, stage)
-
-
-def _tokenizer_sha256(cfg: Recipe) -> str | None:
-    """The hash of the tokenizer the later stages read: the run's fine-tuned one, else the recipe's weights."""
-    return file_sha256(finetuned_weights(cfg)) or file_sha256(cfg.tokenizer.weights)
-
-
-def stage_inputs(cfg: Recipe, stage: str) -> dict:
-    """What a stage's result depends on (content hashes of the files it reads, the settings that shape it); a
-    result recorded with other inputs is redone."""
-    tokenizer = _tokenizer_sha256(cfg)
-    if stage == "encode-latents":
-        return {"tokenizer": tokenizer, "latents": settings(cfg.latents), "seed": cfg.run.seed,
-                "data": settings(cfg.data, "num_workers", "random_crop", "random_flip")}
-    if stage == "train-dit":
-        return {**dit_inputs(cfg), "steps": cfg.dit.steps}
-    if stage == "sample":
-        return {"tokenizer": tokenizer, "dit": file_sha256(cfg.run_dir() / DIT_DIR / EMA_FILE),
-                "latents": latents_fingerprint(latents_dir(cfg)), "sample": settings(cfg.sample, "batch_size")}
-    if stage == "evaluate":
-        return {"eval": settings(cfg.eval), "tokenizer": tokenizer,
-                "samples": file_sha256(samples_dir(cfg) / "samples.npz")}
-    # the probe scores the Ā the run learned when it has one (ssr_cli.probe.probe_dynamics)
-    return {"probe": settings(cfg.probe), "regularizer": settings(cfg.regularizer), "tokenizer": tokenizer,
-            "dynamics": file_sha256(learned_dynamics_path(cfg))}
-
-
-def _record_path(cfg: Recipe, stage: str) -> Path:
-    return cfg.run_dir() / f".pipeline_{stage}.json"
-
-
-def _recorded(cfg: Recipe, stage: str) -> dict | None:
-    return _read_json(_record_path(cfg, stage))
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+PIPELINE = (finetune, encode_latents, train_dit, sample, evaluate, probe_channels)
+"""The chain, in order; each stage module exposes NAME, inputs(cfg), is_complete(cfg) and run(cfg, rt)."""
+STAGES = tuple(stage.NAME for stage in PIPELINE)
+BY_NAME = {stage.NAME: stage for stage in PIPELINE}
 
 
 def check_builds(cfg: Recipe, stages: tuple[str, ...] = STAGES) -> list[str]:
@@ -138,11 +58,12 @@ def check_builds(cfg: Recipe, stages: tuple[str, ...] = STAGES) -> list[str]:
         return tok.encode_latent(torch.zeros(batch, 3, size, size))
 
     if "finetune" in stages and not is_vae_family(cfg):
-        build_regularizer(cfg, cfg.regularizer.kind, tok.latent_channels, None)
+        build(cfg.regularizer, cfg.loss, latent_channels=tok.latent_channels, image_size=cfg.data.image_size,
+              seed=cfg.run.seed)
         built.append(f"regularizer {cfg.regularizer.kind} on {tok.latent_channels} channels")
     if {"train-dit", "sample"} & set(stages):
         z = latent_of(cfg.data.image_size)
-        kwargs = _dit_kwargs(cfg, {"latent_shape": list(z.shape[1:]), "num_classes": cfg.dit.num_classes or 1})
+        kwargs = dit_kwargs(cfg, {"latent_shape": list(z.shape[1:]), "num_classes": cfg.dit.num_classes or 1})
         build_dit_from(kwargs)
         built.append(f"DiT {cfg.dit.model} on latents {tuple(z.shape[1:])}")
     if "evaluate" in stages and (cfg.eval.reconstruction or is_vae_family(cfg)):
@@ -172,29 +93,22 @@ def check_builds(cfg: Recipe, stages: tuple[str, ...] = STAGES) -> list[str]:
 
 
 def run_pipeline(cfg: Recipe, rt: Runtime, stages: tuple[str, ...] = STAGES) -> dict:
-    actions = {
-        "finetune": lambda: run_finetune(cfg, rt),
-        "encode-latents": lambda: encode_latents(cfg, rt),
-        "train-dit": lambda: run_train_dit(cfg, rt),
-        "sample": lambda: run_sample(cfg, rt),
-        "evaluate": lambda: run_evaluate(cfg, rt),
-        "probe-channels": lambda: run_probe(cfg, rt),
-    }
     timings: dict[str, str] = {}
-    for stage in stages:
-        if _complete(cfg, stage):
+    for name in stages:
+        stage = BY_NAME[name]
+        if stage.is_complete(cfg):
             if rt.is_main:
-                console.rule(f"[dim]{stage}: complete, skipped")
-            timings[stage] = "skipped (complete)"
+                console.rule(f"[dim]{name}: complete, skipped")
+            timings[name] = "skipped (complete)"
             continue
         if rt.is_main:
-            console.rule(f"[bold]{stage}")
+            console.rule(f"[bold]{name}")
         t0 = time.perf_counter()
-        actions[stage]()
+        stage.run(cfg, rt)
         rt.barrier()
-        if rt.is_main and stage != "finetune":
-            write_json_atomic(_record_path(cfg, stage), stage_inputs(cfg, stage))
-        timings[stage] = f"{time.perf_counter() - t0:.1f} s"
+        if rt.is_main and stage.PIPELINE_RECORD:
+            write_json_atomic(record_path(cfg, name), stage.inputs(cfg))
+        timings[name] = f"{time.perf_counter() - t0:.1f} s"
     summary = summarize(cfg, timings)
     if rt.is_main:
         write_json_atomic(cfg.run_dir() / "summary.json", summary, indent=2)
@@ -247,3 +161,14 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
 def print_summary(summary: dict) -> None:
     print_result_table(f"ssr pipeline: {summary['run']}", ["stage / metric"], ["value"], summary_rows(summary))
     console.print(f"details: {summary['run']}/summary.json, eval.json, probe/")
+
+
+NAME = "pipeline"
+
+
+def is_complete(cfg: Recipe, stages: tuple[str, ...] = STAGES) -> bool:
+    return all(BY_NAME[name].is_complete(cfg) for name in stages)
+
+
+def run(cfg: Recipe, rt: Runtime, stages: tuple[str, ...] = STAGES) -> dict:
+    return run_pipeline(cfg, rt, stages)

@@ -14,12 +14,19 @@ import torch
 
 from ssr_cli.engine.atomic import write_json_atomic
 from ssr_cli.engine.progress import console
-from ssr_cli.finetune import load_tokenizer_for_run
-from ssr_cli.generate import CONFIG_FILE, DIT_DIR, EMA_FILE, STATS_FILE, dit_latent_stats, load_trained_dit
 from ssr_cli.models.diffusers_vae import export_diffusers
 from ssr_cli.models.lightningdit import load_lightningdit, read_stats, to_lightningdit, write_stats
 from ssr_cli.models.weights import WeightsError, save_weights
 from ssr_cli.recipe import Recipe
+from ssr_cli.stages.common import (
+    CONFIG_FILE,
+    DIT_DIR,
+    EMA_FILE,
+    STATS_FILE,
+    dit_latent_stats,
+    load_tokenizer_for_run,
+    load_trained_dit,
+)
 
 
 def import_dit(cfg: Recipe, checkpoint: str | Path, stats: str | Path, *, latent_multiplier: float = 1.0,

@@ -24,17 +24,25 @@ import torch
 
 from ssr_cli.bases import basis_functions, frequency_order, project
 from ssr_cli.blur import gaussian_blur
+from ssr_cli.dynamics import dynamics_from_config, load_dynamics, resolve_grid
 from ssr_cli.engine.atomic import write_json_atomic
 from ssr_cli.engine.progress import console, print_result_table
 from ssr_cli.engine.runtime import Runtime
-from ssr_cli.errors import UserError
-from ssr_cli.finetune import build_tokenizer, learned_dynamics_path, load_tokenizer_for_run
+from ssr_cli.errors import UserError, UserValueError
 from ssr_cli.images import save_grid
-from ssr_cli.metrics import psnr_uint8
+from ssr_cli.inputs import file_sha256, settings
+from ssr_cli.metrics.pixel import psnr_uint8
 from ssr_cli.plots import plot_basis_channels, plot_curves, plot_latent_dynamics, plot_latent_norms
 from ssr_cli.recipe import Recipe
-from ssr_cli.regularizers import dynamics_from_config, load_dynamics, resolve_grid
-from ssr_cli.training import image_dataset
+from ssr_cli.stages.common import (
+    build_tokenizer,
+    dynamics_error,
+    image_dataset,
+    learned_dynamics_path,
+    load_tokenizer_for_run,
+    recorded,
+    tokenizer_sha256,
+)
 
 
 def radial_centroid(images: torch.Tensor) -> float:
@@ -68,27 +76,6 @@ def blur_decay(tokenizer, images: torch.Tensor, tau: float) -> np.ndarray:
     return (num / den).clamp_min(1e-12).cpu().numpy()
 
 
-@torch.no_grad()
-def dynamics_error(tokenizer, images: torch.Tensor, dynamics, tau_pairs: list[tuple[float, float]], *,
-                   mean_centering: bool = True) -> dict[str, float]:
-    """How well Ā predicts the latent of a blurrier image from a sharper one (what SSR trains), over ``images``.
-
-    For each (τ1, τ2): z1 = E(blur(x, τ1)), z2 = E(blur(x, τ2)) (posterior means), ẑ2 = dynamics.predict(z1).
-    Returns ``relative`` = Σ‖ẑ2 − z2‖² / Σ‖z2 − spatial mean‖² and ``no_change`` = the same with ẑ2 = z1
-    (the error of assuming the latent does not move), both summed over images, channels and pairs."""
-    err = base = still = 0.0
-    n = images.shape[0]
-    for tau1, tau2 in tau_pairs:
-        z1 = tokenizer.encode_latent(gaussian_blur(images, torch.full((n,), float(tau1), device=images.device))).float()
-        z2 = tokenizer.encode_latent(gaussian_blur(images, torch.full((n,), float(tau2), device=images.device))).float()
-        pred = dynamics.to(z1.device).predict(z1, mean_centering=mean_centering)
-        err += float((pred - z2).double().pow(2).sum())
-        still += float((z1 - z2).double().pow(2).sum())
-        base += float((z2 - z2.mean(dim=(-2, -1), keepdim=True)).double().pow(2).sum())
-    base = max(base, 1e-30)
-    return {"relative": err / base, "no_change": still / base}
-
-
 FILLS = ("dataset_mean", "image_mean", "zero")
 
 
@@ -102,7 +89,7 @@ def mask_fill(z: torch.Tensor, rule: str = "dataset_mean") -> torch.Tensor:
         return z.mean(dim=(2, 3))
     if rule == "zero":
         return z.new_zeros(b, c)
-    raise ValueError(f"probe.fill must be one of {', '.join(FILLS)}, got {rule!r}")
+    raise UserValueError(f"probe.fill must be one of {', '.join(FILLS)}, got {rule!r}")
 
 
 def latent_norm_maps(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,7 +301,7 @@ def compare_probes(results: dict[str, dict], out_dir: Path) -> Path:
     maps of :func:`compare_latent_norms` and a table."""
     lengths = {len(r["psnr_vs_k"]) for r in results.values()}
     if len(lengths) != 1:
-        raise ValueError(f"cannot compare tokenizers with different channel counts ({sorted(lengths)})")
+        raise UserValueError(f"cannot compare tokenizers with different channel counts ({sorted(lengths)})")
     k = np.arange(1, lengths.pop() + 1)
     path = plot_curves(k, {label: np.asarray(r["psnr_vs_k"]) for label, r in results.items()},
                        Path(out_dir) / "compare_psnr_vs_k.png", xlabel="channels kept (frequency order)",
@@ -326,3 +313,23 @@ def compare_probes(results: dict[str, dict], out_dir: Path) -> Path:
     norms = compare_latent_norms(results, Path(out_dir) / "compare_latent_norms.png")
     console.print(f"comparison figures: {path}" + (f", {norms}" if norms else ""))
     return path
+
+
+# -- the stage protocol (ssr_cli.stages.pipeline) ----------------------------------------------------------
+NAME = "probe-channels"
+PIPELINE_RECORD = True
+
+
+def inputs(cfg: Recipe) -> dict:
+    """The probe scores the Ā the run learned when it has one (:func:`probe_dynamics`)."""
+    return {"probe": settings(cfg.probe), "regularizer": settings(cfg.regularizer), "tokenizer": tokenizer_sha256(cfg),
+            "dynamics": file_sha256(learned_dynamics_path(cfg))}
+
+
+def is_complete(cfg: Recipe) -> bool:
+    return (cfg.run_dir() / "probe" / "probe.json").is_file() and recorded(cfg, NAME) == inputs(cfg)
+
+
+def run(cfg: Recipe, rt: Runtime, **options) -> dict:
+    """:func:`run_probe` (``options``: weights, out_dir)."""
+    return run_probe(cfg, rt, **options)

@@ -10,7 +10,7 @@ latents), the space the DiT sees, so spaces of different scale compare:
   normalised images, and the fraction of energy above half the Nyquist frequency.
 - ``equivariance``: relative error ‖E(T x) − T E(x)‖ / ‖T E(x)‖ for 2×2 / 4×4 average-pool downsampling,
   rot90 and horizontal flip; for blur, the Ā-prediction error of ``probe-channels``
-  (:func:`ssr_cli.probe.dynamics_error`, the same implementation).
+  (:func:`ssr_cli.stages.common.dynamics_error`, the same implementation).
 - ``ifid``: interpolated FID (arXiv 2603.05630): each latent's nearest neighbour, the decoded interpolation,
   FID against the same data images. Choices made here: nearest neighbour by Euclidean distance between
   flattened normalised latents of the ``num_images`` pool (itself excluded), linear interpolation with weight
@@ -45,23 +45,30 @@ from torch import nn
 
 from ssr_cli.bases import grid_for_channels
 from ssr_cli.data import batch_source
-from ssr_cli.engine import TrainSpec, train
+from ssr_cli.dynamics import dynamics_from_config
 from ssr_cli.engine.atomic import atomic_write, write_json_atomic, write_text_atomic
+from ssr_cli.engine.loop import TrainSpec, train
 from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import console, make_progress, print_result_table
 from ssr_cli.engine.runtime import Runtime, generator_for, step_seed
-from ssr_cli.evaluation import load_inception
-from ssr_cli.finetune import build_tokenizer, load_tokenizer_for_run
-from ssr_cli.generate import DiTTask, build_dit_from
-from ssr_cli.latents import file_sha256
+from ssr_cli.errors import UserError, UserValueError
+from ssr_cli.inputs import file_sha256
 from ssr_cli.metrics import frechet_distance, gaussian_stats, to_uint8
 from ssr_cli.models.flow import flow_loss, initial_noise, sample_ode
 from ssr_cli.models.tokenizer import DiagonalGaussian
 from ssr_cli.models.weights import read_safetensors
-from ssr_cli.probe import dynamics_error
 from ssr_cli.recipe import Recipe
-from ssr_cli.regularizers import dynamics_from_config
-from ssr_cli.training import fixed_images, fixed_seed, image_dataset
+from ssr_cli.stages.common import (
+    DiTTask,
+    build_dit_from,
+    build_tokenizer,
+    dynamics_error,
+    fixed_images,
+    fixed_seed,
+    image_dataset,
+    load_inception,
+    load_tokenizer_for_run,
+)
 
 PROXIES = ("stats", "spectrum", "equivariance", "ifid", "viv", "flow_probe")
 # (result key, label, lower is better) for the ranking table.
@@ -154,7 +161,7 @@ def radial_spectrum(x: torch.Tensor, transform: str = "fft") -> dict[str, np.nda
         rx = (torch.arange(w, dtype=torch.float64) / w).reshape(1, -1)
         units = float(max(h, w))
     else:
-        raise ValueError(f"unknown spectrum transform {transform!r}; choose 'fft' or 'dct'")
+        raise UserValueError(f"unknown spectrum transform {transform!r}; choose 'fft' or 'dct'")
     rho = (ry.pow(2) + rx.pow(2)).sqrt().expand(h, w).flatten()
     p = power.flatten().cpu()
     bins = torch.round(rho * units).long()
@@ -312,8 +319,8 @@ def build_probe_dit(shape: tuple[int, int, int], *, model: str, depth: int, hidd
     try:
         return build_dit_from({"name": model, "input_size": h, "in_channels": c, "num_classes": 1,
                                "class_dropout": 0.0, "depth": depth, "hidden_size": hidden, "num_heads": heads})
-    except ValueError as exc:  # name the keys to change: the DiT's own message speaks of its arguments
-        raise ValueError(f"diffusability.probe_model / probe_depth / probe_hidden / probe_heads: {exc}") from None
+    except UserError as exc:  # name the keys to change: the DiT's own message speaks of its arguments
+        raise UserValueError(f"diffusability.probe_model / probe_depth / probe_hidden / probe_heads: {exc}") from None
 
 
 def flow_probe(train_x: torch.Tensor, heldout_x: torch.Tensor, run_dir: Path, rt: Runtime, *, t_grid: list[float],
@@ -424,8 +431,8 @@ class _Context:
             ds = image_dataset(self.cfg, augment=False)
             picks = _spread(len(ds), d.num_latents)
             if len(picks) <= d.holdout + 1:
-                raise ValueError(f"diffusability: the data set gives {len(picks)} latents, not more than "
-                                 f"diffusability.holdout ({d.holdout}) + 1; lower holdout or add images")
+                raise UserValueError(f"diffusability: the data set gives {len(picks)} latents, not more than "
+                                     f"diffusability.holdout ({d.holdout}) + 1; lower holdout or add images")
             zs, kls = [], []
             with make_progress(disable=not self.rt.is_main) as progress:
                 task = progress.add_task("diffusability: encode", total=len(picks), status="", rate="")
@@ -524,7 +531,7 @@ def _equivariance(ctx: _Context) -> dict:
     r = cfg.regularizer
     try:
         grid_w, grid_h = grid_for_channels(ctx.tokenizer.latent_channels, r.grid)
-    except ValueError as exc:
+    except UserError as exc:  # a grid that does not fit the latent: a note, not a failure
         out.update(blur_dynamics_error=None, blur_dynamics_note=str(exc))
         return out
     pairs = [(float(t1), float(t1 + r.delta_tau)) for t1 in np.linspace(0.0, r.tau_max - r.delta_tau, 4)]
@@ -722,3 +729,18 @@ def compare_diffusability(results: dict[str, dict], out_dir: Path) -> dict:
                 {"runs": {k: v["summary"] for k, v in results.items()}, "ranking": ranking(results),
                  "figure": str(fig), "table": str(table)})
     return {"figure": fig, "ranking": ranking(results)}
+
+
+# -- the stage protocol (one module per command) -----------------------------------------------------------
+NAME = "diffusability"
+
+
+def is_complete(cfg: Recipe) -> bool:
+    """``diffusability.json`` is written; each proxy's part is cached by the digest of its inputs, so a rerun
+    recomputes only what changed."""
+    return (cfg.run_dir() / "diffusability" / "diffusability.json").is_file()
+
+
+def run(cfg: Recipe, rt: Runtime, **options):
+    """:func:`run_diffusability` (``options``: weights, out_dir)."""
+    return run_diffusability(cfg, rt, **options)

@@ -4,7 +4,7 @@ A compact residual U-Net (:class:`ssr_cli.models.restoration.Denoiser`) learns t
 Gaussian noise (``denoise.noise_sigma`` on the 0–255 scale) from random crops of the recipe's [data], on the
 shared engine (resumable). ``regularizer.kind`` "ssr" adds, with probability ``regularizer.alpha``, the SSR
 latent term (weight ``denoise.lambda_ssr``) on the bottleneck features, through the same
-:class:`ssr_cli.regularizers.SSRDynamics` (basis, grid, Δ, learnable A) as tokenizer fine-tuning; the
+:class:`ssr_cli.dynamics.SSRDynamics` (basis, grid, Δ, learnable A) as tokenizer fine-tuning; the
 bottleneck has one channel per basis function, so ``denoise.bottleneck_channels`` must equal W·H of
 ``regularizer.grid``. "none" is the baseline. ``denoise.compare = true`` trains both arms from the same seed
 (same initial weights, batches and noise) and writes a comparison.
@@ -27,17 +27,20 @@ import torch
 from torch import nn
 
 from ssr_cli.data import build_dataset, subset_indices
-from ssr_cli.engine import EMA, train
+from ssr_cli.dynamics import dynamics_from_config, save_dynamics
 from ssr_cli.engine.atomic import write_json_atomic
+from ssr_cli.engine.ema import EMA
+from ssr_cli.engine.loop import train
 from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import console, print_result_table
 from ssr_cli.engine.runtime import Runtime, step_seed
-from ssr_cli.images import save_grid
-from ssr_cli.models.restoration import Denoiser, add_gaussian_noise, denoise_loss, evaluate_denoiser, load_image_pairs
+from ssr_cli.errors import UserError, UserFileNotFoundError, UserValueError
+from ssr_cli.images import load_image_pairs, save_grid
+from ssr_cli.models.restoration import Denoiser
 from ssr_cli.models.weights import save_weights
 from ssr_cli.recipe import Recipe
-from ssr_cli.regularizers import dynamics_from_config, save_dynamics
-from ssr_cli.training import fixed_seed, image_dataset, train_spec
+from ssr_cli.restoration import add_gaussian_noise, denoise_loss, evaluate_denoiser
+from ssr_cli.stages.common import fixed_seed, image_dataset, train_spec
 
 ARM_DIRS = {"none": "baseline", "ssr": "ssr"}
 WEIGHTS_FILE = "denoiser.safetensors"
@@ -50,8 +53,8 @@ def arms_of(cfg: Recipe) -> list[str]:
     if cfg.denoise.compare:
         return ["none", "ssr"]
     if cfg.regularizer.kind not in ARM_DIRS:
-        raise ValueError(f"regularizer.kind = '{cfg.regularizer.kind}' is not available for denoising: "
-                         "choose 'ssr' or 'none' (or set denoise.compare = true for both)")
+        raise UserValueError(f"regularizer.kind = '{cfg.regularizer.kind}' is not available for denoising: "
+                             "choose 'ssr' or 'none' (or set denoise.compare = true for both)")
     return [cfg.regularizer.kind]
 
 
@@ -68,9 +71,9 @@ def build_dynamics(cfg: Recipe):
     try:
         return dynamics_from_config(cfg.regularizer, cfg.denoise.bottleneck_channels,
                                     image_size=cfg.data.image_size, seed=cfg.run.seed)
-    except ValueError as exc:
-        raise ValueError(f"{exc} (here the channels are the denoiser's bottleneck: denoise.bottleneck_channels = "
-                         f"{cfg.denoise.bottleneck_channels})") from None
+    except UserError as exc:  # a grid that does not fit: say which channels; anything else is a bug
+        raise UserValueError(f"{exc} (here the channels are the denoiser's bottleneck: denoise.bottleneck_channels = "
+                             f"{cfg.denoise.bottleneck_channels})") from None
 
 
 def build_arms(cfg: Recipe) -> list[str]:
@@ -158,7 +161,8 @@ def real_pairs(cfg: Recipe) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         return None
     root = Path(cfg.denoise.eval_pairs)
     if not root.is_dir():
-        raise FileNotFoundError(f"denoise.eval_pairs folder not found: {root} (it needs NOISY/ and GT/ sub-folders)")
+        raise UserFileNotFoundError(f"denoise.eval_pairs folder not found: {root} (it needs NOISY/ and GT/ "
+                                    f"sub-folders)")
     size = cfg.denoise.eval_crop
     return [(_center_crop(n, size), _center_crop(c, size)) for n, c in load_image_pairs(root / "NOISY", root / "GT")]
 
@@ -265,3 +269,20 @@ def print_denoise_table(results: dict[str, dict], cfg: Recipe) -> None:
             rows.append(row)
     print_result_table(f"ssr denoise: σ = {cfg.denoise.noise_sigma:g}/255, {cfg.train.steps} steps", ["set", "metric"],
                        values, rows)
+
+
+# -- the stage protocol (one module per command) -----------------------------------------------------------
+NAME = "denoise"
+
+
+def is_complete(cfg: Recipe) -> bool:
+    """Every arm's evaluation is written (and the comparison when comparing); each arm resumes from its own
+    checkpoints when run again."""
+    arms = [ARM_DIRS[kind] for kind in arms_of(cfg)]
+    files = [cfg.run_dir() / arm / EVAL_FILE for arm in arms] + ([cfg.run_dir() / COMPARISON_FILE] if len(arms) > 1 else [])
+    return all(f.is_file() for f in files)
+
+
+def run(cfg: Recipe, rt: Runtime):
+    """:func:`run_denoise`."""
+    return run_denoise(cfg, rt)

@@ -1,4 +1,4 @@
-"""Latent caching (``ssr encode-latents``) and the cached-latent data set the DiT trains on.
+"""The latent cache: its files (written by ``ssr encode-latents``) and the data set the DiT trains on.
 
 Layout of ``<latents dir>``:
   shard_00000.safetensors ...  tensors ``latents`` (N, C, h, w) float32, ``latents_flip`` (the latent of
@@ -31,20 +31,19 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from ssr_cli.data import subset_indices
-from ssr_cli.engine.atomic import atomic_write, write_json_atomic
-from ssr_cli.engine.progress import console, make_progress
-from ssr_cli.engine.runtime import Runtime, generator_for
-from ssr_cli.errors import one_line
-from ssr_cli.finetune import load_tokenizer_for_run
-from ssr_cli.inputs import file_sha256, refresh, settings
+from ssr_cli.engine.atomic import atomic_write
+from ssr_cli.errors import UserValueError, UserFileNotFoundError, one_line
+from ssr_cli.inputs import file_sha256
 from ssr_cli.models.lightningdit import read_stats, write_stats
-from ssr_cli.models.tokenizer import DiagonalGaussian
 from ssr_cli.models.weights import WeightsError, read_safetensors
-from ssr_cli.recipe import Recipe, dump
-from ssr_cli.training import image_dataset
+from ssr_cli.recipe import Recipe
 
 MANIFEST = "manifest.json"
+
+
 STATS = "latents_stats.pt"
+
+
 LEGACY_STATS = "stats.safetensors"
 
 
@@ -52,7 +51,7 @@ def latents_dir(cfg: Recipe) -> Path:
     return Path(cfg.latents.out_dir) if cfg.latents.out_dir else cfg.run_dir() / "latents"
 
 
-def _shard_ok(path: Path, expected_rows: int) -> bool:
+def shard_ok(path: Path, expected_rows: int) -> bool:
     try:
         with safe_open(str(path), framework="pt") as f:
             return f.get_slice("labels").get_shape()[0] == expected_rows
@@ -60,23 +59,9 @@ def _shard_ok(path: Path, expected_rows: int) -> bool:
         return False
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+def save_shard(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
                                              metadata=metadata))
-
-
-def _cache_key(cfg: Recipe, weights_sha256: str | None, n: int) -> dict:
-    """What the shards depend on; a cache made with anything else is not reused."""
-    return {"family": cfg.tokenizer.family, "size": cfg.tokenizer.size, "weights_sha256": weights_sha256,
-            "num_images": n, "shard_size": cfg.latents.shard_size, "posterior": cfg.latents.sample_posterior,
-            "flip": cfg.latents.flip, "seed": cfg.run.seed, "data": settings(cfg.data, "num_workers", "random_crop", "random_flip")}
-
-
-def _discard_stale(out: Path, cfg: Recipe, weights_sha256: str | None, n: int) -> None:
-    """Drop shards left by an encode with another tokenizer, data set or latent setting (warning loudly)."""
-    refresh(out / ".cache_key.json", _cache_key(cfg, weights_sha256, n),
-            [*sorted(out.glob("shard_*.safetensors")), out / MANIFEST, out / STATS, out / LEGACY_STATS],
-            "encode-latents", console)
 
 
 def latents_fingerprint(directory: Path) -> str | None:
@@ -90,88 +75,6 @@ def latents_fingerprint(directory: Path) -> str | None:
     manifest.get("tokenizer", {}).pop("weights", None)
     text = json.dumps(manifest, sort_keys=True) + str(file_sha256(Path(directory) / STATS))
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-@torch.no_grad()
-def encode_latents(cfg: Recipe, rt: Runtime) -> Path:
-    """Encode the recipe's data set with the run's (fine-tuned) tokenizer into shards + stats + manifest."""
-    out = latents_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer, weights = load_tokenizer_for_run(cfg)
-    tokenizer = tokenizer.to(rt.device).eval()
-    dataset = image_dataset(cfg, augment=False)
-    lc = cfg.latents
-    n = len(dataset)
-    weights_sha256 = file_sha256(weights) if rt.is_main else None  # hashed once, by the rank that writes
-    if rt.is_main:
-        _discard_stale(out, cfg, weights_sha256, n)
-    rt.barrier()
-    n_shards = -(-n // lc.shard_size)
-    mine = [k for k in range(n_shards) if k % rt.world_size == rt.rank]
-    todo = [k for k in mine
-            if not _shard_ok(out / f"shard_{k:05d}.safetensors", min(lc.shard_size, n - k * lc.shard_size))]
-    if rt.is_main and len(todo) < len(mine):
-        console.print(f"encode-latents: {len(mine) - len(todo)} finished shard(s) kept, {len(todo)} to write")
-
-    def encode(images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        with rt.autocast():
-            post = tokenizer.encode(images.to(rt.device))
-        if isinstance(post, DiagonalGaussian) and lc.sample_posterior:
-            # One generator per image: the sample depends on the image, not on batch size or rank.
-            noise = torch.stack([
-                torch.randn(post.mean.shape[1:], generator=generator_for(cfg.run.seed, "latent", int(i)))
-                for i in indices
-            ]).to(post.mean.device)
-            z = post.mean.float() + post.std.float() * noise
-        else:
-            z = post.mean if isinstance(post, DiagonalGaussian) else post
-        return z.float().cpu()
-
-    with make_progress(disable=not rt.is_main) as progress:
-        task = progress.add_task("encode-latents", total=sum(min(lc.shard_size, n - k * lc.shard_size) for k in todo),
-                                 status="", rate="")
-        for k in todo:
-            lo, hi = k * lc.shard_size, min(n, (k + 1) * lc.shard_size)
-            zs, zfs, labels = [], [], []
-            for start in range(lo, hi, lc.batch_size):
-                idx = list(range(start, min(hi, start + lc.batch_size)))
-                items = [dataset[(i, None)] for i in idx]
-                images = torch.stack([x for x, _ in items])
-                ids = torch.tensor(idx)
-                zs.append(encode(images, ids))
-                if lc.flip:
-                    zfs.append(encode(images.flip(-1), ids + n))
-                labels.extend(y for _, y in items)
-                progress.update(task, advance=len(idx))
-            tensors = {"latents": torch.cat(zs), "labels": torch.tensor(labels, dtype=torch.int64),
-                       "indices": torch.arange(lo, hi, dtype=torch.int64)}
-            if lc.flip:
-                tensors["latents_flip"] = torch.cat(zfs)
-            _save_atomic(tensors, out / f"shard_{k:05d}.safetensors")
-    rt.barrier()
-    if rt.is_main:
-        shards = [out / f"shard_{k:05d}.safetensors" for k in range(n_shards)]
-        stats = compute_stats(shards, lc.stats_count, seed=cfg.run.seed)
-        _save_stats(stats, out / STATS)
-        first = load_file(str(shards[0]))
-        manifest = {
-            "tokenizer": {"family": cfg.tokenizer.family, "size": cfg.tokenizer.size,
-                          "weights": str(weights) if weights else None, "weights_sha256": weights_sha256},
-            "num_images": n,
-            "latent_shape": list(first["latents"].shape[1:]),
-            "posterior": "sample" if lc.sample_posterior else "mean",
-            "flip_copies": lc.flip,
-            "classes": list(getattr(dataset, "classes", [])),
-            "num_classes": max(1, len(getattr(dataset, "classes", [])) or 1),
-            "shards": [s.name for s in shards],
-            "stats": {"file": STATS, "count": int(min(lc.stats_count, n)),
-                      "subset": "stratified" if lc.stats_count < n else "all", "seed": cfg.run.seed},
-            "recipe": dump(cfg),
-        }
-        write_json_atomic(out / MANIFEST, manifest, indent=2)
-        console.print(f"[green]latents: {n} images, latent {tuple(manifest['latent_shape'])}, {n_shards} shard(s) in {out}")
-    rt.barrier()
-    return out
 
 
 def compute_stats(shards: list[Path], count: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -207,19 +110,23 @@ def compute_stats(shards: list[Path], count: int, seed: int = 0) -> dict[str, to
     return {"mean": mean.float(), "std": var.sqrt().clamp_min(1e-6).float()}
 
 
-def _save_stats(stats: dict[str, torch.Tensor], path: Path) -> None:
+def save_stats(stats: dict[str, torch.Tensor], path: Path) -> None:
     atomic_write(path, lambda tmp: write_stats(tmp, stats["mean"], stats["std"]))
 
 
 def read_manifest(directory: Path) -> dict:
     path = Path(directory) / MANIFEST
     if path.is_file():
-        return json.loads(path.read_text())
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserValueError(f"{path} is not valid JSON ({exc}); delete the latent folder {directory} and run "
+                                 "`ssr encode-latents` again") from None
     shards = sorted(Path(directory).glob("*.safetensors")) if Path(directory).is_dir() else []
     if shards and (Path(directory) / STATS).is_file():
         return _lightningdit_manifest(Path(directory), shards)
-    raise FileNotFoundError(f"no latent cache at {directory}: expected {MANIFEST} (run `ssr encode-latents` first) "
-                            f"or a LightningDiT latent folder (*.safetensors shards and {STATS}), found neither")
+    raise UserFileNotFoundError(f"no latent cache at {directory}: expected {MANIFEST} (run `ssr encode-latents` first) "
+                                f"or a LightningDiT latent folder (*.safetensors shards and {STATS}), found neither")
 
 
 def open_shard(path: Path, what: str = "a latent shard (.safetensors, written by `ssr encode-latents`)"):
@@ -257,7 +164,7 @@ def load_stats(directory: Path) -> tuple[torch.Tensor, torch.Tensor]:
     if (Path(directory) / LEGACY_STATS).is_file():
         stats = read_safetensors(Path(directory) / LEGACY_STATS, "latent statistics (mean, std)")
         return stats["mean"], stats["std"]
-    raise FileNotFoundError(f"no latent statistics in {directory} (expected {STATS}); run `ssr encode-latents`")
+    raise UserFileNotFoundError(f"no latent statistics in {directory} (expected {STATS}); run `ssr encode-latents`")
 
 
 class LatentShards(Dataset):

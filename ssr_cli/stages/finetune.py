@@ -15,131 +15,30 @@ import torch
 from torch import nn
 
 from ssr_cli.blur import gaussian_blur
-from ssr_cli.engine import EMA, train
+from ssr_cli.dynamics import save_dynamics
+from ssr_cli.engine.checkpoint import Checkpointer
+from ssr_cli.engine.ema import EMA
+from ssr_cli.engine.loop import train
 from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import console
-from ssr_cli.engine.runtime import Runtime, step_seed
-from ssr_cli.errors import UserError
+from ssr_cli.engine.runtime import Runtime
 from ssr_cli.images import save_grid
 from ssr_cli.inputs import file_sha256, refresh, settings
-from ssr_cli.metrics import load_lpips
-from ssr_cli.models.registry import build_tokenizer as build_registered_tokenizer
 from ssr_cli.models.weights import save_weights
 from ssr_cli.recipe import Recipe
-from ssr_cli.regularizers import build_regularizer as build_regularizer_from_fields
-from ssr_cli.regularizers import save_dynamics
-from ssr_cli.training import fixed_images, fixed_seed, image_dataset, train_spec
-
-EXPORT_NAME = "tokenizer.safetensors"
-DYNAMICS_NAME = "ssr_dynamics.safetensors"
-
-
-def build_tokenizer(cfg: Recipe, weights: str | Path | None = "recipe"):
-    """The recipe's tokenizer, with the recipe's weights (or ``weights`` when given; None: a random
-    initialisation drawn from ``run.seed`` alone, so two runs of one recipe start from the same weights)."""
-    tok = cfg.tokenizer
-    path = tok.weights if weights == "recipe" else weights
-    with fixed_seed(step_seed(cfg.run.seed, "tokenizer-init")):
-        model = build_registered_tokenizer(tok.family, tok.size, weights=path, strict=tok.strict,
-                                           architecture=tok.weights, **tok.overrides)
-    if tok.grad_checkpointing:
-        try:
-            model.grad_checkpointing = True
-        except (TypeError, AttributeError):
-            raise UserError(f"tokenizer.grad_checkpointing = true is not supported by tokenizer.family "
-                            f"{tok.family!r}; set it to false") from None
-    return model
-
-
-def finetuned_weights(cfg: Recipe) -> Path:
-    return cfg.run_dir() / EXPORT_NAME
-
-
-def learned_dynamics_path(cfg: Recipe) -> Path:
-    """Where the fine-tune stage of an SSR run writes the A, Ā and Δ it learned (:func:`regularizers.save_dynamics`)."""
-    return cfg.run_dir() / "finetune" / DYNAMICS_NAME
-
-
-def load_tokenizer_for_run(cfg: Recipe):
-    """The run's fine-tuned tokenizer when it exists, else the recipe's weights (with a note); a UserError when
-    there is neither (a later stage never runs on a randomly initialised tokenizer)."""
-    path = finetuned_weights(cfg)
-    if path.is_file():
-        return build_tokenizer(cfg, weights=path), path
-    if not cfg.tokenizer.weights:
-        raise UserError(f"no tokenizer for run {cfg.run.name!r}: {path} does not exist and tokenizer.weights is not set; "
-                        "run `ssr finetune` with this recipe first (or check run.name and run.out_dir)")
-    console.print(f"[yellow]no fine-tuned tokenizer at {path}; using {cfg.tokenizer.weights} (run `ssr finetune` first)")
-    return build_tokenizer(cfg), cfg.tokenizer.weights
-
-
-def require_lpips_weights(cfg: Recipe, weight: float) -> None:
-    """An LPIPS term with weight > 0 needs loss.lpips_weights: say so, naming the file to use."""
-    if weight > 0 and not cfg.loss.lpips_weights:
-        raise FileNotFoundError(
-            "an LPIPS loss weight is > 0 but loss.lpips_weights is not set: point it at the AlexNet features file "
-            "(e.g. ../shared/data/lpips/alexnet-owt-7be5be79.features-only.pth, torchvision's alexnet-owt-7be5be79.pth "
-            "works too) or set loss.lambda_lpips = 0 and regularizer.lambda_pred_lpips = 0"
-        )
-
-
-LPIPS_MIN_SIDE = 32
-"""Smallest image side the LPIPS loss sees (AlexNet's and VGG's pooling need it); smaller pairs are upsampled."""
-
-
-def make_lpips(cfg: Recipe, weight: float, device: torch.device):
-    """The LPIPS loss callable, or None when its weight is zero."""
-    if weight <= 0:
-        return None
-    require_lpips_weights(cfg, weight)
-    net = load_lpips(cfg.loss.lpips_net, cfg.loss.lpips_weights, device=device)
-
-    def lpips_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x, y = x.float(), y.float()
-        side = min(x.shape[-2:])
-        if side < LPIPS_MIN_SIDE:
-            # The downscaled pairs of EQ-VAE / FT-SE at CIFAR size (16², 8²) are too small for AlexNet's pooling:
-            # compare them at LPIPS_MIN_SIDE after the same bilinear upsampling of both images.
-            size = [round(d * LPIPS_MIN_SIDE / side) for d in x.shape[-2:]]
-            x, y = (torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False) for t in (x, y))
-        return net(x, y).flatten()
-
-    return lpips_fn
-
-
-def build_regularizer(cfg: Recipe, kind: str, latent_channels: int, lpips_fn):
-    r = cfg.regularizer
-    return build_regularizer_from_fields(
-        kind,
-        latent_channels=latent_channels,
-        basis=r.basis,
-        grid=r.grid,
-        orthonormal=r.orthonormal,
-        alpha=r.alpha,
-        lambda_latent=r.lambda_latent,
-        lambda_image=r.lambda_image,
-        lambda_mae_ssr=r.lambda_pred_mae,
-        lambda_lpips_ssr=r.lambda_pred_lpips,
-        discretization=r.discretization,
-        delta_init=r.delta_init,
-        delta_source=r.delta_source,
-        a_normalization=r.a_normalization,
-        image_size=cfg.data.image_size,
-        seed=cfg.run.seed,
-        learn_a=r.learn_a,
-        mean_centering=r.mean_centering,
-        latent_loss=r.latent_loss,
-        latent_space=r.latent_space,
-        tau_max=r.tau_max,
-        delta_tau=r.delta_tau,
-        eq_probability=r.eq_probability,
-        se_weight=r.se_weight,
-        se_factors=tuple(r.se_factors),
-        lambda_mae=cfg.loss.lambda_mae,
-        lambda_lpips=cfg.loss.lambda_lpips,
-        kl_weight=cfg.loss.kl_weight,
-        lpips_fn=lpips_fn,
-    )
+from ssr_cli.regularizers import build
+from ssr_cli.stages.common import (
+    DYNAMICS_NAME,
+    EXPORT_NAME,
+    build_tokenizer,
+    finetuned_weights,
+    fixed_images,
+    image_dataset,
+    make_lpips,
+    read_json,
+    require_lpips_weights,
+    train_spec,
+)
 
 
 class FinetuneTask(nn.Module):
@@ -190,7 +89,8 @@ def _stage(cfg: Recipe, rt: Runtime, tokenizer, *, name: str, kind: str, steps: 
     t = cfg.train
     lpips_weight = max(cfg.loss.lambda_lpips, cfg.regularizer.lambda_pred_lpips if kind == "ssr" else 0.0)
     lpips_fn = make_lpips(cfg, lpips_weight, rt.device)
-    regularizer = build_regularizer(cfg, kind, tokenizer.latent_channels, lpips_fn)
+    regularizer = build(cfg.regularizer, cfg.loss, kind=kind, latent_channels=tokenizer.latent_channels,
+                        image_size=cfg.data.image_size, seed=cfg.run.seed, lpips_fn=lpips_fn)
     target = EMA(tokenizer.to(rt.device), cfg.regularizer.ema_decay) if kind == "ssr" else None
     task = FinetuneTask(tokenizer, regularizer, target)
     if rt.is_main and hasattr(regularizer, "dynamics"):
@@ -240,7 +140,8 @@ def run_finetune(cfg: Recipe, rt: Runtime) -> Path:
     rt.barrier()
     tokenizer = build_tokenizer(cfg)
     # Fail on a regularizer that cannot fit this tokenizer before any (pre)training time is spent.
-    build_regularizer(cfg, cfg.regularizer.kind, tokenizer.latent_channels, None)
+    build(cfg.regularizer, cfg.loss, latent_channels=tokenizer.latent_channels, image_size=cfg.data.image_size,
+          seed=cfg.run.seed)
     require_lpips_weights(cfg, max(cfg.loss.lambda_lpips,
                                    cfg.regularizer.lambda_pred_lpips if cfg.regularizer.kind == "ssr" else 0.0))
     if cfg.train.pretrain_steps:
@@ -269,3 +170,27 @@ def _export(cfg: Recipe, rt: Runtime, tokenizer) -> Path:
         console.print(f"[green]{'fine-tuned' if cfg.train.steps else 'pretrained'} tokenizer written to {out}")
     rt.barrier()
     return out
+
+
+# -- the stage protocol (ssr_cli.stages.pipeline) ----------------------------------------------------------
+NAME = "finetune"
+PIPELINE_RECORD = False
+"""This stage keeps its own record (``FINETUNE_KEY``, written before it trains) instead of the pipeline's."""
+
+
+def inputs(cfg: Recipe) -> dict:
+    return finetune_inputs(cfg)
+
+
+def is_complete(cfg: Recipe) -> bool:
+    """The tokenizer is exported, the last stage's checkpoints reached its steps, and the recorded inputs are
+    today's."""
+    folder = cfg.run_dir()
+    stage_dir, steps = ("finetune", cfg.train.steps) if cfg.train.steps else ("pretrain", cfg.train.pretrain_steps)
+    done = Checkpointer(folder / stage_dir / "checkpoints").list()
+    return (finetuned_weights(cfg).is_file() and bool(done) and done[-1][0] >= steps
+            and read_json(folder / FINETUNE_KEY) == finetune_inputs(cfg))
+
+
+def run(cfg: Recipe, rt: Runtime) -> Path:
+    return run_finetune(cfg, rt)

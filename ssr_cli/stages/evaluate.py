@@ -21,14 +21,11 @@ from ssr_cli.data import build_dataset, ordered_batches, take_subset
 from ssr_cli.engine.atomic import write_json_atomic
 from ssr_cli.engine.progress import console, make_progress, print_result_table
 from ssr_cli.engine.runtime import Runtime, step_seed
-from ssr_cli.errors import UserError
-from ssr_cli.finetune import build_tokenizer, load_tokenizer_for_run
-from ssr_cli.generate import samples_dir
-from ssr_cli.latents import file_sha256
+from ssr_cli.errors import UserError, UserFileNotFoundError, UserValueError
+from ssr_cli.inputs import file_sha256, settings
 from ssr_cli.metrics import (
     REFERENCE_FORMAT,
     FeatureAccumulator,
-    InceptionFeatures,
     ReferenceStats,
     compute_generation_metrics,
     extract_features,
@@ -38,28 +35,21 @@ from ssr_cli.metrics import (
     reconstruction_metrics,
     to_uint8,
 )
-from ssr_cli.models.s4d import kl_per_dim, nelbo
 from ssr_cli.models.tokenizer import DiagonalGaussian, latent_of
 from ssr_cli.npz import NpzWriter, check_images, iter_npz_batches, npz_array_info, npz_keys
 from ssr_cli.recipe import Recipe
-from ssr_cli.training import image_dataset
-from ssr_cli.vae_train import is_vae_family
-
-INCEPTION_HINT = (
-    "set eval.inception_weights to the TF-Inception state dict "
-    "(e.g. ../shared/data/inception/pt_inception-2015-12-05-reconstructed-nofc.pth, or torch-fidelity's "
-    "weights-inception-2015-12-05-6726825d.pth)"
+from ssr_cli.stages.common import (
+    INCEPTION_HINT,
+    build_tokenizer,
+    image_dataset,
+    is_vae_family,
+    load_inception,
+    load_tokenizer_for_run,
+    recorded,
+    samples_dir,
+    tokenizer_sha256,
 )
-
-
-def load_inception(cfg: Recipe, device: torch.device):
-    """The Inception extractor, or None (with the reason) when no weights are configured."""
-    path = cfg.eval.inception_weights
-    if not path:
-        return None, f"no Inception weights: {INCEPTION_HINT}"
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"eval.inception_weights file not found: {path}; {INCEPTION_HINT}")
-    return InceptionFeatures(path, device=device), None
+from ssr_cli.vae_objective import kl_per_dim, nelbo
 
 
 def _lpips(cfg: Recipe, device: torch.device):
@@ -67,7 +57,7 @@ def _lpips(cfg: Recipe, device: torch.device):
     if not path:
         return None, "no LPIPS weights: set eval.lpips_weights (e.g. ../shared/data/lpips/alexnet-owt-7be5be79.features-only.pth)"
     if not Path(path).is_file():
-        raise FileNotFoundError(f"eval.lpips_weights file not found: {path}")
+        raise UserFileNotFoundError(f"eval.lpips_weights file not found: {path}")
     return load_lpips(cfg.eval.lpips_net, path, device=device), None
 
 
@@ -241,12 +231,13 @@ def generation(cfg: Recipe, rt: Runtime, samples: Path, inception=None) -> dict:
     if inception is None:
         inception, note = load_inception(cfg, rt.device)
         if inception is None:
-            raise FileNotFoundError(f"generation metrics need Inception weights: {note}")
+            raise UserFileNotFoundError(f"generation metrics need Inception weights: {note}")
     samples = Path(samples)
     shape, dtype = npz_array_info(samples)
     check_images(samples, shape, dtype)
     labels = None
     if "arr_1" in npz_keys(samples):
+        npz_array_info(samples, "arr_1")  # plain numbers (NpzError otherwise): np.load would refuse an object array
         with np.load(samples) as f:
             labels = f["arr_1"]
     bs = cfg.eval.batch_size
@@ -275,11 +266,11 @@ def make_reference(cfg: Recipe, rt: Runtime, out: Path) -> Path:
     reads — plus ours: ``pool`` rows (float32, precision/recall/KID), ``num_images``, ``format``, ``subset``."""
     inception, note = load_inception(cfg, rt.device)
     if inception is None:
-        raise FileNotFoundError(f"--make-ref needs Inception weights: {note}")
+        raise UserFileNotFoundError(f"--make-ref needs Inception weights: {note}")
     e = cfg.eval
     if e.reference and e.reference.endswith(".npz"):
-        raise ValueError(f"--make-ref reads images (a folder, a .tar or [data]); eval.reference is already a "
-                         f"reference batch: {e.reference}")
+        raise UserValueError(f"--make-ref reads images (a folder, a .tar or [data]); eval.reference is already a "
+                             f"reference batch: {e.reference}")
     size = e.image_size or cfg.data.image_size
     n = image_subset(cfg, e.reference, e.reference_split, size, e.num_reference_images)[1]
     with NpzWriter(out) as writer:
@@ -323,7 +314,7 @@ def run_evaluate(cfg: Recipe, rt: Runtime, *, gfid: bool | None = None, samples:
             elif samples.is_file():
                 result["generation"] = {"unavailable": {"all": f"no Inception weights: {INCEPTION_HINT}"}}
             elif gfid:
-                raise FileNotFoundError(f"no samples at {samples}; run `ssr sample` first or pass --samples")
+                raise UserFileNotFoundError(f"no samples at {samples}; run `ssr sample` first or pass --samples")
             else:
                 result["generation"] = {"unavailable": {"all": f"no samples at {samples} (run `ssr sample`)"}}
         path = Path(out) if out else cfg.run_dir() / "eval.json"
@@ -550,3 +541,25 @@ def print_vae_table(results: dict[str, dict], title: str = "VAE evaluation") -> 
                 row.append(f"{value:,}" if isinstance(value, int) else str(value))
         rows.append((label, *row))
     print_result_table(title, ["metric"], list(results), rows)
+
+
+# -- the stage protocol (ssr_cli.stages.pipeline) ----------------------------------------------------------
+NAME = "evaluate"
+PIPELINE_RECORD = True
+
+
+def inputs(cfg: Recipe) -> dict:
+    return {"eval": settings(cfg.eval), "tokenizer": tokenizer_sha256(cfg),
+            "samples": file_sha256(samples_dir(cfg) / "samples.npz")}
+
+
+def is_complete(cfg: Recipe) -> bool:
+    return (cfg.run_dir() / "eval.json").is_file() and recorded(cfg, NAME) == inputs(cfg)
+
+
+def run(cfg: Recipe, rt: Runtime, *, make_ref: Path | None = None, **options) -> dict | Path | None:
+    """:func:`run_evaluate` (``options``: gfid, samples, weights, out), or with ``make_ref`` only the reference
+    batch (:func:`make_reference`, written by rank 0)."""
+    if make_ref is not None:
+        return make_reference(cfg, rt, make_ref) if rt.is_main else None
+    return run_evaluate(cfg, rt, **options)

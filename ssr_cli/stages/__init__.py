@@ -1,0 +1,1 @@
+"""One module per command (see :mod:`ssr_cli.stages.common`)."""
