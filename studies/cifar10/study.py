@@ -215,7 +215,7 @@ class Study:
             weights.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(kept, weights)
             self._record(run_dir / "study_steps.json", "pretrain", kept_record["pretrain"])
-            print(f"study: pretrain: the committed copy {kept.relative_to(ROOT)} (same fingerprint)", flush=True)
+            print(f"study: pretrain: the committed copy {kept} (same fingerprint)", flush=True)
         self.step(run_dir, "pretrain", fp, lambda: self.ssr("finetune", sets), [weights])
         if not kept.is_file() or sha256(kept) != sha256(weights):
             kept.parent.mkdir(parents=True, exist_ok=True)
