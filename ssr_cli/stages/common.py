@@ -84,7 +84,10 @@ def train_spec(cfg: Recipe, rt: Runtime, *, name: str, model: nn.Module, param_g
         raise UserValueError(f"train.batch_size ({t.batch_size}) must be divisible by ranks × train.grad_accum "
                              f"({world_batch})")
     optim = optimisation(t)
-    optim.update({k: v for k, v in (("steps", steps), ("lr", lr)) if v is not None})
+    if steps is not None:  # the pretraining stage's own budget and rate
+        optim["steps"] = steps
+    if lr is not None:
+        optim["lr"] = lr
     steps, lr = optim["steps"], optim["lr"]
     return TrainSpec(
         name=name,
