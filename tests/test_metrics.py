@@ -208,6 +208,45 @@ def test_fid_of_a_set_with_itself_is_zero_even_rank_deficient():
         assert abs(M.frechet_distance(mu, sigma, mu, sigma)) < 1e-10 * np.trace(sigma)
 
 
+def test_frechet_distance_of_rows_is_the_covariance_route_and_a_closed_form():
+    rng = np.random.default_rng(4)
+    dim = 96
+    mix = rng.normal(size=(dim, dim)) / np.sqrt(dim)
+    for n1, n2 in ((40, 70), (300, 25), (150, 150)):  # singular covariances on one or both sides, and neither
+        x = rng.normal(size=(n1, dim)) @ mix + 1.5
+        y = rng.exponential(size=(n2, dim)) @ mix
+        independent = M.frechet_distance(*M.gaussian_stats(x), *M.gaussian_stats(y))
+        # the covariance route takes square roots of rounding-noise eigenvalues of the singular side (~1e-9)
+        assert M.frechet_distance_of_rows(x, y) == pytest.approx(independent, rel=1e-8)
+        if n1 < dim and n2 < dim:  # scipy's sqrtm on the product, an implementation we share nothing with
+            (m1, s1), (m2, s2) = M.gaussian_stats(x), M.gaussian_stats(y)
+            by_sqrtm = np.sum((m1 - m2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2)).real
+            assert M.frechet_distance_of_rows(x, y) == pytest.approx(by_sqrtm, rel=1e-6)
+    # 40-digit truth (mpmath): the covariances and the eigenvalues of s1 s2, on a small singular pair.
+    import mpmath
+
+    with mpmath.workdps(40):
+        x, y = rng.normal(size=(6, 16)) + 0.5, rng.normal(size=(11, 16)) @ mix[:16, :16]
+        m1, m2 = (mpmath.matrix([[sum(r[j] for r in z) / len(z)] for j in range(16)]) for z in (x, y))
+
+        def cov(z, m):
+            c = mpmath.matrix(z.tolist()) - mpmath.ones(len(z), 1) * m.T
+            return c.T * c / (len(z) - 1)
+
+        s1, s2 = cov(x, m1), cov(y, m2)
+        eig = mpmath.eig(s1 * s2, left=False, right=False)
+        truth = (sum((m1[j] - m2[j]) ** 2 for j in range(16)) + sum(s1[j, j] + s2[j, j] for j in range(16))
+                 - 2 * sum(mpmath.sqrt(max(mpmath.re(e), 0)) for e in eig))
+    assert M.frechet_distance_of_rows(x, y) == pytest.approx(float(truth), rel=1e-12)
+    # A set against itself shifted by v: same covariance, so the distance is |v|^2 exactly.
+    x = rng.normal(size=(30, dim)) @ mix
+    shift = rng.normal(size=dim)
+    assert M.frechet_distance_of_rows(x, x + shift) == pytest.approx(float(shift @ shift), rel=1e-10)
+    assert abs(M.frechet_distance_of_rows(x, x)) < 1e-10 * float(np.trace(M.gaussian_stats(x)[1]))
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        M.frechet_distance_of_rows(x[:1], x)
+
+
 def test_feature_accumulator_streams_exact_statistics():
     rng = np.random.default_rng(3)
     pool, spatial = rng.normal(5.0, 2.0, size=(103, 16)), rng.exponential(size=(103, 9))

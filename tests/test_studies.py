@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from ssr_cli.engine.lock import exclusive
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -73,13 +75,12 @@ def test_cifar10_study_driver_runs_a_toy_chain_reports_and_then_does_nothing(tmp
     assert [f"{a.name}-s{s}" for a, s in study.plan(["none"], False, [1])] == ["none-s1"]
 
 
-def test_cifar10_study_shared_step_lock_is_exclusive_between_holders(tmp_path):
-    study = _load(ROOT / "studies" / "cifar10" / "study.py")
+def test_study_step_lock_is_exclusive_between_holders(tmp_path):
     lock = tmp_path / ".pretrain.lock"
-    with study._step_lock(lock, blocking=False) as first:
-        with study._step_lock(lock, blocking=False) as second:
+    with exclusive(lock, blocking=False) as first:
+        with exclusive(lock, blocking=False) as second:
             assert first is True and second is False
-    with study._step_lock(lock, blocking=False) as again:
+    with exclusive(lock, blocking=False) as again:
         assert again is True
 
 
@@ -87,9 +88,9 @@ def test_cifar10_study_driver_skips_a_run_another_driver_holds(tmp_path, capsys,
     study = _load(ROOT / "studies" / "cifar10" / "study.py")
     out = tmp_path / "runs"
     ran = []
-    monkeypatch.setattr(study.Study, "shared", lambda self: (out / "p.safetensors", out / "ref.npz"))
+    monkeypatch.setattr(study.Study, "shared", lambda self, need_reference=True: (out / "p.safetensors", out / "ref.npz"))
     monkeypatch.setattr(study.Study, "run", lambda self, arm, seed, p, r: ran.append(f"{arm.name}-s{seed}") or True)
-    with study._step_lock(out / ".none-s0.lock", blocking=False) as held:  # "the other driver" holds none-s0
+    with exclusive(out / ".none-s0.lock", blocking=False) as held:  # "the other driver" holds none-s0
         assert held
         failed = study.run_study(study.Study(out=out, results=tmp_path / "results"), ["main"], False, [0])
     assert failed == [] and "none-s0: another driver is running it" in capsys.readouterr().out

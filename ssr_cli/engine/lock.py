@@ -9,10 +9,13 @@ be checked from here and is refused with what to delete if that job is gone.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from ssr_cli.errors import UserError
@@ -81,3 +84,23 @@ class RunLock:
             if holder is not None and holder.get("pid") == os.getpid():
                 self.path.unlink(missing_ok=True)
             self.held = False
+
+
+@contextlib.contextmanager
+def exclusive(path: str | Path, *, blocking: bool) -> Iterator[bool]:
+    """An advisory exclusive lock (``flock``) on ``path`` for the ``with`` block: yields True when held, or
+    False at once when another process holds it and not ``blocking``. The kernel drops it when the holder
+    exits, however it exits, so it never goes stale. Used by the study drivers to share work between
+    processes (one per core): each takes the next step nobody holds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

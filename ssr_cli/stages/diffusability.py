@@ -53,7 +53,7 @@ from ssr_cli.engine.progress import console, make_progress, print_result_table
 from ssr_cli.engine.runtime import Runtime, generator_for, step_seed
 from ssr_cli.errors import UserError, UserValueError
 from ssr_cli.inputs import file_sha256
-from ssr_cli.metrics import frechet_distance, gaussian_stats, to_uint8
+from ssr_cli.metrics import frechet_distance_of_rows, to_uint8
 from ssr_cli.models.flow import flow_loss, initial_noise, sample_ode
 from ssr_cli.models.tokenizer import DiagonalGaussian
 from ssr_cli.models.weights import read_safetensors
@@ -230,7 +230,7 @@ def interpolated_latents(x: torch.Tensor, weight: float) -> tuple[torch.Tensor, 
 
 
 def fid_of(features: Callable[[torch.Tensor], np.ndarray], fake_u8: torch.Tensor, real_feats: np.ndarray) -> float:
-    return frechet_distance(*gaussian_stats(features(fake_u8)), *gaussian_stats(real_feats))
+    return frechet_distance_of_rows(features(fake_u8), real_feats)
 
 
 @torch.no_grad()

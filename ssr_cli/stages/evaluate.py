@@ -30,6 +30,7 @@ from ssr_cli.metrics import (
     compute_generation_metrics,
     extract_features,
     frechet_distance,
+    frechet_distance_of_rows,
     load_lpips,
     load_reference,
     reconstruction_metrics,
@@ -96,13 +97,30 @@ def _npz_batches(path: Path, batch_size: int, label: str):
             yield torch.from_numpy(rows).permute(0, 3, 1, 2)
 
 
+RFID_ROWS_MAX = 2048
+"""Up to this many images, the rFID accumulators also keep their pool rows (float32, at most 16 MiB per set)
+and the Fréchet distance is computed from them (:func:`_fid_of`: the same number, much less work)."""
+
+
+def _rows_for_rfid(n: int) -> tuple[str, ...]:
+    return ("pool",) if n <= RFID_ROWS_MAX else ()
+
+
+def _fid_of(acc_a, acc_b) -> float:
+    """Fréchet distance between two accumulators' pool features: from their kept rows when both kept them
+    (:func:`frechet_distance_of_rows`), else from their running statistics."""
+    if "pool" in acc_a.keep and "pool" in acc_b.keep:
+        return frechet_distance_of_rows(acc_a.features()["pool"], acc_b.features()["pool"])
+    return frechet_distance(*acc_a.stats("pool"), *acc_b.stats("pool"))
+
+
 def paired_rfid(acc_originals, acc_recons, ids_originals: list[int], ids_recons: list[int]) -> float:
     """rFID of reconstructions against their own originals, and only those: the two feature sets must come
     from the same image indices in the same order (never a generation reference batch)."""
     if ids_originals != ids_recons or acc_originals.num_images != acc_recons.num_images:
         raise RuntimeError("rFID needs the originals of exactly the reconstructed images as its reference "
                            f"({len(ids_originals)} originals vs {len(ids_recons)} reconstructions, different ids)")
-    return frechet_distance(*acc_recons.stats("pool"), *acc_originals.stats("pool"))
+    return _fid_of(acc_recons, acc_originals)
 
 
 def posterior_kl(posterior) -> np.ndarray | None:
@@ -128,8 +146,9 @@ def reconstruction(cfg: Recipe, rt: Runtime, *, weights: str | None = None) -> d
     ds, n, subset = image_subset(cfg, e.images, e.images_split, size, e.num_images)
     lpips_model, lpips_note = _lpips(cfg, rt.device)
     inception, inception_note = load_inception(cfg, rt.device)
-    acc_real = FeatureAccumulator(keep=(), stats=("pool",)) if inception else None
-    acc_recon = FeatureAccumulator(keep=(), stats=("pool",)) if inception else None
+    keep = _rows_for_rfid(n)
+    acc_real = FeatureAccumulator(keep=keep, stats=("pool",), rows_dtype=np.float32) if inception else None
+    acc_recon = FeatureAccumulator(keep=keep, stats=("pool",), rows_dtype=np.float32) if inception else None
     per_image: dict[str, list[np.ndarray]] = {}
     ids_real: list[int] = []
     ids_recon: list[int] = []
@@ -467,7 +486,9 @@ def evaluate_vae(cfg: Recipe, rt: Runtime, *, weights: str | Path | None = None,
     vae = vae.to(rt.device).eval()
     ds, n = image_set(cfg, cfg.eval.images, cfg.eval.images_split, cfg.data.image_size, cfg.eval.num_images)
     inception, note = load_inception(cfg, rt.device)
-    accs = {k: FeatureAccumulator(keep=(), stats=("pool",)) for k in ("data", "recon", "prior")} if inception else {}
+    keep = _rows_for_rfid(n)
+    accs = {k: FeatureAccumulator(keep=keep, stats=("pool",), rows_dtype=np.float32)
+            for k in ("data", "recon", "prior")} if inception else {}
     gen = torch.Generator(device=rt.device).manual_seed(step_seed(cfg.run.seed, "eval-nelbo"))
     prior_gen = torch.Generator().manual_seed(step_seed(cfg.run.seed, "eval-prior"))
     sums = {"nelbo": 0.0, "rec": 0.0, "kl": 0.0, "mse": 0.0}
@@ -507,9 +528,8 @@ def evaluate_vae(cfg: Recipe, rt: Runtime, *, weights: str | Path | None = None,
     result["active_dims"] = int((kl_dims > cfg.vae.collapse_threshold).sum())
     result["latent_dims"] = int(kl_dims.numel())
     if inception and n >= 2:
-        data_stats = accs["data"].stats("pool")
-        result["fid_prior"] = frechet_distance(*accs["prior"].stats("pool"), *data_stats)
-        result["rfid"] = frechet_distance(*accs["recon"].stats("pool"), *data_stats)
+        result["fid_prior"] = _fid_of(accs["prior"], accs["data"])
+        result["rfid"] = _fid_of(accs["recon"], accs["data"])
     else:
         result["fid_prior"] = result["rfid"] = None
         reason = note or "FID needs at least 2 images"

@@ -30,8 +30,6 @@ copies only, so ``--report`` regenerates it on any machine.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import json
 import math
@@ -44,6 +42,8 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ssr_cli.engine.lock import exclusive
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -189,17 +189,22 @@ class Study:
         tmp.replace(record_path)
 
     # -- shared inputs -----------------------------------------------------------------------------------
-    def shared(self) -> tuple[Path, Path]:
+    def shared(self, need_reference: bool = True) -> tuple[Path, Path]:
         """The pretrained tokenizer and the FID reference. Two drivers started together (one per core) split
-        them: each first takes the step nobody holds (a lock file per step), then waits for the other's."""
+        them: each first takes the step nobody holds (a lock file per step), then waits for the other's. Without
+        ``need_reference`` (no planned run measures gFID) the reference is not made; only its fingerprint, which
+        every run's fingerprint includes, is computed."""
         makers = {"pretrain": self.pretrained, "reference": self.reference}
+        if not need_reference:
+            self.reference_fp = self.fingerprint(["make-ref"], {}, sections=REFERENCE_SECTIONS)
+            makers = {"pretrain": self.pretrained}
         made: dict[str, Path] = {}
         for blocking in (False, True):
             for name in [n for n in makers if n not in made]:
-                with _step_lock(self.out / f".{name}.lock", blocking) as held:
+                with exclusive(self.out / f".{name}.lock", blocking=blocking) as held:
                     if held:
                         made[name] = makers[name]()
-        return made["pretrain"], made["reference"]
+        return made["pretrain"], made.get("reference", self.out / "ref_test.npz")
 
     def pretrained(self) -> Path:
         """``runs/pretrain/tokenizer.safetensors``. The driver commits a copy (``results/shared/``, 4 MB) with the
@@ -295,23 +300,6 @@ class Study:
                 shutil.copyfile(run_dir / src, dest / dst)
 
 
-@contextlib.contextmanager
-def _step_lock(path: Path, blocking: bool):
-    """An exclusive lock on ``path`` (yields True), or False at once when another driver holds it and not
-    ``blocking``. The kernel drops it when the holder exits, however it exits."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def plan(only: list[str] | None, toy: bool, seeds: list[int] | None = None) -> list[tuple[Arm, int]]:
     arms = [a for a in ARMS if not only or a.group in only or a.name in only]
     if toy:
@@ -331,16 +319,17 @@ def plan(only: list[str] | None, toy: bool, seeds: list[int] | None = None) -> l
 def run_study(study: Study, only: list[str] | None, keep_going: bool, seeds: list[int] | None = None,
               shared_only: bool = False) -> list[str]:
     study.out.mkdir(parents=True, exist_ok=True)
-    pretrained, reference = study.shared()
+    order = plan(only, study.toy, seeds)
+    pretrained, reference = study.shared(need_reference=shared_only or any(arm.gfid for arm, _ in order))
     if (study.out / "study_steps.json").is_file():
         shutil.copyfile(study.out / "study_steps.json", study.results / "runs" / "shared_steps.json")
     if shared_only:
         return []
     failed, ran_any = [], False
-    for arm, seed in plan(only, study.toy, seeds):
+    for arm, seed in order:
         name = run_name(arm, seed)
         try:
-            with _step_lock(study.out / f".{name}.lock", blocking=False) as held:
+            with exclusive(study.out / f".{name}.lock", blocking=False) as held:
                 if not held:  # a second driver (the other core) has it: take the next run
                     print(f"study: {name}: another driver is running it; next", flush=True)
                     continue

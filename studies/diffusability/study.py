@@ -17,7 +17,9 @@ Every number comes from the committed commands, in this order, each resumable:
    (LightningDiT-S/2, depth 6, width 192, 3000 steps of 64, FID of 2000 samples; toy: its held-out loss).
 4. report: Spearman ρ between each proxy and the ground truth over the spaces, per seed, mean ± std, with a
    figure, in ``<out>/report.md`` (``report.json``, ``report.png``, ``spaces.png``).
-Interrupt it at any point and run the same command again: it continues where it stopped.
+Interrupt it at any point and run the same command again: it continues where it stopped. Two drivers, one
+per core, share the spaces (``taskset -c 0 python studies/diffusability/study.py --threads 1 &`` and the same
+with ``-c 1``).
 """
 
 from __future__ import annotations
@@ -129,7 +131,12 @@ def diffusability_args(recipe: str, space: Space, seed: int, out: Path, extra: l
     return args
 
 
-def run_study(out: Path, *, toy: bool, seeds: list[int], device: str | None) -> None:
+def run_study(out: Path, *, toy: bool, seeds: list[int], device: str | None, threads: str | None = None) -> None:
+    """Every space: its first seed's proxies, its ground truth, then the other seeds. Two drivers started
+    together (one per core, ``--threads 1``) share the spaces: each takes the next space nobody holds (a lock
+    file per space, dropped by the kernel when its holder exits), so a space is never run twice at once."""
+    from ssr_cli.engine.lock import exclusive
+
     recipe = str(HERE / "toy.toml" if toy else CIFAR10_RECIPE)
     spaces = toy_spaces(out) if toy else full_spaces(recipe)
     if not toy and not PRETRAINED.is_file():
@@ -140,11 +147,25 @@ def run_study(out: Path, *, toy: bool, seeds: list[int], device: str | None) -> 
         print(f"study: skipping {', '.join(missing)}: their tokenizers are not on this machine (the CIFAR-10 "
               "study's fine-tunes; run its main arms here to add them)", flush=True)
     spaces = [s for s in spaces if s.name not in missing]
+    extra = [] if threads is None else ['run.threads="auto"' if threads == "auto" else f"run.threads={int(threads)}"]
+    held_elsewhere = []
     for space in spaces:
-        for seed in seeds:
-            run_cli(diffusability_args(recipe, space, seed, out / space.name / f"seed{seed}", [], device))
-        run_cli(diffusability_args(recipe, space, 0, out / space.name / "gt", TOY_GT if toy else FULL_GT, device))
-    write_report(out, [s.name for s in spaces], seeds, toy=toy)
+        with exclusive(out / ".locks" / f"{space.name}.lock", blocking=False) as held:
+            if not held:
+                print(f"study: {space.name}: another driver is running it; next", flush=True)
+                held_elsewhere.append(space.name)
+                continue
+            gt = (space, 0, out / space.name / "gt", (TOY_GT if toy else FULL_GT) + extra)
+            jobs = [(space, seeds[0], out / space.name / f"seed{seeds[0]}", extra), gt]
+            jobs += [(space, s, out / space.name / f"seed{s}", extra) for s in seeds[1:]]
+            for sp, seed, job_out, sets in jobs:
+                run_cli(diffusability_args(recipe, sp, seed, job_out, sets, device))
+    done = finished_spaces(out, spaces)
+    if held_elsewhere:
+        print(f"study: {', '.join(held_elsewhere)} still running in another driver; the report covers the "
+              f"{len(done)} spaces with a ground truth (rerun with --report when that driver ends)", flush=True)
+    if done:
+        write_report(out, done, seeds, toy=toy)
 
 
 def finished_spaces(out: Path, spaces: list[Space]) -> list[str]:
@@ -276,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                         "results, toy: runs/dfz-toy-study)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="proxy seeds (default 0 1 2; toy 0 1)")
     parser.add_argument("--device", default=None, help="cpu, cuda or auto")
+    parser.add_argument("--threads", default=None, help="run.threads for every command (auto or N; default: the "
+                        "recipe's). Two drivers, one per core: `taskset -c 0 ... --threads 1` and `-c 1`")
     parser.add_argument("--report", action="store_true", help="only write the report from finished runs")
     args = parser.parse_args(argv)
     out = args.out or (Path("runs/dfz-toy-study") if args.toy else HERE / "results")
@@ -285,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         spaces = toy_spaces(out) if args.toy else full_spaces(str(CIFAR10_RECIPE))
         write_report(out, finished_spaces(out, spaces), seeds, toy=args.toy)
     else:
-        run_study(out, toy=args.toy, seeds=seeds, device=args.device)
+        run_study(out, toy=args.toy, seeds=seeds, device=args.device, threads=args.threads)
     return 0
 
 
