@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _pin_xdist_worker() -> None:
+    """Under ``pytest -n N`` (pytest-xdist), give worker k its own share of this process's CPUs: its torch
+    threads and every command it starts (``run.threads = 0`` means the CPU set's cores) then use those cores
+    only, instead of N workers × all cores fighting over them (OpenMP threads slow down many times over when
+    oversubscribed). With more workers than CPUs the scheduler is left alone."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not worker or not count or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus, index, count = sorted(os.sched_getaffinity(0)), int(worker.removeprefix("gw")), int(count)
+    if count > len(cpus):
+        return
+    share = cpus[index * len(cpus) // count:(index + 1) * len(cpus) // count]
+    os.sched_setaffinity(0, share)
+    torch.set_num_threads(len(share))
+
+
+_pin_xdist_worker()
 
 
 @pytest.fixture(autouse=True)
