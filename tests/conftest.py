@@ -11,13 +11,19 @@ import torch
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def _pin_xdist_worker() -> None:
-    """Under ``pytest -n N`` (pytest-xdist), give worker k its own share of this process's CPUs: its torch
-    threads and every command it starts (``run.threads = 0`` means the CPU set's cores) then use those cores
+def _set_up_xdist_worker() -> None:
+    """Under ``pytest -n N`` (pytest-xdist), undo the worker's COLUMNS=80 and give worker k its own share of
+    this process's CPUs: its torch threads and every command it starts (``run.threads = 0`` means the CPU set's cores) then use those cores
     only, instead of N workers × all cores fighting over them (OpenMP threads slow down many times over when
     oversubscribed). With more workers than CPUs the scheduler is left alone."""
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
-    if not worker or not count or not hasattr(os, "sched_setaffinity"):
+    if not worker or not count:
+        return
+    # xdist starts its workers with COLUMNS=80; rich would fix every module-level console at 80 columns and
+    # ignore the COLUMNS a test passes to CliRunner, so the worker sees the terminal a serial run sees.
+    if os.environ.get("COLUMNS") == "80":
+        del os.environ["COLUMNS"]
+    if not hasattr(os, "sched_setaffinity"):
         return
     cpus, index, count = sorted(os.sched_getaffinity(0)), int(worker.removeprefix("gw")), int(count)
     if count > len(cpus):
@@ -27,7 +33,7 @@ def _pin_xdist_worker() -> None:
     torch.set_num_threads(len(share))
 
 
-_pin_xdist_worker()
+_set_up_xdist_worker()
 
 
 @pytest.fixture(autouse=True)

@@ -42,10 +42,11 @@ WeightsOpt = Annotated[
 
 
 def fail(message: str, code: int = 2) -> None:
-    """Print a one-line (or short) error and exit with ``code``."""
+    """Print a one-line (or short) error and exit with ``code``. The line is never wrapped by rich (the
+    terminal folds it for the eye; a log or ``grep error:`` keeps the whole message on its line)."""
     from rich.markup import escape
 
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
