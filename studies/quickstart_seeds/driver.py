@@ -1,6 +1,6 @@
-"""SSR against reconstruction-only fine-tuning on the quickstart recipe, over several seeds.
+"""SSR against reconstruction-only fine-tuning on the from-scratch quickstart recipe, over several seeds.
 
-For each seed and arm (``ssr``: the recipe as shipped; ``none``: ``regularizer.kind = "none"``, the same
+For each seed and arm (``ssr``: recipe.toml as it is; ``none``: ``regularizer.kind = "none"``, the same
 pretraining, then reconstruction-only steps) it runs ``ssr finetune`` and ``ssr probe-channels`` and writes
 ``results/report.md`` and ``results/report.json`` from the runs' ``probe.json`` and ``eval``-free numbers.
 Finished runs are skipped (the commands resume an interrupted one), so re-running continues where it stopped.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-RECIPE = ROOT / "recipes" / "quickstart.toml"
+RECIPE = HERE / "recipe.toml"  # the from-scratch quickstart its results were measured with
 ARMS = {"ssr": [], "none": ['regularizer.kind="none"']}
 COLUMNS = [("psnr_full", "PSNR, all 16 ch. (dB)"), ("psnr_half", "PSNR, 8 ch. kept (dB)"),
            ("blur_decay_spearman", "blur-decay ρ"), ("frequency_order_spearman", "frequency-order ρ"),
