@@ -75,7 +75,9 @@ def full_spaces(recipe: str, seed: int = 1) -> list[Space]:
                                        'regularizer.grid="8x4"']))
     for kind in ("none", "ssr", "eq_vae", "scale"):
         spaces.append(Space(f"ft-{kind}", weights=_cifar10_weights(f"{kind}-s{seed}"), optional=True))
-    return spaces
+    # run order: spaces expected to differ most first, so that the first few already span the range
+    first = ["klae-pretrained", "noise-1.0", "permute", "taef2", "mix", "noise-0.25", "noise-2.0", "noise-0.5"]
+    return sorted(spaces, key=lambda s: first.index(s.name) if s.name in first else len(first))
 
 
 # Ground truth: the same DiT, budget and FID protocol as the CIFAR-10 study's generation arms (LightningDiT-S/2,
@@ -149,17 +151,23 @@ def run_study(out: Path, *, toy: bool, seeds: list[int], device: str | None, thr
     spaces = [s for s in spaces if s.name not in missing]
     extra = [] if threads is None else ['run.threads="auto"' if threads == "auto" else f"run.threads={int(threads)}"]
     held_elsewhere = []
-    for space in spaces:
-        with exclusive(out / ".locks" / f"{space.name}.lock", blocking=False) as held:
-            if not held:
-                print(f"study: {space.name}: another driver is running it; next", flush=True)
-                held_elsewhere.append(space.name)
+    # breadth first: every space's first seed and ground truth, then the other seeds, so that a first ranking over
+    # all the spaces exists as early as possible (a session may end before the last seeds)
+    passes = [lambda sp: [(sp, seeds[0], out / sp.name / f"seed{seeds[0]}", extra),
+                          (sp, 0, out / sp.name / "gt", (TOY_GT if toy else FULL_GT) + extra)],
+              lambda sp: [(sp, s, out / sp.name / f"seed{s}", extra) for s in seeds[1:]]]
+    for jobs_of in passes:
+        for space in spaces:
+            jobs = jobs_of(space)
+            if all((job_out / "diffusability.json").is_file() for _, _, job_out, _ in jobs):
                 continue
-            gt = (space, 0, out / space.name / "gt", (TOY_GT if toy else FULL_GT) + extra)
-            jobs = [(space, seeds[0], out / space.name / f"seed{seeds[0]}", extra), gt]
-            jobs += [(space, s, out / space.name / f"seed{s}", extra) for s in seeds[1:]]
-            for sp, seed, job_out, sets in jobs:
-                run_cli(diffusability_args(recipe, sp, seed, job_out, sets, device))
+            with exclusive(out / ".locks" / f"{space.name}.lock", blocking=False) as held:
+                if not held:
+                    print(f"study: {space.name}: another driver is running it; next", flush=True)
+                    held_elsewhere.append(space.name)
+                    continue
+                for sp, seed, job_out, sets in jobs:
+                    run_cli(diffusability_args(recipe, sp, seed, job_out, sets, device))
     done = finished_spaces(out, spaces)
     if held_elsewhere:
         print(f"study: {', '.join(held_elsewhere)} still running in another driver; the report covers the "
