@@ -102,6 +102,7 @@ class InceptionFeatures:
         self.fc_is_zero = _fc_is_zero_state(state)
         del state
         self.device = torch.device(device)
+        self.weights_path = weights_path
         self.model = FeatureExtractorInceptionV3(
             "inception-v3-compat",
             ["2048", "logits_unbiased"],
@@ -274,6 +275,57 @@ def extract_features(
     if accumulator.num_images == 0:
         raise ValueError("extract_features: no images")
     return accumulator.result()
+
+
+class PoolFeatureCache:
+    """Inception ``pool`` rows of fixed uint8 image sets, kept on disk between runs.
+
+    The same real images are scored again and again: every ``ssr diffusability`` run of a study ranks its
+    samples and interpolations against one pool of data images, and on a CPU their Inception pass costs more
+    than the rest of the run. Rows are keyed by the SHA-256 of the images' bytes and shape, of the weights
+    file and of the batch size (batches are what the extractor sees, so a cached row equals a recomputed one
+    bit for bit); ``folder=None`` turns the cache off. A damaged cache file is recomputed, not fatal."""
+
+    def __init__(self, folder: str | os.PathLike | None, weights_path: str | os.PathLike, batch_size: int) -> None:
+        self.folder = None if folder is None else Path(folder)
+        self.weights_path = Path(weights_path)
+        self.batch_size = int(batch_size)
+
+    def key(self, images: torch.Tensor) -> str:
+        import hashlib
+
+        from ssr_cli.inputs import file_sha256
+
+        h = hashlib.sha256()
+        h.update(f"pool|{file_sha256(self.weights_path)}|{self.batch_size}|{tuple(images.shape)}|".encode())
+        h.update(images.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:32]
+
+    def rows(self, images: torch.Tensor, compute) -> np.ndarray:
+        """``compute(images)`` (float64 rows (N, 2048)), read from the cache when these images were scored."""
+        if self.folder is None:
+            return compute(images)
+        path = self.folder / f"pool_{self.key(images)}.npy"
+        if path.is_file():
+            try:
+                rows = np.load(path, allow_pickle=False)
+                if rows.shape == (images.shape[0], 2048):
+                    return rows
+            except (OSError, ValueError):
+                pass
+            import warnings
+
+            warnings.warn(f"Inception feature cache {path} is damaged; recomputing it", stacklevel=2)
+        rows = compute(images)
+        from ssr_cli.engine.atomic import atomic_write
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                np.save(fh, rows, allow_pickle=False)
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, write)
+        return rows
 
 
 def gaussian_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -53,7 +53,7 @@ from ssr_cli.engine.progress import console, make_progress, print_result_table
 from ssr_cli.engine.runtime import Runtime, generator_for, step_seed
 from ssr_cli.errors import UserError, UserValueError
 from ssr_cli.inputs import file_sha256
-from ssr_cli.metrics import frechet_distance_of_rows, to_uint8
+from ssr_cli.metrics import PoolFeatureCache, frechet_distance_of_rows, to_uint8
 from ssr_cli.models.flow import flow_loss, initial_noise, sample_ode
 from ssr_cli.models.tokenizer import DiagonalGaussian
 from ssr_cli.models.weights import read_safetensors
@@ -487,14 +487,25 @@ class _Context:
             return None, note
         bs = self.cfg.eval.batch_size
 
-        def feats(u8: torch.Tensor) -> np.ndarray:
-            return np.concatenate([inception(u8[i:i + bs])["pool"] for i in range(0, u8.shape[0], bs)])
+        def feats(u8: torch.Tensor, what: str = "Inception features") -> np.ndarray:
+            rows = []
+            with make_progress(disable=not self.rt.is_main) as progress:
+                task = progress.add_task(f"diffusability: {what}", total=u8.shape[0], status="", rate="")
+                for i in range(0, u8.shape[0], bs):
+                    rows.append(inception(u8[i:i + bs])["pool"])
+                    progress.update(task, advance=min(bs, u8.shape[0] - i))
+            return np.concatenate(rows)
 
         return feats, None
 
     def real_features(self, feats) -> np.ndarray:
+        """Inception rows of the image pool; cached across runs in ``<run.out_dir>/.cache/inception`` (every
+        space of a study scores against the same images)."""
         if self._real_feats is None:
-            self._real_feats = feats(to_uint8(self.pool()[0]))
+            inception = self._inception[0]
+            cache = PoolFeatureCache(Path(self.cfg.run.out_dir) / ".cache" / "inception", inception.weights_path,
+                                     self.cfg.eval.batch_size)
+            self._real_feats = cache.rows(to_uint8(self.pool()[0]), lambda u8: feats(u8, "data features"))
         return self._real_feats
 
 

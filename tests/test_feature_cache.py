@@ -1,0 +1,80 @@
+"""The on-disk cache of Inception pool rows: a hit returns exactly what a recomputation gives, a different image set,
+weights file or batch size misses, and a damaged file is recomputed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ssr_cli.metrics import PoolFeatureCache
+
+
+def _counting_features():
+    calls = []
+
+    def compute(u8: torch.Tensor) -> np.ndarray:
+        calls.append(u8.shape[0])
+        x = u8.double().flatten(1)
+        # a deterministic stand-in for the Inception: 2048 fixed projections of the pixels
+        proj = torch.Generator().manual_seed(0)
+        w = torch.randn(x.shape[1], 2048, generator=proj, dtype=torch.float64)
+        return (x @ w).numpy()
+
+    return compute, calls
+
+
+@pytest.fixture()
+def weights(tmp_path):
+    path = tmp_path / "inception.pth"
+    path.write_bytes(b"weights v1")
+    return path
+
+
+def _images(seed: int, n: int = 6) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_hit_equals_recomputation_and_skips_the_extractor(tmp_path, weights):
+    compute, calls = _counting_features()
+    cache = PoolFeatureCache(tmp_path / "cache", weights, batch_size=4)
+    first = cache.rows(_images(0), compute)
+    again = PoolFeatureCache(tmp_path / "cache", weights, batch_size=4).rows(_images(0), compute)
+    assert calls == [6]
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(again, compute(_images(0)))
+
+
+def test_other_images_weights_or_batch_size_miss(tmp_path, weights):
+    compute, calls = _counting_features()
+    folder = tmp_path / "cache"
+    PoolFeatureCache(folder, weights, 4).rows(_images(0), compute)
+    other = _images(0)
+    other[0, 0, 0, 0] ^= 1  # one pixel, one bit
+    PoolFeatureCache(folder, weights, 4).rows(other, compute)
+    PoolFeatureCache(folder, weights, 5).rows(_images(0), compute)
+    weights.write_bytes(b"weights v2")
+    PoolFeatureCache(folder, weights, 4).rows(_images(0), compute)
+    assert len(calls) == 4
+    assert len(list(folder.glob("pool_*.npy"))) == 4
+
+
+def test_damaged_file_is_recomputed(tmp_path, weights):
+    compute, calls = _counting_features()
+    cache = PoolFeatureCache(tmp_path / "cache", weights, 4)
+    good = cache.rows(_images(1), compute)
+    (path,) = (tmp_path / "cache").glob("pool_*.npy")
+    path.write_bytes(b"not an array")
+    with pytest.warns(UserWarning, match="damaged"):
+        np.testing.assert_array_equal(cache.rows(_images(1), compute), good)
+    assert calls == [6, 6]
+    np.testing.assert_array_equal(cache.rows(_images(1), compute), good)
+    assert calls == [6, 6]
+
+
+def test_no_folder_means_no_cache(tmp_path, weights):
+    compute, calls = _counting_features()
+    cache = PoolFeatureCache(None, weights, 4)
+    cache.rows(_images(2), compute)
+    cache.rows(_images(2), compute)
+    assert calls == [6, 6] and not any(tmp_path.glob("**/*.npy"))
