@@ -95,3 +95,30 @@ def test_cifar10_study_driver_skips_a_run_another_driver_holds(tmp_path, capsys,
         failed = study.run_study(study.Study(out=out, results=tmp_path / "results"), ["main"], False, [0])
     assert failed == [] and "none-s0: another driver is running it" in capsys.readouterr().out
     assert ran == ["ssr-s0", "eq_vae-s0", "scale-s0", "pretrained-s0"]
+
+
+def test_diffusability_report_ranks_proxies_against_the_cifar10_gfid(tmp_path):
+    """The fine-tune section of the validation report: a proxy that orders the runs as their gFID does gets
+    ρ = +1, one that orders them backwards −1 (the sign follows whether lower is better), runs without a gFID are
+    left out, and fewer than three runs give no section."""
+    study = _load(ROOT / "studies" / "diffusability" / "study.py")
+    gfids = {"a-s0": 100.0, "b-s0": 105.0, "c-s0": 111.0, "d-s0": 120.0}
+    for i, (name, fid) in enumerate(gfids.items()):
+        run = tmp_path / name
+        run.mkdir()
+        # flow loss grows with gFID (lower is better: agrees), effective rank grows too (higher is better: disagrees)
+        summary = {"flow_loss_mean": 0.5 + i, "effective_rank": 3.0 + i, "ifid": None}
+        (run / "diffusability.json").write_text(json.dumps({"summary": summary}))
+        (run / "eval.json").write_text(json.dumps({"generation": {"fid": fid}}))
+    no_gen = tmp_path / "e-s0"
+    no_gen.mkdir()
+    (no_gen / "diffusability.json").write_text(json.dumps({"summary": {"flow_loss_mean": 9.0}}))
+    (no_gen / "eval.json").write_text(json.dumps({"generation": None}))
+    result = study.finetune_agreement(tmp_path)
+    assert sorted(result["runs"]) == sorted(gfids)
+    assert result["proxies"]["flow_loss_mean"]["rho"] == pytest.approx(1.0)
+    assert result["proxies"]["effective_rank"]["rho"] == pytest.approx(-1.0)
+    assert result["proxies"]["ifid"]["runs"] == 0
+    for name in ("c-s0", "d-s0"):
+        shutil.rmtree(tmp_path / name)
+    assert study.finetune_agreement(tmp_path) is None
