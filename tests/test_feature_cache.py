@@ -78,3 +78,40 @@ def test_no_folder_means_no_cache(tmp_path, weights):
     cache.rows(_images(2), compute)
     cache.rows(_images(2), compute)
     assert calls == [6, 6] and not any(tmp_path.glob("**/*.npy"))
+
+
+def test_evaluate_rfid_is_the_same_from_the_cache(tmp_path, shared_data, monkeypatch):
+    """`ssr evaluate`'s originals go through the cache: a second evaluation of the same images runs the Inception on
+    the reconstructions only and gives the same rFID to the last bit."""
+    from pathlib import Path
+
+    from ssr_cli.engine.runtime import Runtime
+    from ssr_cli.metrics.inception import InceptionFeatures
+    from ssr_cli.models.weights import save_weights
+    from ssr_cli.recipe import load
+    from ssr_cli.stages.common import build_tokenizer
+    from ssr_cli.stages.evaluate import reconstruction
+
+    quickstart = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.toml"
+    inception = shared_data / "inception" / "pt_inception-2015-12-05-reconstructed-nofc.pth"
+    cfg = load(quickstart, [f'run.out_dir="{tmp_path}"', "data.image_size=16", "data.builtin_crops=6",
+                            "eval.num_images=6", "eval.batch_size=4", 'eval.subset="first"',
+                            f'eval.inception_weights="{inception}"'])
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        weights = save_weights(build_tokenizer(cfg, weights=None), tmp_path / "tok.safetensors")
+    calls = []
+    original = InceptionFeatures.__call__
+
+    def counting(self, images):
+        calls.append(images.shape[0])
+        return original(self, images)
+
+    monkeypatch.setattr(InceptionFeatures, "__call__", counting)
+    first = reconstruction(cfg, Runtime(device=torch.device("cpu")), weights=str(weights))
+    assert sum(calls) == 12  # 6 originals + 6 reconstructions
+    assert len(list((tmp_path / ".cache" / "inception").glob("pool_*.npy"))) == 2  # one file per batch (4 + 2)
+    calls.clear()
+    second = reconstruction(cfg, Runtime(device=torch.device("cpu")), weights=str(weights))
+    assert sum(calls) == 6
+    assert second["rfid"] == first["rfid"] and np.isfinite(first["rfid"])

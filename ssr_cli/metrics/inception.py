@@ -284,7 +284,8 @@ class PoolFeatureCache:
     samples and interpolations against one pool of data images, and on a CPU their Inception pass costs more
     than the rest of the run. Rows are keyed by the SHA-256 of the images' bytes and shape, of the weights
     file and of the batch size (batches are what the extractor sees, so a cached row equals a recomputed one
-    bit for bit); ``folder=None`` turns the cache off. A damaged cache file is recomputed, not fatal."""
+    bit for bit); ``folder=None`` turns the cache off. A damaged cache file is recomputed, not fatal. Rows that
+    are float32 values (the Inception's) are stored as float32, losslessly."""
 
     def __init__(self, folder: str | os.PathLike | None, weights_path: str | os.PathLike, batch_size: int) -> None:
         self.folder = None if folder is None else Path(folder)
@@ -310,7 +311,7 @@ class PoolFeatureCache:
             try:
                 rows = np.load(path, allow_pickle=False)
                 if rows.shape == (images.shape[0], 2048):
-                    return rows
+                    return rows.astype(np.float64)
             except (OSError, ValueError):
                 pass
             import warnings
@@ -319,9 +320,13 @@ class PoolFeatureCache:
         rows = compute(images)
         from ssr_cli.engine.atomic import atomic_write
 
+        # The Inception computes in float32: its float64 rows are float32 values, kept in half the bytes.
+        small = rows.astype(np.float32)
+        stored = small if np.array_equal(small.astype(rows.dtype), rows) else rows
+
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as fh:
-                np.save(fh, rows, allow_pickle=False)
+                np.save(fh, stored, allow_pickle=False)
 
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, write)

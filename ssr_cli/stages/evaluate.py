@@ -26,6 +26,7 @@ from ssr_cli.inputs import file_sha256, settings
 from ssr_cli.metrics import (
     REFERENCE_FORMAT,
     FeatureAccumulator,
+    PoolFeatureCache,
     ReferenceStats,
     compute_generation_metrics,
     extract_features,
@@ -149,6 +150,9 @@ def reconstruction(cfg: Recipe, rt: Runtime, *, weights: str | None = None) -> d
     keep = _rows_for_rfid(n)
     acc_real = FeatureAccumulator(keep=keep, stats=("pool",), rows_dtype=np.float32) if inception else None
     acc_recon = FeatureAccumulator(keep=keep, stats=("pool",), rows_dtype=np.float32) if inception else None
+    # the originals are the same images in every evaluation of a study: their features are cached (small sets only)
+    cache = PoolFeatureCache(Path(cfg.run.out_dir) / ".cache" / "inception" if n <= RFID_ROWS_MAX else None,
+                             inception.weights_path, e.batch_size) if inception else None
     per_image: dict[str, list[np.ndarray]] = {}
     ids_real: list[int] = []
     ids_recon: list[int] = []
@@ -166,7 +170,8 @@ def reconstruction(cfg: Recipe, rt: Runtime, *, weights: str | None = None) -> d
             if kl is not None:
                 per_image.setdefault("kl", []).append(kl)
             if inception:
-                acc_real.update(inception(to_uint8(x)))
+                real = to_uint8(x)
+                acc_real.update({"pool": cache.rows(real, lambda u8: inception(u8)["pool"])})
                 ids_real.extend(indices.tolist())
                 acc_recon.update(inception(to_uint8(recon)))
                 ids_recon.extend(indices.tolist())
