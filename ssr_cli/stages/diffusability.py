@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -616,22 +617,27 @@ def run_diffusability(cfg: Recipe, rt: Runtime, *, weights: str | None = None, o
                "flow_probe": lambda c: _flow_probe(c, out / "flow_probe")}
     result: dict = {"tokenizer": f"{cfg.tokenizer.family}/{cfg.tokenizer.size}", "weights": ctx.source,
                     "latent_transform": [cfg.diffusability.latent_transform, cfg.diffusability.transform_strength],
-                    "seed": cfg.run.seed, "proxies": {}}
+                    "seed": cfg.run.seed, "proxies": {}, "seconds": {}}
     for name in cfg.diffusability.proxies:
         key = _proxy_key(cfg, ctx, name)
         part = out / "parts" / f"{name}.json"
         cached = json.loads(part.read_text()) if part.is_file() else None
         if cached is not None and cached.get("key") == key:
-            value = cached["value"]
+            value, seconds = cached["value"], cached.get("seconds")
             console.print(f"diffusability: {name} already computed ({part})")
         else:
             if name == "flow_probe" and cached is not None:
                 # Settings changed: the old probe's checkpoints belong to another run.
                 shutil.rmtree(out / "flow_probe", ignore_errors=True)
+            started = time.perf_counter()
             value = runners[name](ctx)
+            # wall time of this computation (a resumed flow probe: since the resume; shared work such as encoding
+            # the latents or the data's Inception features counts in the first proxy that needs it)
+            seconds = round(time.perf_counter() - started, 1)
             if rt.is_main:
-                _write_json(part, {"key": key, "value": value})
+                _write_json(part, {"key": key, "value": value, "seconds": seconds})
         result["proxies"][name] = value
+        result["seconds"][name] = seconds
     result["summary"] = summary(result)
     if rt.is_main:
         _write_json(out / "diffusability.json", result)

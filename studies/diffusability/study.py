@@ -200,6 +200,21 @@ def spearman_agreement(proxy: list[float], truth: list[float], lower_is_better: 
     return rho if lower_is_better else -rho
 
 
+PROXY_OF = {"flow_loss_mean": "flow_probe", "flow_fid": "flow_probe", "ifid": "ifid", "viv_mean": "viv",
+            "latent_hf_fraction": "spectrum", "equivariance_mean": "equivariance",
+            "blur_dynamics_error": "equivariance", "effective_rank": "stats"}
+"""The ``ssr diffusability`` proxy (its ``seconds`` entry) that computes each ranked number."""
+
+
+def proxy_cost(results: list[dict], key: str) -> float:
+    """Median wall seconds of the proxy behind ``key`` over the runs that recorded it (NaN when none did)."""
+    import numpy as np
+
+    secs = [r.get("seconds", {}).get(PROXY_OF[key]) for r in results]
+    secs = [x for x in secs if x is not None]
+    return float(np.median(secs)) if secs else float("nan")
+
+
 def finetune_agreement(runs: Path = CIFAR10 / "results" / "runs") -> dict | None:
     """Each proxy against the gFID-2K of the CIFAR-10 study's generation arms: the proxies its driver ran
     (``diffusability.json``, one run per arm and seed) and the FID of its DiT (``eval.json``), from the jsons that
@@ -257,9 +272,10 @@ def write_report(out: Path, names: list[str], seeds: list[int], *, toy: bool) ->
         std = float(np.std(finite)) if len(finite) > 1 else float("nan")
         verdict = ("not computed" if not finite else "predicts" if mean >= 0.7 else
                    "weak" if mean >= 0.4 else "fails to predict")
+        runs = [r for s in seeds for r in per_seed[s].values() if r is not None]
         rows[key] = {"label": label, "lower_is_better": lower, "rho_per_seed": rhos, "mean": mean, "std": std,
                      "verdict": verdict, "spaces": [len([r for r in per_seed[s].values() if r is not None])
-                                                    for s in seeds]}
+                                                    for s in seeds], "seconds": proxy_cost(runs, key)}
     first = {n: r for n, r in per_seed[seeds[0]].items() if r is not None} if names else {}
     figures = []
     if first:
@@ -278,12 +294,16 @@ def write_report(out: Path, names: list[str], seeds: list[int], *, toy: bool) ->
                   "Spearman rank correlation between proxy and ground truth over the spaces, signed so that +1 "
                   f"means the proxy orders the spaces as the ground truth does; mean ± std over seeds {seeds} "
                   "(a seed counts once its run exists for at least three spaces). Verdict: ≥ 0.7 predicts, "
-                  "≥ 0.4 weak, else fails to predict.", "",
-                  "| proxy | agreement ρ (mean ± std) | per seed | spaces per seed | verdict |", "|---|---|---|---|---|"]
+                  "≥ 0.4 weak, else fails to predict. Cost: median wall seconds of the proxy per run on this "
+                  "machine's settings (`run.threads` of the driver; the first proxy to need them also pays for "
+                  "encoding the latents and for the data's Inception features when they are not cached).", "",
+                  "| proxy | agreement ρ (mean ± std) | per seed | spaces per seed | verdict | cost (s) |",
+                  "|---|---|---|---|---|---|"]
         for row in rows.values():
             per = ", ".join(_num(r) for r in row["rho_per_seed"]) or "—"
+            cost = "—" if math.isnan(row["seconds"]) else f"{row['seconds']:.0f}"
             lines.append(f"| {row['label']} | {_num(row['mean'])} ± {_num(row['std'])} | {per} | "
-                         f"{', '.join(str(k) for k in row['spaces'])} | {row['verdict']} |")
+                         f"{', '.join(str(k) for k in row['spaces'])} | {row['verdict']} | {cost} |")
         lines += ["", f"| space | ground truth ({truth_key}) | " + " | ".join(r["label"] for r in rows.values())
                   + " |", "|---|---|" + "---|" * len(rows)]
         for n in names:
