@@ -136,7 +136,7 @@ def inception_loop(weights: Path, batch: int, channels_last: bool):
     return f"Inception-v3 forward, {batch} images 32²→299², {layout}", step, flops
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     ceiling = gemm_ceiling(args.gemm, args.steps)
@@ -156,11 +156,14 @@ def main(argv=None) -> None:
         loops += [inception_loop(args.inception, args.inception_batch, cl) for cl in (False, True)]
     print("| loop | GFLOP / step | s / step | GFLOP/s | of the ceiling | warm-up s |")
     print("| --- | --- | --- | --- | --- | --- |")
+    rows = []
     for name, step, flops in loops:
         per, warm = timed(step, args.steps, args.warmup)
         rate = flops / per / 1e9
+        rows.append({"loop": name, "gflop": flops / 1e9, "seconds": per, "gflops": rate, "share": rate / ceiling})
         print(f"| {name} | {flops / 1e9:.2f} | {per:.3f} | {rate:.1f} | {100 * rate / ceiling:.0f} % | {warm:.1f} |",
               flush=True)
+    return {"ceiling_gflops": ceiling, "rows": rows}
 
 
 if __name__ == "__main__":

@@ -72,18 +72,17 @@ def test_bench_threads_measures_each_setting_alone_and_beside_a_competitor(capsy
 
 def test_bench_cpu_roofline_counts_the_dit_step_as_three_forwards(capsys):
     """The roofline's FLOPs of a DiT training step (PyTorch's counter over forward + backward) are three times the
-    forward FLOPs of ``flops_per_image`` (every matmul, attention included), and each row's share of the ceiling is
-    its GFLOP/s over the ceiling's."""
+    forward FLOPs of ``flops_per_image`` (every matmul, attention included); each loop's share of the ceiling is
+    its rate over the ceiling's, and the printed table has a row per loop."""
     from ssr_cli.models.dit import build_dit, flops_per_image
 
-    _load("bench_cpu_roofline").main(["--only", "ae", "dit", "--ae-batch", "2", "--dit-batch", "2", "--steps", "1",
-                                      "--warmup", "0", "--gemm", "64"])
+    result = _load("bench_cpu_roofline").main(["--only", "ae", "dit", "--ae-batch", "2", "--dit-batch", "2",
+                                               "--steps", "1", "--warmup", "0", "--gemm", "64"])
     out = capsys.readouterr().out
-    ceiling = float(re.search(r"fp32 matmul ([0-9.]+) GFLOP/s", out).group(1))
-    rows = re.findall(r"^\| (.+?) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9]+) % \|", out, re.M)
-    assert [r[0].split()[0] for r in rows] == ["tiny", "DiT-S/2"]
+    assert [r["loop"].split()[0] for r in result["rows"]] == ["tiny", "DiT-S/2"]
+    assert len(re.findall(r"^\| (tiny|DiT-S/2) .* % \|", out, re.M)) == 2
     model = build_dit("DiT-S/2", input_size=8, in_channels=16, num_classes=10, depth=6, hidden_size=192, num_heads=3)
-    dit_gflop = float(rows[1][1])
-    assert dit_gflop == pytest.approx(3 * 2 * flops_per_image(model) / 1e9, rel=0.02)
-    for _, _, _, rate, share in rows:
-        assert int(share) == pytest.approx(100 * float(rate) / ceiling, abs=1)
+    assert result["rows"][1]["gflop"] == pytest.approx(3 * 2 * flops_per_image(model) / 1e9, rel=0.02)
+    for row in result["rows"]:
+        assert row["share"] == pytest.approx(row["gflops"] / result["ceiling_gflops"], rel=1e-9)
+        assert row["gflops"] == pytest.approx(row["gflop"] / row["seconds"], rel=1e-9)

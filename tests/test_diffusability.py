@@ -201,6 +201,8 @@ def test_command_compares_two_runs_side_by_side(tmp_path, monkeypatch):
     assert set(single["proxies"]) == {"stats", "spectrum"} and single["summary"]["ifid"] is None
     # what each proxy cost is recorded beside it, and read back (not remeasured) when the proxy is cached
     assert set(single["seconds"]) == {"stats", "spectrum"} and all(s >= 0 for s in single["seconds"].values())
+    parts = {p.name: p.stat().st_mtime_ns for p in (out / "parts").glob("*.json")}
     code = app(["diffusability", str(toy), "--out", str(out), "--set", 'diffusability.proxies=["stats","spectrum"]'],
                standalone_mode=False)
     assert json.loads((out / "diffusability.json").read_text())["seconds"] == single["seconds"]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "parts").glob("*.json")} == parts  # read, not redone

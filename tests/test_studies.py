@@ -117,6 +117,8 @@ def test_diffusability_report_ranks_proxies_against_the_cifar10_gfid(tmp_path):
     result = study.finetune_agreement(tmp_path)
     assert sorted(result["runs"]) == sorted(gfids)
     assert result["proxies"]["flow_loss_mean"]["rho"] == pytest.approx(1.0)
+    # exact two-sided p over the 4! orders: only the identity and the reversal reach |ρ| = 1
+    assert result["proxies"]["flow_loss_mean"]["p"] == pytest.approx(2 / 24)
     assert result["proxies"]["effective_rank"]["rho"] == pytest.approx(-1.0)
     assert result["proxies"]["ifid"]["runs"] == 0
     for name in ("c-s0", "d-s0"):

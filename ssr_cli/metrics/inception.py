@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -103,6 +104,8 @@ class InceptionFeatures:
         del state
         self.device = torch.device(device)
         self.weights_path = weights_path
+        self.cache_id = f"{self.device.type}|{internal_dtype}|torch {torch.__version__}"
+        """What else than the weights and the batch makes the rows (feature caches key on it)."""
         self.model = FeatureExtractorInceptionV3(
             "inception-v3-compat",
             ["2048", "logits_unbiased"],
@@ -287,10 +290,17 @@ class PoolFeatureCache:
     bit for bit); ``folder=None`` turns the cache off. A damaged cache file is recomputed, not fatal. Rows that
     are float32 values (the Inception's) are stored as float32, losslessly."""
 
-    def __init__(self, folder: str | os.PathLike | None, weights_path: str | os.PathLike, batch_size: int) -> None:
+    def __init__(self, folder: str | os.PathLike | None, weights_path: str | os.PathLike, batch_size: int,
+                 extractor_id: str = "") -> None:
         self.folder = None if folder is None else Path(folder)
         self.weights_path = Path(weights_path)
         self.batch_size = int(batch_size)
+        self.extractor_id = extractor_id
+        """The extractor's device, precision and torch version (``InceptionFeatures.cache_id``)."""
+
+    @classmethod
+    def of(cls, folder: str | os.PathLike | None, extractor: InceptionFeatures, batch_size: int) -> PoolFeatureCache:
+        return cls(folder, extractor.weights_path, batch_size, extractor.cache_id)
 
     def key(self, images: torch.Tensor) -> str:
         import hashlib
@@ -298,7 +308,8 @@ class PoolFeatureCache:
         from ssr_cli.inputs import file_sha256
 
         h = hashlib.sha256()
-        h.update(f"pool|{file_sha256(self.weights_path)}|{self.batch_size}|{tuple(images.shape)}|".encode())
+        h.update(f"pool|{file_sha256(self.weights_path)}|{self.extractor_id}|{self.batch_size}|"
+                 f"{tuple(images.shape)}|".encode())
         h.update(images.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:32]
 
@@ -310,9 +321,9 @@ class PoolFeatureCache:
         if path.is_file():
             try:
                 rows = np.load(path, allow_pickle=False)
-                if rows.shape == (images.shape[0], 2048):
+                if isinstance(rows, np.ndarray) and rows.shape == (images.shape[0], 2048):
                     return rows.astype(np.float64)
-            except (OSError, ValueError):
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # truncated, empty, or not an .npy
                 pass
             import warnings
 

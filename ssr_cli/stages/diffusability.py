@@ -504,8 +504,8 @@ class _Context:
         space of a study scores against the same images)."""
         if self._real_feats is None:
             inception = self._inception[0]
-            cache = PoolFeatureCache(Path(self.cfg.run.out_dir) / ".cache" / "inception", inception.weights_path,
-                                     self.cfg.eval.batch_size)
+            cache = PoolFeatureCache.of(Path(self.cfg.run.out_dir) / ".cache" / "inception", inception,
+                                        self.cfg.eval.batch_size)
             self._real_feats = cache.rows(to_uint8(self.pool()[0]), lambda u8: feats(u8, "data features"))
         return self._real_feats
 

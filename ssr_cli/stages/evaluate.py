@@ -151,8 +151,8 @@ def reconstruction(cfg: Recipe, rt: Runtime, *, weights: str | None = None) -> d
     acc_real = FeatureAccumulator(keep=keep, stats=("pool",), rows_dtype=np.float32) if inception else None
     acc_recon = FeatureAccumulator(keep=keep, stats=("pool",), rows_dtype=np.float32) if inception else None
     # the originals are the same images in every evaluation of a study: their features are cached (small sets only)
-    cache = PoolFeatureCache(Path(cfg.run.out_dir) / ".cache" / "inception" if n <= RFID_ROWS_MAX else None,
-                             inception.weights_path, e.batch_size) if inception else None
+    cache = PoolFeatureCache.of(Path(cfg.run.out_dir) / ".cache" / "inception" if n <= RFID_ROWS_MAX else None,
+                                inception, e.batch_size) if inception else None
     per_image: dict[str, list[np.ndarray]] = {}
     ids_real: list[int] = []
     ids_recon: list[int] = []
