@@ -238,7 +238,7 @@ def spearman_p(x: list[float], y: list[float]) -> float:
 def finetune_agreement(runs: Path = CIFAR10 / "results" / "runs") -> dict | None:
     """Each proxy against the gFID-2K of the CIFAR-10 study's generation arms: the proxies its driver ran
     (``diffusability.json``, one run per arm and seed) and the FID of its DiT (``eval.json``), from the jsons that
-    study commits. Spearman ρ signed as in the main table, with scipy's two-sided p-value (the runs are not
+    study commits. Spearman ρ signed as in the main table, with its two-sided p-value (the runs are not
     independent draws: the arms share one pretrained start, so the p-value is a guide only). None when fewer than
     three runs have both."""
 
@@ -343,8 +343,9 @@ def write_report(out: Path, names: list[str], seeds: list[int], *, toy: bool) ->
                   "3000 steps on their latents (against the 10000 test images). These spaces differ little "
                   "(gFID-2K from "
                   f"{min(r['gfid'] for r in runs.values()):.1f} to {max(r['gfid'] for r in runs.values()):.1f}), "
-                  "so this asks whether a proxy resolves small differences. ρ signed as above; p is scipy's "
-                  "two-sided p-value, a guide only (the runs share one pretrained start).", "",
+                  "so this asks whether a proxy resolves small differences. ρ signed as above; p is the exact "
+                  "two-sided permutation p-value of ρ, a guide only (the runs share one pretrained start, and "
+                  "two arms have two seeds).", "",
                   "| proxy | ρ with gFID-2K | p | runs |", "|---|---|---|---|"]
         for row in finetunes["proxies"].values():
             lines.append(f"| {row['label']} | {_num(row['rho'])} | {_num(row['p'])} | {row['runs']} |")
