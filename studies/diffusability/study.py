@@ -216,6 +216,10 @@ def proxy_cost(results: list[dict], key: str) -> float:
     return float(np.median(secs)) if secs else float("nan")
 
 
+MIN_SPACES = 5
+"""Fewest spaces for a verdict: over 3 spaces ρ takes only the values ±1, ±0.5 and even ρ = 1 has p = 1/3."""
+
+
 def spearman_p(x: list[float], y: list[float]) -> float:
     """Two-sided p-value of Spearman's ρ: exact (every permutation of y) up to 8 values, where scipy's
     t-approximation is too small (it gives p = 0 at |ρ| = 1); scipy's beyond."""
@@ -288,8 +292,10 @@ def write_report(out: Path, names: list[str], seeds: list[int], *, toy: bool) ->
         finite = [r for r in rhos if not math.isnan(r)]
         mean = float(np.mean(finite)) if finite else float("nan")
         std = float(np.std(finite)) if len(finite) > 1 else float("nan")
-        verdict = ("not computed" if not finite else "predicts" if mean >= 0.7 else
-                   "weak" if mean >= 0.4 else "fails to predict")
+        most = max((len([r for r in per_seed[s].values() if r is not None]) for s in seeds), default=0)
+        verdict = ("not computed" if not finite else
+                   f"none yet: {most} spaces (ρ over fewer than {MIN_SPACES} is too coarse)" if most < MIN_SPACES else
+                   "predicts" if mean >= 0.7 else "weak" if mean >= 0.4 else "fails to predict")
         runs = [r for s in seeds for r in per_seed[s].values() if r is not None]
         rows[key] = {"label": label, "lower_is_better": lower, "rho_per_seed": rhos, "mean": mean, "std": std,
                      "verdict": verdict, "spaces": [len([r for r in per_seed[s].values() if r is not None])
@@ -311,8 +317,8 @@ def write_report(out: Path, names: list[str], seeds: list[int], *, toy: bool) ->
         lines += [f"Ground truth per space: `{truth_key}` of the large-budget flow-probe run (`gt/`). Agreement ρ = "
                   "Spearman rank correlation between proxy and ground truth over the spaces, signed so that +1 "
                   f"means the proxy orders the spaces as the ground truth does; mean ± std over seeds {seeds} "
-                  "(a seed counts once its run exists for at least three spaces). Verdict: ≥ 0.7 predicts, "
-                  "≥ 0.4 weak, else fails to predict. Cost: median wall seconds of the proxy per run on this "
+                  "(a seed counts once its run exists for at least three spaces). Verdict, given from "
+                  f"{MIN_SPACES} spaces on: ≥ 0.7 predicts, ≥ 0.4 weak, else fails to predict. Cost: median wall seconds of the proxy per run on this "
                   "machine's settings (`run.threads` of the driver; the first proxy to need them also pays for "
                   "encoding the latents and for the data's Inception features when they are not cached).", "",
                   "| proxy | agreement ρ (mean ± std) | per seed | spaces per seed | verdict | cost (s) |",
