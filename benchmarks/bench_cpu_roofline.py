@@ -93,7 +93,7 @@ def ae_loop(batch: int):
 
     flops = flops_of(fwd_bwd)
     opt.zero_grad(set_to_none=True)
-    return f"tiny KL-AE train step, batch {batch} at 32²", step, flops
+    return f"tiny KL-AE train step, batch {batch} at 32²", step, flops, None
 
 
 def dit_loop(batch: int, compiled: bool):
@@ -115,10 +115,10 @@ def dit_loop(batch: int, compiled: bool):
     flops = flops_of(fwd_bwd)
     opt.zero_grad(set_to_none=True)
     name = f"DiT-S/2 d6 w192 train step, batch {batch}, 16×8×8" + (" (torch.compile)" if compiled else "")
-    return name, step, flops
+    return name, step, flops, None
 
 
-def inception_loop(weights: Path, batch: int, channels_last: bool):
+def inception_loop(weights: Path, batch: int, channels_last: bool, steps: int):
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
@@ -134,7 +134,8 @@ def inception_loop(weights: Path, batch: int, channels_last: bool):
 
     flops = flops_of(step)
     layout = "channels-last" if channels_last else "NCHW"
-    return f"Inception-v3 forward, {batch} images 32²→299², {layout}", step, flops
+    # seconds per batch: ``steps`` timed batches after one warm-up instead of the loops' defaults
+    return f"Inception-v3 forward, {batch} images 32²→299², {layout}", step, flops, (steps, 1)
 
 
 def main(argv=None) -> dict:
@@ -154,13 +155,13 @@ def main(argv=None) -> dict:
         if not args.inception.is_file():
             raise SystemExit(f"Inception weights not found at {args.inception}: pass --inception PATH "
                              "(../shared/data/inception/pt_inception-2015-12-05-reconstructed-nofc.pth)")
-        loops += [inception_loop(args.inception, args.inception_batch, cl) for cl in (False, True)]
+        loops += [inception_loop(args.inception, args.inception_batch, cl, args.inception_steps)
+                  for cl in (False, True)]
     print("| loop | GFLOP / step | s / step | GFLOP/s | of the ceiling | warm-up s |")
     print("| --- | --- | --- | --- | --- | --- |")
     rows = []
-    for name, step, flops in loops:
-        inception = name.startswith("Inception")
-        per, warm = timed(step, args.inception_steps if inception else args.steps, 1 if inception else args.warmup)
+    for name, step, flops, timing in loops:
+        per, warm = timed(step, *(timing or (args.steps, args.warmup)))
         rate = flops / per / 1e9
         rows.append({"loop": name, "gflop": flops / 1e9, "seconds": per, "gflops": rate, "share": rate / ceiling})
         print(f"| {name} | {flops / 1e9:.2f} | {per:.3f} | {rate:.1f} | {100 * rate / ceiling:.0f} % | {warm:.1f} |",

@@ -282,6 +282,8 @@ def write_report(out: Path, names: list[str], seeds: list[int], *, toy: bool) ->
     truth_key = "flow_fid" if all(f is not None for f in fids) else "flow_loss_mean"
     truth = {n: g["summary"][truth_key] for n, g in gts.items()}
     per_seed = {s: {n: _load(out / n / f"seed{s}" / "diffusability.json") for n in names} for s in seeds}
+    spaces_per_seed = [sum(r is not None for r in per_seed[s].values()) for s in seeds]
+    runs = [r for s in seeds for r in per_seed[s].values() if r is not None]
     rows = {}
     for key, label, lower in RANKED:
         rhos = []
@@ -292,14 +294,12 @@ def write_report(out: Path, names: list[str], seeds: list[int], *, toy: bool) ->
         finite = [r for r in rhos if not math.isnan(r)]
         mean = float(np.mean(finite)) if finite else float("nan")
         std = float(np.std(finite)) if len(finite) > 1 else float("nan")
-        most = max((len([r for r in per_seed[s].values() if r is not None]) for s in seeds), default=0)
+        most = max(spaces_per_seed, default=0)
         verdict = ("not computed" if not finite else
                    f"none yet: {most} spaces (ρ over fewer than {MIN_SPACES} is too coarse)" if most < MIN_SPACES else
                    "predicts" if mean >= 0.7 else "weak" if mean >= 0.4 else "fails to predict")
-        runs = [r for s in seeds for r in per_seed[s].values() if r is not None]
         rows[key] = {"label": label, "lower_is_better": lower, "rho_per_seed": rhos, "mean": mean, "std": std,
-                     "verdict": verdict, "spaces": [len([r for r in per_seed[s].values() if r is not None])
-                                                    for s in seeds], "seconds": proxy_cost(runs, key)}
+                     "verdict": verdict, "spaces": spaces_per_seed, "seconds": proxy_cost(runs, key)}
     first = {n: r for n, r in per_seed[seeds[0]].items() if r is not None} if names else {}
     figures = []
     if first:
@@ -318,8 +318,8 @@ def write_report(out: Path, names: list[str], seeds: list[int], *, toy: bool) ->
                   "Spearman rank correlation between proxy and ground truth over the spaces, signed so that +1 "
                   f"means the proxy orders the spaces as the ground truth does; mean ± std over seeds {seeds} "
                   "(a seed counts once its run exists for at least three spaces). Verdict, given from "
-                  f"{MIN_SPACES} spaces on: ≥ 0.7 predicts, ≥ 0.4 weak, else fails to predict. Cost: median wall seconds of the proxy per run on this "
-                  "machine's settings (`run.threads` of the driver; the first proxy to need them also pays for "
+                  f"{MIN_SPACES} spaces on: ≥ 0.7 predicts, ≥ 0.4 weak, else fails to predict. Cost: median wall "
+                  "seconds of the proxy per run on this machine's settings (`run.threads` of the driver; the first proxy to need them also pays for "
                   "encoding the latents and for the data's Inception features when they are not cached).", "",
                   "| proxy | agreement ρ (mean ± std) | per seed | spaces per seed | verdict | cost (s) |",
                   "|---|---|---|---|---|---|"]
