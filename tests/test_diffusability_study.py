@@ -31,6 +31,7 @@ def test_toy_study_writes_a_report_and_resumes(tmp_path, monkeypatch):
     assert report["ground_truth"] == "flow_loss_mean"  # no Inception weights in the toy recipe
     probe = report["proxies"]["flow_loss_mean"]
     assert len(probe["rho_per_seed"]) == 2 and all(-1 <= r <= 1 for r in probe["rho_per_seed"])
+    assert len(probe["p_per_seed"]) == 2 and all(0 < p <= 1 for p in probe["p_per_seed"])
     assert report["proxies"]["ifid"]["verdict"] == "not computed"
     text = (out / "report.md").read_text()
     assert "agreement ρ" in text and (out / "report.png").is_file() and (out / "spaces.png").is_file()
@@ -45,3 +46,27 @@ def test_toy_study_writes_a_report_and_resumes(tmp_path, monkeypatch):
     stamps = [p.stat().st_mtime_ns for p in parts]
     assert study.main(["--toy", "--out", str(out), "--seeds", "0", "1"]) == 0
     assert [p.stat().st_mtime_ns for p in parts] == stamps
+
+
+def test_spaces_option_selects_in_order_and_names_unknown_ones(tmp_path):
+    study = _study()
+    spaces = study.toy_spaces(tmp_path)
+    picked = study.select_spaces(spaces, ["mix", "klae-random"])
+    assert [s.name for s in picked] == ["mix", "klae-random"]
+    with pytest.raises(SystemExit, match=r"unknown space\(s\) nope; known: klae-random, noise-0.5"):
+        study.select_spaces(spaces, ["mix", "nope"])
+
+
+def test_spearman_p_is_the_exact_permutation_p_value():
+    study = _study()
+    # closed forms: a perfect ranking of n values is matched by 2 of the n! orderings (itself and its reverse)
+    assert study.spearman_p([1, 2, 3], [10, 20, 30]) == pytest.approx(2 / 6)
+    assert study.spearman_p([1, 2, 3, 4, 5], [5, 4, 3, 2, 1]) == pytest.approx(2 / 120)
+    # against scipy's own exact permutation test (two-sided = twice the smaller tail; the null is symmetric)
+    import numpy as np
+    from scipy.stats import permutation_test, spearmanr
+
+    x, y = [0.3, 1.2, 0.7, 2.2, 1.9, 0.1], [1.0, 0.4, 2.5, 3.1, 1.7, 0.2]
+    ref = permutation_test((x,), lambda a: spearmanr(a, y).statistic, permutation_type="pairings",
+                           alternative="two-sided", n_resamples=np.inf).pvalue  # the 6! orderings of x
+    assert study.spearman_p(x, y) == pytest.approx(ref)

@@ -135,14 +135,17 @@ def diffusability_args(recipe: str, space: Space, seed: int, out: Path, extra: l
     return args
 
 
-def run_study(out: Path, *, toy: bool, seeds: list[int], device: str | None, threads: str | None = None) -> None:
+def run_study(out: Path, *, toy: bool, seeds: list[int], device: str | None, threads: str | None = None,
+              only: list[str] | None = None) -> None:
     """Every space: its first seed's proxies, its ground truth, then the other seeds. Two drivers started
     together (one per core, ``--threads 1``) share the spaces: each takes the next space nobody holds (a lock
     file per space, dropped by the kernel when its holder exits), so a space is never run twice at once."""
     from ssr_cli.engine.lock import exclusive
 
     recipe = str(HERE / "toy.toml" if toy else CIFAR10_RECIPE)
-    spaces = toy_spaces(out) if toy else full_spaces(recipe)
+    spaces = all_spaces = toy_spaces(out) if toy else full_spaces(recipe)
+    if only:
+        spaces = select_spaces(spaces, only)
     if not toy and not PRETRAINED.is_file():
         raise SystemExit(f"study: {PRETRAINED} is missing: run `python studies/cifar10/study.py --shared-only` "
                          "(it pretrains the KL-AE and commits that copy)")
@@ -170,12 +173,21 @@ def run_study(out: Path, *, toy: bool, seeds: list[int], device: str | None, thr
                     continue
                 for sp, seed, job_out, sets in jobs:
                     run_cli(diffusability_args(recipe, sp, seed, job_out, sets, device))
-    done = finished_spaces(out, spaces)
+    done = finished_spaces(out, all_spaces)
     if held_elsewhere:
         print(f"study: {', '.join(held_elsewhere)} still running in another driver; the report covers the "
               f"{len(done)} spaces with a ground truth (rerun with --report when that driver ends)", flush=True)
     if done or not toy:
         write_report(out, done, seeds, toy=toy)
+
+
+def select_spaces(spaces: list[Space], only: list[str]) -> list[Space]:
+    """The spaces named in ``only``, in that order (an unknown name stops the study and lists the known ones)."""
+    by_name = {s.name: s for s in spaces}
+    unknown = [n for n in only if n not in by_name]
+    if unknown:
+        raise SystemExit(f"study: unknown space(s) {', '.join(unknown)}; known: {', '.join(by_name)}")
+    return [by_name[n] for n in only]
 
 
 def finished_spaces(out: Path, spaces: list[Space]) -> list[str]:
@@ -286,11 +298,13 @@ def write_report(out: Path, names: list[str], seeds: list[int], *, toy: bool) ->
     runs = [r for s in seeds for r in per_seed[s].values() if r is not None]
     rows = {}
     for key, label, lower in RANKED:
-        rhos = []
+        rhos, ps = [], []
         for s in seeds:
             have = [(r["summary"].get(key), truth[n]) for n, r in per_seed[s].items()
                     if r is not None and r["summary"].get(key) is not None]
             rhos.append(spearman_agreement([p for p, _ in have], [t for _, t in have], lower))
+            ps.append(float("nan") if math.isnan(rhos[-1]) else
+                      spearman_p([p for p, _ in have], [t for _, t in have]))
         finite = [r for r in rhos if not math.isnan(r)]
         mean = float(np.mean(finite)) if finite else float("nan")
         std = float(np.std(finite)) if len(finite) > 1 else float("nan")
@@ -298,7 +312,8 @@ def write_report(out: Path, names: list[str], seeds: list[int], *, toy: bool) ->
         verdict = ("not computed" if not finite else
                    f"none yet: {most} spaces (ρ over fewer than {MIN_SPACES} is too coarse)" if most < MIN_SPACES else
                    "predicts" if mean >= 0.7 else "weak" if mean >= 0.4 else "fails to predict")
-        rows[key] = {"label": label, "lower_is_better": lower, "rho_per_seed": rhos, "mean": mean, "std": std,
+        rows[key] = {"label": label, "lower_is_better": lower, "rho_per_seed": rhos, "p_per_seed": ps,
+                     "mean": mean, "std": std,
                      "verdict": verdict, "spaces": spaces_per_seed, "seconds": proxy_cost(runs, key)}
     first = {n: r for n, r in per_seed[seeds[0]].items() if r is not None} if names else {}
     figures = []
@@ -317,16 +332,17 @@ def write_report(out: Path, names: list[str], seeds: list[int], *, toy: bool) ->
         lines += [f"Ground truth per space: `{truth_key}` of the large-budget flow-probe run (`gt/`). Agreement ρ = "
                   "Spearman rank correlation between proxy and ground truth over the spaces, signed so that +1 "
                   f"means the proxy orders the spaces as the ground truth does; mean ± std over seeds {seeds} "
-                  "(a seed counts once its run exists for at least three spaces). Verdict, given from "
+                  "(a seed counts once its run exists for at least three spaces); p = the exact two-sided permutation p-value of a seed's ρ (the ground truth is one DiT per space, so its own noise is in every p). Verdict, given from "
                   f"{MIN_SPACES} spaces on: ≥ 0.7 predicts, ≥ 0.4 weak, else fails to predict. Cost: median wall "
                   "seconds of the proxy per run on this machine's settings (`run.threads` of the driver; the first proxy to need them also pays for "
                   "encoding the latents and for the data's Inception features when they are not cached).", "",
-                  "| proxy | agreement ρ (mean ± std) | per seed | spaces per seed | verdict | cost (s) |",
-                  "|---|---|---|---|---|---|"]
+                  "| proxy | agreement ρ (mean ± std) | per seed | p per seed | spaces per seed | verdict | cost (s) |",
+                  "|---|---|---|---|---|---|---|"]
         for row in rows.values():
             per = ", ".join(_num(r) for r in row["rho_per_seed"]) or "—"
+            p_per = ", ".join(_num(r) for r in row["p_per_seed"]) or "—"
             cost = "—" if math.isnan(row["seconds"]) else f"{row['seconds']:.0f}"
-            lines.append(f"| {row['label']} | {_num(row['mean'])} ± {_num(row['std'])} | {per} | "
+            lines.append(f"| {row['label']} | {_num(row['mean'])} ± {_num(row['std'])} | {per} | {p_per} | "
                          f"{', '.join(str(k) for k in row['spaces'])} | {row['verdict']} | {cost} |")
         lines += ["", f"| space | ground truth ({truth_key}) | " + " | ".join(r["label"] for r in rows.values())
                   + " |", "|---|---|" + "---|" * len(rows)]
@@ -413,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cpu, cuda or auto")
     parser.add_argument("--threads", default=None, help="run.threads for every command (auto or N; default: the "
                         "recipe's). Two drivers, one per core: `taskset -c 0 ... --threads 1` and `-c 1`")
+    parser.add_argument("--spaces", nargs="+", default=None, metavar="NAME", help="run only these spaces, in this "
+                        "order (default: all, the ones expected to differ most first); the report still covers every "
+                        "finished space")
     parser.add_argument("--report", action="store_true", help="only write the report from finished runs")
     args = parser.parse_args(argv)
     out = args.out or (Path("runs/dfz-toy-study") if args.toy else HERE / "results")
@@ -422,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         spaces = toy_spaces(out) if args.toy else full_spaces(str(CIFAR10_RECIPE))
         write_report(out, finished_spaces(out, spaces), seeds, toy=args.toy)
     else:
-        run_study(out, toy=args.toy, seeds=seeds, device=args.device, threads=args.threads)
+        run_study(out, toy=args.toy, seeds=seeds, device=args.device, threads=args.threads, only=args.spaces)
     return 0
 
 
