@@ -70,3 +70,27 @@ def test_spearman_p_is_the_exact_permutation_p_value():
     ref = permutation_test((x,), lambda a: spearmanr(a, y).statistic, permutation_type="pairings",
                            alternative="two-sided", n_resamples=np.inf).pvalue  # the 6! orderings of x
     assert study.spearman_p(x, y) == pytest.approx(ref)
+
+
+def test_report_ranks_one_tokenizers_spaces_alone(tmp_path, monkeypatch):
+    """Three KL-AE spaces whose proxy orders them exactly as the ground truth, and a TAEF2 space that the proxy
+    puts last and the ground truth first: ρ over all four is 1 − 6·Σd²/(n(n²−1)) = 1 − 6·12/60 = −0.2, over the
+    KL-AE spaces 1 with p = 2/3! (the identity and the reverse ordering reach |ρ| = 1)."""
+    import ssr_cli.stages.diffusability as stage
+
+    monkeypatch.setattr(stage, "plot_diffusability", lambda runs, path: path)
+    study = _study()
+    truth, proxy = {"a": 1.0, "b": 2.0, "c": 3.0, "t": 0.5}, {"a": 0.1, "b": 0.2, "c": 0.3, "t": 9.0}
+    for name in truth:
+        for sub, summary in (("gt", {"flow_fid": truth[name]}), ("seed0", {"flow_loss_mean": proxy[name]})):
+            (tmp_path / name / sub).mkdir(parents=True)
+            (tmp_path / name / sub / "diffusability.json").write_text(json.dumps({"summary": summary}))
+    study.write_report(tmp_path, list(truth), [0], toy=True,
+                       tokenizer_of={"a": "kl-ae", "b": "kl-ae", "c": "kl-ae", "t": "taef2"})
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["proxies"]["flow_loss_mean"]["rho_per_seed"] == [pytest.approx(-0.2)]
+    within = report["within_one_tokenizer"]
+    assert within["tokenizer"] == "kl-ae" and within["spaces"] == ["a", "b", "c"]
+    assert within["proxies"]["flow_loss_mean"]["rho_per_seed"] == [pytest.approx(1.0)]
+    assert within["proxies"]["flow_loss_mean"]["p_per_seed"] == [pytest.approx(2 / 6)]
+    assert "Within one tokenizer: the 3 kl-ae spaces" in (tmp_path / "report.md").read_text()

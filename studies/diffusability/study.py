@@ -42,6 +42,8 @@ class Space:
     """--set overrides of ``ssr diffusability`` (tokenizer, degradation)."""
     weights: str | None = None
     """--weights: the tokenizer file this space scores."""
+    tokenizer: str = "kl-ae"
+    """The tokenizer the space's latents come from (the report also ranks one tokenizer's spaces alone)."""
     optional: bool = False
     """Skipped (and left out of the report) when ``weights`` is not on this machine."""
 
@@ -70,7 +72,7 @@ def full_spaces(recipe: str, seed: int = 1) -> list[Space]:
                                                                      f"diffusability.transform_strength={strength}"]))
     spaces.append(Space("permute", weights=base, sets=['diffusability.latent_transform="permute"']))
     spaces.append(Space("mix", weights=base, sets=['diffusability.latent_transform="mix"']))
-    spaces.append(Space("taef2", sets=['tokenizer.family="taesd"', 'tokenizer.size="taef2"',
+    spaces.append(Space("taef2", tokenizer="taef2", sets=['tokenizer.family="taesd"', 'tokenizer.size="taef2"',
                                        'tokenizer.weights="../shared/data/taesd/taef2_encoder.pth"',
                                        'regularizer.grid="8x4"']))
     for kind in ("none", "ssr", "eq_vae", "scale"):
@@ -178,7 +180,7 @@ def run_study(out: Path, *, toy: bool, seeds: list[int], device: str | None, thr
         print(f"study: {', '.join(held_elsewhere)} still running in another driver; the report covers the "
               f"{len(done)} spaces with a ground truth (rerun with --report when that driver ends)", flush=True)
     if done or not toy:
-        write_report(out, done, seeds, toy=toy)
+        write_report(out, done, seeds, toy=toy, tokenizer_of={s.name: s.tokenizer for s in all_spaces})
 
 
 def select_spaces(spaces: list[Space], only: list[str]) -> list[Space]:
@@ -277,8 +279,31 @@ def finetune_agreement(runs: Path = CIFAR10 / "results" / "runs") -> dict | None
             "proxies": rows}
 
 
-def write_report(out: Path, names: list[str], seeds: list[int], *, toy: bool) -> Path:
+def agreement(per_seed: dict[int, dict[str, dict | None]], truth: dict[str, float], key: str, lower: bool) -> dict:
+    """One proxy against the ground truth: per seed the signed Spearman ρ over the spaces that have the proxy
+    and its exact permutation p; their mean ± std over seeds; the number of spaces per seed; a verdict."""
     import numpy as np
+
+    rhos, ps, counts = [], [], []
+    for runs_of in per_seed.values():
+        have = [(r["summary"].get(key), truth[n]) for n, r in runs_of.items()
+                if r is not None and r["summary"].get(key) is not None]
+        proxy, gt = [p for p, _ in have], [t for _, t in have]
+        rhos.append(spearman_agreement(proxy, gt, lower))
+        ps.append(float("nan") if math.isnan(rhos[-1]) else spearman_p(proxy, gt))
+        counts.append(sum(r is not None for r in runs_of.values()))
+    finite = [r for r in rhos if not math.isnan(r)]
+    mean = float(np.mean(finite)) if finite else float("nan")
+    std = float(np.std(finite)) if len(finite) > 1 else float("nan")
+    most = max(counts, default=0)
+    verdict = ("not computed" if not finite else
+               f"none yet: {most} spaces (ρ over fewer than {MIN_SPACES} is too coarse)" if most < MIN_SPACES else
+               "predicts" if mean >= 0.7 else "weak" if mean >= 0.4 else "fails to predict")
+    return {"rho_per_seed": rhos, "p_per_seed": ps, "mean": mean, "std": std, "verdict": verdict, "spaces": counts}
+
+
+def write_report(out: Path, names: list[str], seeds: list[int], *, toy: bool,
+                 tokenizer_of: dict[str, str] | None = None) -> Path:
 
     from ssr_cli.engine.atomic import write_text_atomic
     from ssr_cli.stages.diffusability import RANKED, plot_diffusability
@@ -294,27 +319,24 @@ def write_report(out: Path, names: list[str], seeds: list[int], *, toy: bool) ->
     truth_key = "flow_fid" if all(f is not None for f in fids) else "flow_loss_mean"
     truth = {n: g["summary"][truth_key] for n, g in gts.items()}
     per_seed = {s: {n: _load(out / n / f"seed{s}" / "diffusability.json") for n in names} for s in seeds}
-    spaces_per_seed = [sum(r is not None for r in per_seed[s].values()) for s in seeds]
     runs = [r for s in seeds for r in per_seed[s].values() if r is not None]
-    rows = {}
-    for key, label, lower in RANKED:
-        rhos, ps = [], []
-        for s in seeds:
-            have = [(r["summary"].get(key), truth[n]) for n, r in per_seed[s].items()
-                    if r is not None and r["summary"].get(key) is not None]
-            rhos.append(spearman_agreement([p for p, _ in have], [t for _, t in have], lower))
-            ps.append(float("nan") if math.isnan(rhos[-1]) else
-                      spearman_p([p for p, _ in have], [t for _, t in have]))
-        finite = [r for r in rhos if not math.isnan(r)]
-        mean = float(np.mean(finite)) if finite else float("nan")
-        std = float(np.std(finite)) if len(finite) > 1 else float("nan")
-        most = max(spaces_per_seed, default=0)
-        verdict = ("not computed" if not finite else
-                   f"none yet: {most} spaces (ρ over fewer than {MIN_SPACES} is too coarse)" if most < MIN_SPACES else
-                   "predicts" if mean >= 0.7 else "weak" if mean >= 0.4 else "fails to predict")
-        rows[key] = {"label": label, "lower_is_better": lower, "rho_per_seed": rhos, "p_per_seed": ps,
-                     "mean": mean, "std": std,
-                     "verdict": verdict, "spaces": spaces_per_seed, "seconds": proxy_cost(runs, key)}
+    rows = {key: {"label": label, "lower_is_better": lower, **agreement(per_seed, truth, key, lower),
+                  "seconds": proxy_cost(runs, key)} for key, label, lower in RANKED}
+    # One tokenizer's spaces alone (its degradations, its fine-tunes): what a user comparing fine-tunes of one
+    # tokenizer asks. Across tokenizers the latents' dimensions and statistics differ, which moves some proxies
+    # (the flow loss is per normalised latent value) independently of the samples' quality.
+    tokenizer_of = tokenizer_of or {}
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(tokenizer_of.get(n, "?"), []).append(n)
+    within = None
+    if len(groups) > 1:
+        tok, members = max(groups.items(), key=lambda kv: len(kv[1]))
+        if len(members) >= 3:
+            sub = {s: {n: r for n, r in runs_of.items() if n in members} for s, runs_of in per_seed.items()}
+            within = {"tokenizer": tok, "spaces": members,
+                      "proxies": {key: {"label": label, **agreement(sub, truth, key, lower)}
+                                  for key, label, lower in RANKED}}
     first = {n: r for n, r in per_seed[seeds[0]].items() if r is not None} if names else {}
     figures = []
     if first:
@@ -322,7 +344,7 @@ def write_report(out: Path, names: list[str], seeds: list[int], *, toy: bool) ->
     if names:
         figures.append(str(_plot_rhos(rows, out / "report.png")))
     result = {"toy": toy, "ground_truth": truth_key, "truth": truth, "seeds": seeds, "proxies": rows,
-              "cifar10_finetunes": finetunes, "figures": figures}
+              "within_one_tokenizer": within, "cifar10_finetunes": finetunes, "figures": figures}
     write_text_atomic(out / "report.json", json.dumps(_no_nan(result), indent=2))
     lines = [f"# `ssr diffusability` validation{' (TOY: plumbing only, the numbers mean nothing)' if toy else ''}",
              "", f"Generated by `python studies/diffusability/study.py{' --toy' if toy else ''} --report` from the "
@@ -352,6 +374,20 @@ def write_report(out: Path, names: list[str], seeds: list[int], *, toy: bool) ->
                 v = (first.get(n) or {}).get("summary", {}).get(key)
                 cells.append("—" if v is None else f"{v:.4g}")
             lines.append(f"| {n} | {truth[n]:.4g} | " + " | ".join(cells) + " |")
+        if within is not None:
+            lines += ["", f"### Within one tokenizer: the {len(within['spaces'])} {within['tokenizer']} spaces "
+                      f"({', '.join(within['spaces'])})", "",
+                      "The same agreement over one tokenizer's spaces only, the comparison a user makes between "
+                      "fine-tunes of one tokenizer. Across tokenizers the latents differ in size and statistics, "
+                      "which moves some proxies (the flow loss and the velocity variance are per normalised latent "
+                      "value) regardless of sample quality.", "",
+                      "| proxy | agreement ρ (mean ± std) | per seed | p per seed | spaces per seed | verdict |",
+                      "|---|---|---|---|---|---|"]
+            for row in within["proxies"].values():
+                lines.append(f"| {row['label']} | {_num(row['mean'])} ± {_num(row['std'])} | "
+                             f"{', '.join(_num(r) for r in row['rho_per_seed'])} | "
+                             f"{', '.join(_num(r) for r in row['p_per_seed'])} | "
+                             f"{', '.join(str(k) for k in row['spaces'])} | {row['verdict']} |")
         if first:
             lines += ["", f"![spectra and per-t losses of the spaces (seed {seeds[0]})](spaces.png)"]
         lines += ["", "![agreement of each proxy with the ground truth](report.png)", ""]
@@ -439,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds = args.seeds or ([0, 1] if args.toy else [0, 1, 2])
     if args.report:
         spaces = toy_spaces(out) if args.toy else full_spaces(str(CIFAR10_RECIPE))
-        write_report(out, finished_spaces(out, spaces), seeds, toy=args.toy)
+        write_report(out, finished_spaces(out, spaces), seeds, toy=args.toy,
+                     tokenizer_of={s.name: s.tokenizer for s in spaces})
     else:
         run_study(out, toy=args.toy, seeds=seeds, device=args.device, threads=args.threads, only=args.spaces)
     return 0
