@@ -342,7 +342,7 @@ def write_report(out: Path, names: list[str], seeds: list[int], *, toy: bool,
     if first:
         figures.append(str(plot_diffusability(first, out / "spaces.png")))
     if names:
-        figures.append(str(_plot_rhos(rows, out / "report.png")))
+        figures.append(str(_plot_rhos(rows, out / "report.png", within)))
     result = {"toy": toy, "ground_truth": truth_key, "truth": truth, "seeds": seeds, "proxies": rows,
               "within_one_tokenizer": within, "cifar10_finetunes": finetunes, "figures": figures}
     write_text_atomic(out / "report.json", json.dumps(_no_nan(result), indent=2))
@@ -434,22 +434,36 @@ def _num(value: float) -> str:
     return "—" if math.isnan(value) else f"{value:.2f}"
 
 
-def _plot_rhos(rows: dict, path: Path) -> Path:
+def _plot_rhos(rows: dict, path: Path, within: dict | None = None) -> Path:
+    """Horizontal bars of each proxy's agreement ρ (mean ± std over seeds): all spaces, and beside them, where
+    the report has it, one tokenizer's spaces alone."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    labels = [r["label"] for r in rows.values()]
-    means = [0.0 if math.isnan(r["mean"]) else r["mean"] for r in rows.values()]
-    stds = [0.0 if math.isnan(r["std"]) else r["std"] for r in rows.values()]
+    def bars(table: dict) -> tuple[list[float], list[float]]:
+        return ([0.0 if math.isnan(r["mean"]) else r["mean"] for r in table.values()],
+                [0.0 if math.isnan(r["std"]) else r["std"] for r in table.values()])
+
+    labels, y = [r["label"] for r in rows.values()], np.arange(len(rows))
+    sets = [(f"all {max(next(iter(rows.values()))['spaces'], default=0)} spaces", rows)]
+    if within is not None:
+        sets.append((f"{within['tokenizer']} spaces only ({len(within['spaces'])})", within["proxies"]))
+    height = 0.8 / len(sets)
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    ax.barh(np.arange(len(labels)), means, xerr=stds, color="C0", alpha=0.8)
-    ax.set_yticks(np.arange(len(labels)), labels, fontsize=8)
+    for i, (name, table) in enumerate(sets):
+        means, stds = bars(table)
+        ax.barh(y - 0.4 + height * (i + 0.5), means, height, xerr=stds, color=f"C{i}", alpha=0.8, label=name)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.invert_yaxis()
     ax.axvline(0, color="k", lw=0.8)
+    for x, style in ((0.7, "--"), (0.4, ":")):  # the verdict's thresholds: predicts, weak
+        ax.axvline(x, color="0.5", lw=0.8, ls=style)
     ax.set_xlim(-1, 1)
-    ax.set_xlabel("agreement ρ with the ground truth (mean ± std over seeds)")
+    ax.set_xlabel("agreement ρ with the ground truth (mean ± std over seeds; dashed 0.7, dotted 0.4)")
+    ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
