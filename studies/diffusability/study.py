@@ -362,7 +362,7 @@ def write_report(out: Path, names: list[str], seeds: list[int], *, toy: bool,
                   "|---|---|---|---|---|---|---|"]
         for row in rows.values():
             per = ", ".join(_num(r) for r in row["rho_per_seed"]) or "—"
-            p_per = ", ".join(_num(r) for r in row["p_per_seed"]) or "—"
+            p_per = ", ".join(_pval(r) for r in row["p_per_seed"]) or "—"
             cost = "—" if math.isnan(row["seconds"]) else f"{row['seconds']:.0f}"
             lines.append(f"| {row['label']} | {_num(row['mean'])} ± {_num(row['std'])} | {per} | {p_per} | "
                          f"{', '.join(str(k) for k in row['spaces'])} | {row['verdict']} | {cost} |")
@@ -386,7 +386,7 @@ def write_report(out: Path, names: list[str], seeds: list[int], *, toy: bool,
             for row in within["proxies"].values():
                 lines.append(f"| {row['label']} | {_num(row['mean'])} ± {_num(row['std'])} | "
                              f"{', '.join(_num(r) for r in row['rho_per_seed'])} | "
-                             f"{', '.join(_num(r) for r in row['p_per_seed'])} | "
+                             f"{', '.join(_pval(r) for r in row['p_per_seed'])} | "
                              f"{', '.join(str(k) for k in row['spaces'])} | {row['verdict']} |")
         if first:
             lines += ["", f"![spectra and per-t losses of the spaces (seed {seeds[0]})](spaces.png)"]
@@ -406,7 +406,7 @@ def write_report(out: Path, names: list[str], seeds: list[int], *, toy: bool,
                   "two arms have two seeds).", "",
                   "| proxy | ρ with gFID-2K | p | runs |", "|---|---|---|---|"]
         for row in finetunes["proxies"].values():
-            lines.append(f"| {row['label']} | {_num(row['rho'])} | {_num(row['p'])} | {row['runs']} |")
+            lines.append(f"| {row['label']} | {_num(row['rho'])} | {_pval(row['p'])} | {row['runs']} |")
         lines += ["", "| run | gFID-2K | " + " | ".join(r["label"] for r in finetunes["proxies"].values()) + " |",
                   "|---|---|" + "---|" * len(finetunes["proxies"])]
         for n, r in runs.items():
@@ -432,6 +432,11 @@ def _no_nan(obj):
 
 def _num(value: float) -> str:
     return "—" if math.isnan(value) else f"{value:.2f}"
+
+
+def _pval(value: float) -> str:
+    """A p-value to two significant digits (an exact p over 7 spaces can be 2/7! ≈ 0.0004)."""
+    return "—" if math.isnan(value) else f"{value:.2g}"
 
 
 def _plot_rhos(rows: dict, path: Path, within: dict | None = None) -> Path:
