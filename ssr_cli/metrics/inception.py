@@ -287,8 +287,9 @@ class PoolFeatureCache:
     samples and interpolations against one pool of data images, and on a CPU their Inception pass costs more
     than the rest of the run. Rows are keyed by the SHA-256 of the images' bytes and shape, of the weights
     file, of the extractor's device, precision and torch version, and of the batch size (batches are what the
-    extractor sees, so a cached row equals a recomputed one bit for bit); ``folder=None`` turns the cache off. A damaged cache file is recomputed, not fatal. Rows that
-    are float32 values (the Inception's) are stored as float32, losslessly."""
+    extractor sees, so a cached row equals a recomputed one bit for bit); ``folder=None`` turns the cache off. A
+    damaged cache file is recomputed, not fatal. Rows that are float32 values (the Inception's) are stored as
+    float32, losslessly."""
 
     def __init__(self, folder: str | os.PathLike | None, weights_path: str | os.PathLike, batch_size: int,
                  extractor_id: str = "") -> None:

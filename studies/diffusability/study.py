@@ -304,7 +304,6 @@ def agreement(per_seed: dict[int, dict[str, dict | None]], truth: dict[str, floa
 
 def write_report(out: Path, names: list[str], seeds: list[int], *, toy: bool,
                  tokenizer_of: dict[str, str] | None = None) -> Path:
-
     from ssr_cli.engine.atomic import write_text_atomic
     from ssr_cli.stages.diffusability import RANKED, plot_diffusability
 
@@ -354,18 +353,16 @@ def write_report(out: Path, names: list[str], seeds: list[int], *, toy: bool,
         lines += [f"Ground truth per space: `{truth_key}` of the large-budget flow-probe run (`gt/`). Agreement ρ = "
                   "Spearman rank correlation between proxy and ground truth over the spaces, signed so that +1 "
                   f"means the proxy orders the spaces as the ground truth does; mean ± std over seeds {seeds} "
-                  "(a seed counts once its run exists for at least three spaces); p = the exact two-sided permutation p-value of a seed's ρ (the ground truth is one DiT per space, so its own noise is in every p). Verdict, given from "
-                  f"{MIN_SPACES} spaces on: ≥ 0.7 predicts, ≥ 0.4 weak, else fails to predict. Cost: median wall "
-                  "seconds of the proxy per run on this machine's settings (`run.threads` of the driver; the first proxy to need them also pays for "
-                  "encoding the latents and for the data's Inception features when they are not cached).", "",
+                  "(a seed counts once its run exists for at least three spaces); p = the exact two-sided "
+                  "permutation p-value of a seed's ρ (the ground truth is one DiT per space, so its own noise is in "
+                  f"every p). Verdict, given from {MIN_SPACES} spaces on: ≥ 0.7 predicts, ≥ 0.4 weak, else fails to "
+                  "predict. Cost: median wall seconds of the proxy per run on this machine's settings (`run.threads` "
+                  "of the driver; the first proxy to need them also pays for encoding the latents and for the data's Inception features when they are not cached).", "",
                   "| proxy | agreement ρ (mean ± std) | per seed | p per seed | spaces per seed | verdict | cost (s) |",
                   "|---|---|---|---|---|---|---|"]
         for row in rows.values():
-            per = ", ".join(_num(r) for r in row["rho_per_seed"]) or "—"
-            p_per = ", ".join(_pval(r) for r in row["p_per_seed"]) or "—"
             cost = "—" if math.isnan(row["seconds"]) else f"{row['seconds']:.0f}"
-            lines.append(f"| {row['label']} | {_num(row['mean'])} ± {_num(row['std'])} | {per} | {p_per} | "
-                         f"{', '.join(str(k) for k in row['spaces'])} | {row['verdict']} | {cost} |")
+            lines.append(f"{_agreement_cells(row)} {cost} |")
         lines += ["", f"| space | ground truth ({truth_key}) | " + " | ".join(r["label"] for r in rows.values())
                   + " |", "|---|---|" + "---|" * len(rows)]
         for n in names:
@@ -383,11 +380,7 @@ def write_report(out: Path, names: list[str], seeds: list[int], *, toy: bool,
                       "value) regardless of sample quality.", "",
                       "| proxy | agreement ρ (mean ± std) | per seed | p per seed | spaces per seed | verdict |",
                       "|---|---|---|---|---|---|"]
-            for row in within["proxies"].values():
-                lines.append(f"| {row['label']} | {_num(row['mean'])} ± {_num(row['std'])} | "
-                             f"{', '.join(_num(r) for r in row['rho_per_seed'])} | "
-                             f"{', '.join(_pval(r) for r in row['p_per_seed'])} | "
-                             f"{', '.join(str(k) for k in row['spaces'])} | {row['verdict']} |")
+            lines += [_agreement_cells(row) for row in within["proxies"].values()]
         if first:
             lines += ["", f"![spectra and per-t losses of the spaces (seed {seeds[0]})](spaces.png)"]
         lines += ["", "![agreement of each proxy with the ground truth](report.png)", ""]
@@ -432,6 +425,14 @@ def _no_nan(obj):
 
 def _num(value: float) -> str:
     return "—" if math.isnan(value) else f"{value:.2f}"
+
+
+def _agreement_cells(row: dict) -> str:
+    """A table row of one proxy's ``agreement``: ρ mean ± std, ρ and p per seed, spaces per seed, verdict."""
+    per = ", ".join(_num(r) for r in row["rho_per_seed"]) or "—"
+    p_per = ", ".join(_pval(r) for r in row["p_per_seed"]) or "—"
+    return (f"| {row['label']} | {_num(row['mean'])} ± {_num(row['std'])} | {per} | {p_per} | "
+            f"{', '.join(str(k) for k in row['spaces'])} | {row['verdict']} |")
 
 
 def _pval(value: float) -> str:
