@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import sys
 import tarfile
 import warnings
 from collections.abc import Iterator
@@ -234,6 +235,83 @@ class _ArchiveImages(ImageDataset):
         return state
 
 
+_USTAR_FILE_TYPES = (b"0", b"\0", b"7")
+"""Header type flags of a regular file (tarfile's REGTYPE, AREGTYPE, CONTTYPE)."""
+_USTAR_PLAIN_TYPES = _USTAR_FILE_TYPES + (b"1", b"2", b"3", b"4", b"5", b"6")
+"""Types whose header holds all there is to know; any other (pax or GNU long-name records, sparse files) is
+left to tarfile."""
+
+
+def tar_file_members(path: str | Path) -> list[tuple[str, int, int]]:
+    """(name, data offset, size) of every regular file in an uncompressed tar, in archive order, as
+    ``tarfile`` gives them (``member.name``, ``member.offset_data``, ``member.size`` of ``member.isfile()``).
+
+    Reads the 512-byte headers directly, about 4× faster than iterating ``tarfile`` (whose member objects cost
+    ~50 µs each: 2.5 s for CIFAR-10's 50,000-member train tar, paid by every process that opens it). An archive
+    with anything but plain ustar/v7 headers and harmless pax global headers (pax or GNU long-name records,
+    sparse members, base-256 sizes) is read with ``tarfile`` instead, as is one whose header checksum does not
+    match."""
+    import os
+
+    found: list[tuple[str, int, int]] = []
+    encoding = sys.getfilesystemencoding()
+    with open(path, "rb") as fh:
+        end = os.fstat(fh.fileno()).st_size
+        offset = 0
+        while offset + 512 <= end:
+            fh.seek(offset)
+            header = fh.read(512)
+            if header.count(0) == 512:  # end-of-archive block
+                break
+            kind = header[156:157]
+            chksum = header[148:156].split(b"\0", 1)[0].strip()
+            if (kind not in _USTAR_PLAIN_TYPES + (b"g",) or header[124] & 0x80 or not chksum
+                    or int(chksum, 8) != sum(header[:148]) + 256 + sum(header[156:])):
+                return _tar_file_members_slow(path)
+            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            if kind == b"g":  # a pax global header (git archive writes one with a comment): only harmless keys
+                if not _pax_keys(fh.read(size)) <= _PAX_HARMLESS:
+                    return _tar_file_members_slow(path)
+                offset += 512 + -(-size // 512) * 512
+                continue
+            name = header[:100].split(b"\0", 1)[0].decode(encoding, "surrogateescape")
+            prefix = header[345:500].split(b"\0", 1)[0]  # tarfile reads it whatever the magic says
+            if prefix:
+                name = prefix.decode(encoding, "surrogateescape") + "/" + name
+            if kind in _USTAR_FILE_TYPES and not (kind == b"\0" and name.endswith("/")):  # v7's directory
+                found.append((name, offset + 512, size))
+            if kind not in (b"1", b"2", b"3", b"4", b"5", b"6"):  # links and devices have no data blocks
+                offset += -(-size // 512) * 512
+            offset += 512
+    return found
+
+
+_PAX_HARMLESS = {"comment", "mtime", "atime", "ctime", "uid", "gid", "uname", "gname"}
+"""pax keys that change neither a member's name, size nor place."""
+
+
+def _pax_keys(records: bytes) -> set[str]:
+    """The keys of pax records ``b"<length> <key>=<value>\\n"…``; a malformed block gives {"?"}."""
+    keys, pos = set(), 0
+    while pos < len(records) and records[pos] != 0:
+        space = records.find(b" ", pos)
+        try:
+            length = int(records[pos:space])
+        except ValueError:
+            return {"?"}
+        record = records[space + 1: pos + length]
+        if length <= 0 or b"=" not in record:
+            return {"?"}
+        keys.add(record.split(b"=", 1)[0].decode("utf-8", "replace"))
+        pos += length
+    return keys
+
+
+def _tar_file_members_slow(path: str | Path) -> list[tuple[str, int, int]]:
+    with tarfile.open(path, "r:") as tf:
+        return [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
+
+
 class TarImages(_ArchiveImages):
     """Images inside a tar file, read in place by offset (members ``split/<class>/<file>``)."""
 
@@ -243,17 +321,15 @@ class TarImages(_ArchiveImages):
         if not self.path.is_file():
             raise UserFileNotFoundError(f"tar file not found: {self.path} (set data.path)")
         entries = []
-        with tarfile.open(self.path, "r:") as tf:
-            for member in tf:
-                if not member.isfile() or not member.name.lower().endswith(IMAGE_EXTENSIONS):
-                    continue
-                parts = Path(member.name).parts
+        for name, offset, size in tar_file_members(self.path):
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                parts = Path(name).parts
                 if split is not None:
                     if parts[0] != split:
                         continue
                     parts = parts[1:]
                 cls = parts[0] if len(parts) > 1 else "all"
-                entries.append((member.name, member.offset_data, member.size, cls))
+                entries.append((name, offset, size, cls))
         if not entries:
             raise UserFileNotFoundError(f"no images in {self.path}" + (f" under '{split}/'" if split else ""))
         entries.sort()

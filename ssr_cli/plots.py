@@ -16,10 +16,12 @@ import numpy as np  # noqa: E402
 from ssr_cli.engine.atomic import atomic_write  # noqa: E402
 
 
-def _save(fig, path: str | Path, dpi: int) -> Path:
-    """Write atomically (temp file + rename) so a crashed run never leaves a truncated PNG."""
+def _save(fig, path: str | Path, dpi: int, *, tight: bool = True) -> Path:
+    """Write atomically (temp file + rename) so a crashed run never leaves a truncated PNG. ``tight`` crops the
+    canvas to what is drawn (a second layout pass; figures with a fixed layout skip it)."""
+    kwargs = {"bbox_inches": "tight"} if tight else {}
     try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight"))
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png", **kwargs))
     finally:
         plt.close(fig)
 
@@ -196,7 +198,8 @@ def plot_training_curves(records: list[dict], path: str | Path, *, title: str = 
         raise ValueError("no scalar metrics to plot")
     cols = min(4, len(keys))
     rows = -(-len(keys) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    width, height = 3.2 * cols, 2.4 * rows + (0.4 if title else 0.0)
+    fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and "step" in r]
         steps, values = (np.asarray(v, dtype=np.float64) for v in zip(*pts)) if pts else (np.zeros(0), np.zeros(0))
@@ -210,5 +213,10 @@ def plot_training_curves(records: list[dict], path: str | Path, *, title: str = 
         ax.axis("off")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    return _save(fig, path, dpi)
+    # A fixed layout in inches (room for 7-pt tick labels, a 9-pt title per panel, the suptitle) instead of
+    # tight_layout + a tight bounding box: those lay every text out twice more, most of this figure's cost (about
+    # 1 s of CPU for a fine-tune's 17 panels; it is drawn at the end of every training stage).
+    fig.subplots_adjust(left=0.75 / width, right=1 - 0.15 / width, bottom=0.35 / height,
+                        top=1 - (0.75 if title else 0.3) / height, wspace=0.75 * cols / width * 1.2,
+                        hspace=0.55 * rows / height * 1.3)
+    return _save(fig, path, dpi, tight=False)

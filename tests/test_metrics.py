@@ -200,6 +200,20 @@ def test_frechet_distance_ill_conditioned_commuting_pair():
     assert abs(M.frechet_distance(zeros, (q * a) @ q.T, zeros, (q * a) @ q.T)) < 1e-9
 
 
+def test_frechet_distance_of_a_singular_covariance_equals_the_exact_rows_route():
+    """Covariances of fewer samples than dimensions (sFID of a small set) have eigenvalues that are rounding noise
+    around 0; the covariance route must not count them: it equals the rows route, exact in the samples' span
+    (full square roots of the noisy spectrum erred by ~4e-9 relative here)."""
+    rng = np.random.default_rng(3)
+    dim = 256
+    x = rng.normal(size=(40, dim)) * np.exp(rng.uniform(-4, 2, dim)) + 1.0  # rank 39 < 256
+    y = rng.normal(size=(600, dim)) * np.exp(rng.uniform(-4, 2, dim))  # full rank
+    exact = M.frechet_distance_of_rows(x, y)
+    assert M.frechet_distance(*M.gaussian_stats(x), *M.gaussian_stats(y)) == pytest.approx(exact, rel=1e-11)
+    assert M.frechet_distance(*M.gaussian_stats(x[:20]), *M.gaussian_stats(x[20:])) == pytest.approx(
+        M.frechet_distance_of_rows(x[:20], x[20:]), rel=1e-11)
+
+
 def test_fid_of_a_set_with_itself_is_zero_even_rank_deficient():
     rng = np.random.default_rng(2)
     for n in (400, 40):  # 40 < 64 dims: singular covariance

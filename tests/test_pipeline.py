@@ -149,6 +149,12 @@ def test_samples_do_not_depend_on_batch_size(run, tmp_path):
     assert diff.max() <= 1 and diff.mean() < 0.01  # equal up to float rounding at uint8 boundaries
 
 
+def _recipe() -> dict:
+    import tomllib
+
+    return tomllib.loads(QUICKSTART.read_text())
+
+
 def _interrupt(run: Path, tmp_path: Path, stage_dir: str, keep_step: int, outputs: list[str]) -> Path:
     """A copy of the run as if it had been killed right after the checkpoint at ``keep_step``."""
     copy = tmp_path / "quickstart"
@@ -162,7 +168,9 @@ def _interrupt(run: Path, tmp_path: Path, stage_dir: str, keep_step: int, output
 
 
 def test_interrupted_finetune_resumes_to_identical_weights(run, tmp_path):
-    copy = _interrupt(run, tmp_path, "finetune", 50, ["tokenizer.safetensors"])
+    train = _recipe()["train"]
+    assert train["steps"] >= 2 * train["ckpt_every_steps"]  # a checkpoint mid-run to resume from
+    copy = _interrupt(run, tmp_path, "finetune", train["ckpt_every_steps"], ["tokenizer.safetensors"])
     result = ssr("finetune", QUICKSTART, "--set", f'run.out_dir="{tmp_path}"')
     assert result.exit_code == 0, result.output
     assert "resum" in result.output.lower()
@@ -173,9 +181,12 @@ def test_interrupted_finetune_resumes_to_identical_weights(run, tmp_path):
 
 
 def test_interrupted_train_dit_resumes_with_optimizer_state(run, tmp_path):
-    copy = _interrupt(run, tmp_path, "dit", 150, ["dit/dit_ema.safetensors"])
-    state = load_checkpoint_file(copy / "dit" / "checkpoints" / "step_00000150.pt")
-    assert state["step"] == 150 and state["optimizer"]["state"]  # Adam moments are in the checkpoint
+    dit = _recipe()["dit"]
+    keep = dit["ckpt_every_steps"]
+    assert dit["steps"] >= 2 * keep  # a checkpoint mid-run to resume from
+    copy = _interrupt(run, tmp_path, "dit", keep, ["dit/dit_ema.safetensors"])
+    state = load_checkpoint_file(copy / "dit" / "checkpoints" / f"step_{keep:08d}.pt")
+    assert state["step"] == keep and state["optimizer"]["state"]  # Adam moments are in the checkpoint
     result = ssr("train-dit", QUICKSTART, "--set", f'run.out_dir="{tmp_path}"')
     assert result.exit_code == 0, result.output
     a, b = load_file(str(run / "dit" / "dit_ema.safetensors")), load_file(str(copy / "dit" / "dit_ema.safetensors"))
@@ -183,7 +194,7 @@ def test_interrupted_train_dit_resumes_with_optimizer_state(run, tmp_path):
         assert torch.equal(a[k], b[k]), k
     last = [json.loads(line) for line in (copy / "dit" / "metrics.jsonl").read_text().splitlines()][-1]
     first = [json.loads(line) for line in (run / "dit" / "metrics.jsonl").read_text().splitlines()][-1]
-    assert last["step"] == first["step"] == 300 and last["loss"] == first["loss"]
+    assert last["step"] == first["step"] == dit["steps"] and last["loss"] == first["loss"]
 
 
 def test_dry_run_and_missing_inputs_exit_cleanly(tmp_path):

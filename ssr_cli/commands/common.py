@@ -6,10 +6,25 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
-console = Console()
-err_console = Console(stderr=True)
+
+class _LazyConsole:
+    """A rich ``Console`` made on first use: importing rich's console costs ~0.05 s of CPU, which ``ssr --help``
+    should not pay (issue 14). Behaves as the Console it wraps (every attribute is forwarded)."""
+
+    def __init__(self, **kwargs) -> None:
+        self._kwargs, self._console = kwargs, None
+
+    def __getattr__(self, name: str):
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._kwargs)
+        return getattr(self._console, name)
+
+
+console = _LazyConsole()
+err_console = _LazyConsole(stderr=True)
 
 RecipeArg = Annotated[
     Path,

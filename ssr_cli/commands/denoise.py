@@ -6,9 +6,9 @@ from ssr_cli.commands.common import DeviceOpt, DryRunOpt, RecipeArg, SetOpt, run
 
 
 def denoise(recipe: RecipeArg, set_: SetOpt = None, dry_run: DryRunOpt = False, device: DeviceOpt = None) -> None:
-    """Train a compact U-Net denoiser on synthetic Gaussian noise over crops of \\[data]; resumable.
+    """Train a compact U-Net denoiser on synthetic Gaussian noise over crops of [data]; resumable.
 
-    \\[regularizer] kind "ssr" adds the SSR term on the bottleneck features (denoise.bottleneck_channels =
+    [regularizer] kind "ssr" adds the SSR term on the bottleneck features (denoise.bottleneck_channels =
     W·H of regularizer.grid), "none" is the baseline; denoise.compare = true trains both from the same seed.
     Evaluates PSNR/SSIM on held-out images with synthetic noise and, with denoise.eval_pairs, on real
     noisy/clean pairs (e.g. ../shared/data/sidd_pairs), the noisy input's scores beside.

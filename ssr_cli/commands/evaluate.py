@@ -31,7 +31,7 @@ def evaluate(
     ] = None,
     samples: Annotated[Optional[Path], typer.Option("--samples", help="ADM-style .npz to evaluate (default <run>/samples/samples.npz).")] = None,
     weights: Annotated[Optional[str], typer.Option("--weights", help="Evaluate this tokenizer weights file instead of the run's.")] = None,
-    make_ref: Annotated[Optional[Path], typer.Option("--make-ref", help="Only write an ADM reference batch of eval.reference (or \\[data]) here (.npz): arr_0 (uint8 NHWC "
+    make_ref: Annotated[Optional[Path], typer.Option("--make-ref", help="Only write an ADM reference batch of eval.reference (or [data]) here (.npz): arr_0 (uint8 NHWC "
                   "images, eval.subset applies) + mu/sigma/mu_s/sigma_s, readable by ADM's evaluator.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="JSON output (default <run>/eval.json).")] = None,
     compare: CompareOpt = None,

@@ -16,10 +16,10 @@ from ssr_cli.commands.common import (
 
 
 def finetune(recipe: RecipeArg, set_: SetOpt = None, dry_run: DryRunOpt = False, device: DeviceOpt = None) -> None:
-    """Fine-tune the recipe's tokenizer with its \\[regularizer] on its \\[data]; resumable.
+    """Fine-tune the recipe's tokenizer with its [regularizer] on its [data]; resumable.
 
     For tokenizer.family "s4d-vae" / "cnn-vae" it trains that VAE from scratch instead (NELBO with the
-    \\[vae] KL schedule and posterior-collapse alarm; <run>/vae/{checkpoints,images,metrics.jsonl}).
+    [vae] KL schedule and posterior-collapse alarm; <run>/vae/{checkpoints,images,metrics.jsonl}).
 
     Writes <run.out_dir>/<run.name>/: recipe.resolved.toml, finetune/{checkpoints,images,metrics.jsonl}
     and tokenizer.safetensors (the fine-tuned weights in the original key layout).

@@ -6,7 +6,7 @@ from ssr_cli.commands.common import DeviceOpt, DryRunOpt, RecipeArg, SetOpt, run
 
 
 def sample(recipe: RecipeArg, set_: SetOpt = None, dry_run: DryRunOpt = False, device: DeviceOpt = None) -> None:
-    """Sample \\[sample].num_images images (Euler/Heun ODE, timestep shift, optional CFG with an interval).
+    """Sample [sample].num_images images (Euler/Heun ODE, timestep shift, optional CFG with an interval).
 
     Each image has its own seed, so results do not depend on batch size or GPU count. Writes PNGs and an
     ADM-style samples.npz (arr_0: uint8 NHWC, arr_1: labels) to <run>/samples/; existing PNGs are kept.

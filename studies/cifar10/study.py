@@ -57,11 +57,11 @@ TOY = ["train.pretrain_steps=2", "train.steps=2", "train.ckpt_every_steps=1", "t
        "data.max_images=64", "latents.shard_size=32", "latents.stats_count=32", "latents.batch_size=32",
        "dit.steps=2", "dit.depth=1", "dit.hidden_size=32", "dit.num_heads=2", "dit.batch_size=8",
        "dit.ckpt_every_steps=1", "sample.num_images=16", "sample.batch_size=8", "sample.steps=2",
-       "eval.num_images=16", "eval.num_reference_images=16", "eval.kid_subset_size=8", "eval.kid_subsets=2",
+       "eval.num_images=8", "eval.num_reference_images=8", "eval.kid_subset_size=4", "eval.kid_subsets=2",
        "probe.score_images=8", "probe.num_images=2",
-       "diffusability.num_images=16", "diffusability.num_latents=48", "diffusability.holdout=16",
+       "diffusability.num_images=8", "diffusability.num_latents=48", "diffusability.holdout=16",
        "diffusability.batch_size=16", "diffusability.probe_steps=2", "diffusability.probe_hidden=32",
-       "diffusability.probe_depth=1", "diffusability.probe_batch=8", "diffusability.probe_samples=8",
+       "diffusability.probe_depth=1", "diffusability.probe_batch=8", "diffusability.probe_samples=4",
        "diffusability.sample_steps=2", "diffusability.probe_ckpt_every=1"]
 TOY_KODAK = ["eval.image_size=64", "eval.num_images=4"]
 PRETRAIN_SECTIONS = ("run", "data", "tokenizer", "loss", "train")
