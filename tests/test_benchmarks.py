@@ -86,3 +86,20 @@ def test_bench_cpu_roofline_counts_the_dit_step_as_three_forwards(capsys):
     for row in result["rows"]:
         assert row["share"] == pytest.approx(row["gflops"] / result["ceiling_gflops"], rel=1e-9)
         assert row["gflops"] == pytest.approx(row["gflop"] / row["seconds"], rel=1e-9)
+
+
+@pytest.mark.slow  # the old and new curves figures and the CIFAR-10 train tar listed twice: ~10 s
+def test_bench_overheads_compares_old_and_new_and_the_fids_agree(capsys):
+    """Old (from git history) against new on the same inputs: the curves and tar listing run both ways, and the
+    new covariance-route FID equals the exact rows route where that applies (the old one need not)."""
+    import subprocess
+
+    known = subprocess.run(["git", "cat-file", "-e", "cf7ffc4^{commit}"], cwd=BENCH.parent, capture_output=True)
+    if known.returncode != 0:
+        pytest.skip("needs the git history (commit cf7ffc4) for the old code")
+    result = _load("bench_overheads").main(["--dim", "256", "--reps", "1", "--no-imports"])
+    assert "training curves, 17 panels" in result["rows"]
+    assert all(old > 0 and new > 0 for old, new in result["rows"].values())
+    exact = result["fids"][150]["rows (exact)"]
+    assert result["fids"][150]["new"] == pytest.approx(exact, rel=1e-10)
+    assert "| this tree (s) |" in capsys.readouterr().out
