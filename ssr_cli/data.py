@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import sys
 import tarfile
 import warnings
@@ -250,9 +251,7 @@ def tar_file_members(path: str | Path) -> list[tuple[str, int, int]]:
     ~50 µs each: 2.5 s for CIFAR-10's 50,000-member train tar, paid by every process that opens it). An archive
     with anything but plain ustar/v7 headers and harmless pax global headers (pax or GNU long-name records,
     sparse members, base-256 sizes) is read with ``tarfile`` instead, as is one whose header checksum does not
-    match."""
-    import os
-
+    match or whose last member runs past the end of the file (tarfile then says what is wrong)."""
     found: list[tuple[str, int, int]] = []
     encoding = sys.getfilesystemencoding()
     with open(path, "rb") as fh:
@@ -264,11 +263,13 @@ def tar_file_members(path: str | Path) -> list[tuple[str, int, int]]:
             if header.count(0) == 512:  # end-of-archive block
                 break
             kind = header[156:157]
-            chksum = header[148:156].split(b"\0", 1)[0].strip()
-            if (kind not in _USTAR_PLAIN_TYPES + (b"g",) or header[124] & 0x80 or not chksum
-                    or int(chksum, 8) != sum(header[:148]) + 256 + sum(header[156:])):
+            try:
+                chksum = int(header[148:156].split(b"\0", 1)[0].strip(), 8)
+                size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            except ValueError:  # not octal digits (base-256 sizes included)
                 return _tar_file_members_slow(path)
-            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            if kind not in _USTAR_PLAIN_TYPES + (b"g",) or chksum != sum(header[:148]) + 256 + sum(header[156:]):
+                return _tar_file_members_slow(path)
             if kind == b"g":  # a pax global header (git archive writes one with a comment): only harmless keys
                 if not _pax_keys(fh.read(size)) <= _PAX_HARMLESS:
                     return _tar_file_members_slow(path)
@@ -283,6 +284,8 @@ def tar_file_members(path: str | Path) -> list[tuple[str, int, int]]:
             if kind not in (b"1", b"2", b"3", b"4", b"5", b"6"):  # links and devices have no data blocks
                 offset += -(-size // 512) * 512
             offset += 512
+            if offset > end:  # truncated: tarfile raises its own error
+                return _tar_file_members_slow(path)
     return found
 
 

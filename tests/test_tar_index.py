@@ -69,6 +69,17 @@ def test_a_damaged_header_is_left_to_tarfile(tmp_path):
         tar_file_members(path)
 
 
+def test_a_truncated_archive_is_left_to_tarfile(tmp_path):
+    path = _write(tmp_path / "t.tar", tarfile.USTAR_FORMAT, PLAIN)
+    data = path.read_bytes()
+    last = tar_file_members(path)[-1]
+    path.write_bytes(data[: last[1] + 100])  # the last member's data cut short, no end-of-archive blocks
+    with pytest.raises(tarfile.TarError):
+        _tarfile_truth(path)
+    with pytest.raises(tarfile.TarError):
+        tar_file_members(path)
+
+
 def test_pax_keys_parses_records_and_flags_garbage():
     assert _pax_keys(b"20 comment=abcdefgh\n12 uid=1000\n") == {"comment", "uid"}
     assert _pax_keys(b"xx garbage") == {"?"}
