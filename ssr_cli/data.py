@@ -238,9 +238,11 @@ class _ArchiveImages(ImageDataset):
 
 _USTAR_FILE_TYPES = (b"0", b"\0", b"7")
 """Header type flags of a regular file (tarfile's REGTYPE, AREGTYPE, CONTTYPE)."""
-_USTAR_PLAIN_TYPES = _USTAR_FILE_TYPES + (b"1", b"2", b"3", b"4", b"5", b"6")
-"""Types whose header holds all there is to know; any other (pax or GNU long-name records, sparse files) is
-left to tarfile."""
+_USTAR_NO_DATA_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")
+"""Links, devices, directories and FIFOs: no data blocks follow their header."""
+_USTAR_READ_TYPES = _USTAR_FILE_TYPES + _USTAR_NO_DATA_TYPES + (b"g",)
+"""Types read here (plain headers and pax global headers); any other (pax or GNU long-name records, sparse
+files) is left to tarfile."""
 
 
 def tar_file_members(path: str | Path) -> list[tuple[str, int, int]]:
@@ -268,7 +270,7 @@ def tar_file_members(path: str | Path) -> list[tuple[str, int, int]]:
                 size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
             except ValueError:  # not octal digits (base-256 sizes included)
                 return _tar_file_members_slow(path)
-            if kind not in _USTAR_PLAIN_TYPES + (b"g",) or chksum != sum(header[:148]) + 256 + sum(header[156:]):
+            if kind not in _USTAR_READ_TYPES or chksum != sum(header[:148]) + 256 + sum(header[156:]):
                 return _tar_file_members_slow(path)
             if kind == b"g":  # a pax global header (git archive writes one with a comment): only harmless keys
                 if not _pax_keys(fh.read(size)) <= _PAX_HARMLESS:
@@ -281,7 +283,7 @@ def tar_file_members(path: str | Path) -> list[tuple[str, int, int]]:
                 name = prefix.decode(encoding, "surrogateescape") + "/" + name
             if kind in _USTAR_FILE_TYPES and not (kind == b"\0" and name.endswith("/")):  # v7's directory
                 found.append((name, offset + 512, size))
-            if kind not in (b"1", b"2", b"3", b"4", b"5", b"6"):  # links and devices have no data blocks
+            if kind not in _USTAR_NO_DATA_TYPES:
                 offset += -(-size // 512) * 512
             offset += 512
             if offset > end:  # truncated: tarfile raises its own error
