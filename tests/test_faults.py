@@ -44,7 +44,8 @@ from ssr_cli.stages.common import build_tokenizer
 from ssr_cli.stages.finetune import run_finetune
 from ssr_cli.stages.pipeline import run_pipeline
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# one xdist group: under `--dist loadgroup` the module-scoped first run is made once
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("faults")]
 
 STAGES = ("finetune", "encode-latents", "train-dit", "sample")
 

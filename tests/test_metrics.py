@@ -3,8 +3,6 @@ closed forms, brute-force computations, and real images from ../shared/data."""
 
 from __future__ import annotations
 
-import io
-import tarfile
 import warnings
 from pathlib import Path
 
@@ -16,6 +14,11 @@ from scipy.spatial.distance import cdist
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from ssr_cli import metrics as M
+
+import real_images  # tests/real_images.py: the FID tests' real images and their committed features
+
+# one xdist group: under `--dist loadgroup` the module-scoped Inception and real-image features are made once
+pytestmark = pytest.mark.xdist_group("metrics")
 
 # Same location as conftest.SHARED_DATA; module-scoped fixtures cannot use the function-scoped `shared_data`.
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -411,56 +414,50 @@ def test_inception_features_shapes_and_spatial_tensor(inception):
     np.testing.assert_allclose(feats["pool"], pool.double().numpy(), rtol=1e-4, atol=1e-5)
 
 
-def _cifar_test_images(root: Path, count: int, seed: int) -> torch.Tensor:
-    from PIL import Image
-
-    with tarfile.open(root / "cifar10/test_10000.tar") as archive:
-        members = sorted(
-            (m for m in archive.getmembers() if m.isfile() and m.name.endswith(".jpg")), key=lambda m: m.name
-        )
-        chosen = np.random.default_rng(seed).permutation(len(members))[:count]
-        arrays = [
-            np.asarray(Image.open(io.BytesIO(archive.extractfile(members[i]).read())).convert("RGB")) for i in chosen
-        ]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
-def _kodak_crops(root: Path, count: int, seed: int) -> torch.Tensor:
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    # Kodak photos downscaled 4x (to 192x128 / 128x192), then random 32x32 crops.
-    photos = [Image.open(p).convert("RGB") for p in sorted((root / "kodak24").glob("kodim*.png"))]
-    photos = [np.asarray(p.resize((p.width // 4, p.height // 4), Image.BICUBIC)) for p in photos]
-    crops = []
-    for i in range(count):
-        photo = photos[i % len(photos)]
-        top, left = rng.integers(0, photo.shape[0] - 31), rng.integers(0, photo.shape[1] - 31)
-        crops.append(photo[top : top + 32, left : left + 32])
-    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
-
-
-N_PER_SET = 150  # Inception at 299x299 runs ~14 img/s on 2 CPU cores: 3 sets of 150 take ~35 s
+N_PER_SET = real_images.N_PER_SET
 # FID is strongly biased upwards at small n (2048-d covariances from 150 samples). Measured CIFAR-10 test
 # half vs half / CIFAR-10 vs Kodak crops: n=150: ~145 / ~256; n=200: ~128 / ~239; n=500: ~75 / ~192.
 # KID is unbiased: ~0.0002 +- 0.0013 vs ~0.095 at n=200.
 FID_SAME_MAX = 175.0
 FID_FAR_MIN = 215.0
+# The committed rows are float16: 2^-11 relative rounding, on top of float32 batch-composition noise.
+COMMITTED_RTOL, COMMITTED_ATOL = 2e-3, 1e-3
 
 
 @pytest.fixture(scope="module")
 def real_image_features(inception):
+    """The Inception rows of CIFAR-10 test half A / half B / Kodak crops (150 each), read from
+    ``tests/data/real_image_features.npz`` (see ``tests/real_images.py``; extracting them here would cost
+    ~170 s of one core). ``test_committed_real_image_features_match_the_extractor`` extracts a spread of them
+    again on every run. Logits are ``pool @ fc.weight.T``, as the extractor computes them."""
     root = _shared_or_skip()
-    cifar = _cifar_test_images(root, 2 * N_PER_SET, seed=0)
-    kodak = _kodak_crops(root, N_PER_SET, seed=1)
-    feats = M.extract_features(torch.cat([cifar, kodak]), inception, batch_size=50)
+    feats = real_images.load(root)
+    fc = inception.model.fc.weight.detach().double().numpy()
+    feats["logits"] = feats["pool"] @ fc.T
     split = lambda lo, hi: {k: feats[k][lo:hi] for k in ("pool", "spatial", "logits")}  # noqa: E731
     return {
         "cifar_a": split(0, N_PER_SET),
         "cifar_b": split(N_PER_SET, 2 * N_PER_SET),
         "kodak": split(2 * N_PER_SET, 3 * N_PER_SET),
-        "cifar_a_images": cifar[:N_PER_SET],
+        "cifar_a_images": real_images.cifar_test_images(root, N_PER_SET, seed=real_images.CIFAR_SEED),
     }
+
+
+def test_committed_real_image_features_match_the_extractor(real_image_features, inception):
+    """The committed rows are what the extractor gives today for those images: a spread of rows from every set
+    (first, middle, last of each) is extracted again and compared, pool, spatial and logits."""
+    f, root = real_image_features, _shared_or_skip()
+    images = real_images.real_images(root)
+    rows = [0, 75, 149, 150, 225, 299, 300, 301, 375, 449]
+    assert images.shape == (3 * N_PER_SET, 3, 32, 32)
+    np.testing.assert_array_equal(images[rows[:3]], f["cifar_a_images"][rows[:3]])
+    live = M.extract_features(images[rows], inception, batch_size=len(rows))
+    committed = {k: np.concatenate([f[s][k] for s in ("cifar_a", "cifar_b", "kodak")])[rows]
+                 for k in ("pool", "spatial", "logits")}
+    for key in ("pool", "spatial", "logits"):
+        np.testing.assert_allclose(committed[key], live[key], rtol=COMMITTED_RTOL, atol=COMMITTED_ATOL, err_msg=key)
+    # the tolerance tells images apart: another image's rows are far outside it
+    assert np.abs(live["pool"][1] - committed["pool"][0]).max() > 100 * COMMITTED_ATOL
 
 
 @pytest.fixture(scope="module")
@@ -489,6 +486,29 @@ def test_fid_cifar_halves_small_and_cifar_vs_kodak_large(generation_results):
     assert same["precision"] > far["precision"] and same["recall"] > far["recall"]
 
 
+def test_small_sets_take_the_sfid_rows_route_with_the_covariance_routes_number(generation_results, real_image_features,
+                                                                               tmp_path):
+    """A reference of ≤ SPATIAL_ROWS_MAX images keeps its spatial rows through the file round trip, and the sFID
+    computed from rows equals the one from the 2023² covariances (the statistics route, taken without rows)."""
+    f, ref, same = real_image_features, generation_results["ref"], generation_results["same"]
+    assert ref.spatial is not None and ref.spatial.shape == (N_PER_SET, 2023)
+    np.testing.assert_array_equal(ref.spatial, f["cifar_a"]["spatial"].astype(np.float32))
+    no_rows = M.ReferenceStats(mu=ref.mu, sigma=ref.sigma, mu_s=ref.mu_s, sigma_s=ref.sigma_s, pool=ref.pool)
+    b = f["cifar_b"]["spatial"]
+    fake_stats = {"pool": f["cifar_b"]["pool"], "mu_s": b.mean(axis=0), "sigma_s": np.cov(b, rowvar=False)}
+    stats_route = M.compute_generation_metrics(fake_stats, no_rows, fc_zero=True, kid_subset_size=100, kid_subsets=2)
+    assert stats_route["sfid"] == pytest.approx(same["sfid"], rel=1e-9)
+    # a large reference does not keep them; a file whose rows do not match its statistics is refused
+    big = {"pool": np.zeros((2, 2048)), "spatial": np.ones((M.SPATIAL_ROWS_MAX + 1, 2023))}
+    assert "spatial" not in np.load(M.save_reference_stats(tmp_path / "big.npz", big)).files
+    bad = tmp_path / "bad.npz"
+    with np.load(M.save_reference_stats(tmp_path / "ok.npz", f["cifar_a"])) as data:
+        arrays = dict(data)
+    np.savez(bad, **{**arrays, "spatial": arrays["spatial"][:, :100]})
+    with pytest.raises(ValueError, match="spatial"):
+        M.load_reference(bad)
+
+
 @pytest.mark.slow
 def test_generation_metrics_fields_and_references(generation_results, real_image_features, inception, tmp_path):
     f, ref, same = real_image_features, generation_results["ref"], generation_results["same"]
@@ -511,7 +531,7 @@ def test_generation_metrics_fields_and_references(generation_results, real_image
     adm = M.load_reference(adm_path, extractor=inception, batch_size=5)
     np.testing.assert_array_equal(adm.mu, ref.mu)
     assert adm.num_images == 12
-    np.testing.assert_allclose(adm.pool, f["cifar_a"]["pool"][:12], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(adm.pool, f["cifar_a"]["pool"][:12], rtol=COMMITTED_RTOL, atol=COMMITTED_ATOL)
 
     # Without an extractor the ADM batch still gives FID; what is missing is reported with a reason.
     no_extractor = M.load_reference(adm_path)

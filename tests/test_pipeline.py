@@ -25,7 +25,8 @@ from ssr_cli.engine.checkpoint import load_checkpoint_file
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.toml"
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # the quickstart pipeline: minutes
+# the quickstart pipeline: minutes. One xdist group: under `--dist loadgroup` the module-scoped run is made once.
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow, pytest.mark.xdist_group("pipeline")]
 
 
 def ssr(*args: str):

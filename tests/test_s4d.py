@@ -25,7 +25,8 @@ from ssr_cli.models.tokenizer import DiagonalGaussian
 from ssr_cli.vae_objective import PosteriorCollapseAlarm, PosteriorCollapseWarning, kl_weight_schedule, nelbo
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# one xdist group: under `--dist loadgroup` the module-scoped trained models are made once
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("s4d")]
 
 # ----------------------------------------------------------------------------------------------- S4D layer
 

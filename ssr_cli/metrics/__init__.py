@@ -34,7 +34,13 @@ from ssr_cli.metrics.inception import (
 )
 from ssr_cli.metrics.lpips import build_lpips, load_lpips
 from ssr_cli.metrics.pixel import QUANTIZE_MODES, psnr_uint8, reconstruction_metrics, ssim, ssim_uint8, to_uint8
-from ssr_cli.metrics.reference import REFERENCE_FORMAT, ReferenceStats, load_reference, save_reference_stats
+from ssr_cli.metrics.reference import (
+    REFERENCE_FORMAT,
+    SPATIAL_ROWS_MAX,
+    ReferenceStats,
+    load_reference,
+    save_reference_stats,
+)
 
 __all__ = [
     "MetricUnavailable",
@@ -59,6 +65,7 @@ __all__ = [
     "precision_recall",
     "kid",
     "REFERENCE_FORMAT",
+    "SPATIAL_ROWS_MAX",
     "ReferenceStats",
     "save_reference_stats",
     "load_reference",

@@ -255,15 +255,16 @@ def _gaussian_of(feats: Mapping[str, np.ndarray], rows_key: str, mu_key: str, si
     return None
 
 
-def _rows_route(fake_rows: np.ndarray, ref: ReferenceStats) -> bool:
-    """FID from the rows (:func:`frechet_distance_of_rows`) when both sets are small and the reference's
-    ``pool`` rows are the ones its mu/sigma come from (a reference made elsewhere, e.g. an ADM batch whose
-    statistics came from another Inception port, keeps its own statistics)."""
-    if ref.pool is None or len(fake_rows) < 2 or len(ref.pool) < 2:
+def _rows_route(fake_rows: np.ndarray | None, ref: ReferenceStats, rows: str = "pool", mean: str = "mu") -> bool:
+    """FID (``rows="pool"``) or sFID (``"spatial"``) from the rows (:func:`frechet_distance_of_rows`) when both
+    sets are small and the reference's rows are the ones its statistics come from (a reference made elsewhere,
+    e.g. an ADM batch whose statistics came from another Inception port, keeps its own statistics)."""
+    ref_rows, ref_mean = getattr(ref, rows), getattr(ref, mean)
+    if ref_rows is None or ref_mean is None or fake_rows is None or len(fake_rows) < 2 or len(ref_rows) < 2:
         return False
-    if len(fake_rows) * len(ref.pool) > ref.mu.shape[0] ** 2:
+    if len(fake_rows) * len(ref_rows) > ref_mean.shape[0] ** 2:
         return False
-    return bool(np.allclose(np.asarray(ref.pool, np.float64).mean(axis=0), ref.mu, rtol=1e-5, atol=1e-6))
+    return bool(np.allclose(np.asarray(ref_rows, np.float64).mean(axis=0), ref_mean, rtol=1e-5, atol=1e-6))
 
 
 def compute_generation_metrics(
@@ -294,7 +295,9 @@ def compute_generation_metrics(
         out["fid"] = frechet_distance(*_gaussian_of(fake_feats, "pool", "mu", "sigma"), ref.mu, ref.sigma)
 
     fake_spatial = _gaussian_of(fake_feats, "spatial", "mu_s", "sigma_s")
-    if ref.mu_s is None or ref.sigma_s is None:
+    if _rows_route(fake_feats.get("spatial"), ref, rows="spatial", mean="mu_s"):
+        out["sfid"] = frechet_distance_of_rows(fake_feats["spatial"], ref.spatial)  # the same number, cheaper
+    elif ref.mu_s is None or ref.sigma_s is None:
         out["sfid"] = None
         unavailable["sfid"] = ref.notes.get("spatial", "the reference has no spatial statistics")
     elif fake_spatial is None:

@@ -24,7 +24,9 @@ REFERENCE_FORMAT = "ssr-reference-v1"
 @dataclass
 class ReferenceStats:
     """Statistics of a reference set. ``pool`` (N, 2048) rows are needed for precision/recall and KID;
-    ``mu_s``/``sigma_s`` for sFID. Missing parts are None; ``notes`` says why, for the CLI."""
+    ``mu_s``/``sigma_s`` for sFID. ``spatial`` (N, 2023) rows, kept for small sets only
+    (:data:`SPATIAL_ROWS_MAX`), let the sFID of a small sample set skip the 2023² eigendecompositions
+    (:func:`frechet_distance_of_rows`). Missing parts are None; ``notes`` says why, for the CLI."""
 
     mu: np.ndarray
     sigma: np.ndarray
@@ -35,11 +37,31 @@ class ReferenceStats:
     source: str = ""
     notes: dict[str, str] = field(default_factory=dict)
     subset: dict | None = None  # how a folder/tar reference was cut to size (data.subset_record), None: whole
+    spatial: np.ndarray | None = None
+
+
+SPATIAL_ROWS_MAX = 2023
+"""Up to this many images (the spatial features' dimension: where the rows route of the Fréchet distance is
+cheaper than the covariances'), references and sample sets keep their ``spatial`` rows (float32, ≤ 16 MiB)."""
+
+
+def _checked_spatial(path: Path, arrays: dict) -> np.ndarray | None:
+    """A reference file's optional ``spatial`` rows, when they are (N, D) numbers matching ``mu_s``."""
+    rows = arrays.get("spatial")
+    if rows is None:
+        return None
+    mu_s = arrays.get("mu_s")
+    if (not np.issubdtype(rows.dtype, np.number) or rows.ndim != 2 or mu_s is None
+            or rows.shape[1] != mu_s.shape[0] or not np.isfinite(rows).all()):
+        raise UserValueError(f"{path}: `spatial` {rows.dtype} {rows.shape} are not finite rows (N, D) matching "
+                             "`mu_s`; remake it with `ssr evaluate --make-ref`")
+    return rows
 
 
 def save_reference_stats(path: str | os.PathLike, feats: Mapping[str, np.ndarray]) -> Path:
     """Write reference statistics as ``.npz`` (written atomically): ``mu``, ``sigma``, ``mu_s``, ``sigma_s``
-    (float64) and ``pool`` rows (float32, as the extractor computes them) for precision/recall and KID.
+    (float64) and ``pool`` rows (float32, as the extractor computes them) for precision/recall and KID; with
+    ``spatial`` rows of at most :data:`SPATIAL_ROWS_MAX` images, those too (float32).
 
     feats: the output of :func:`extract_features` / :meth:`FeatureAccumulator.result` (must contain
     ``pool``; Gaussian statistics are taken from it when present, else computed from ``pool``/``spatial``).
@@ -59,6 +81,8 @@ def save_reference_stats(path: str | os.PathLike, feats: Mapping[str, np.ndarray
         arrays["mu_s"], arrays["sigma_s"] = gaussian_stats(feats["spatial"])
     arrays = {k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()}
     arrays["pool"] = np.asarray(feats["pool"], dtype=np.float32)
+    if "spatial" in feats and 2 <= len(feats["spatial"]) <= SPATIAL_ROWS_MAX:
+        arrays["spatial"] = np.asarray(feats["spatial"], dtype=np.float32)
     arrays["num_images"] = np.asarray(len(feats["pool"]), dtype=np.int64)
     arrays["format"] = np.asarray(REFERENCE_FORMAT)
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
@@ -111,6 +135,7 @@ def load_reference(
             mu=arrays["mu"], sigma=arrays["sigma"], mu_s=arrays.get("mu_s"), sigma_s=arrays.get("sigma_s"),
             pool=arrays["pool"], num_images=int(arrays["num_images"]), source=f"{path} (ssr)",
             subset=json.loads(str(arrays["subset"])) if "subset" in arrays else None,
+            spatial=_checked_spatial(path, arrays),
         )
     # ADM batch
     notes: dict[str, str] = {}

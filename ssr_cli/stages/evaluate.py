@@ -25,6 +25,7 @@ from ssr_cli.errors import UserError, UserFileNotFoundError, UserValueError
 from ssr_cli.inputs import file_sha256, settings
 from ssr_cli.metrics import (
     REFERENCE_FORMAT,
+    SPATIAL_ROWS_MAX,
     FeatureAccumulator,
     PoolFeatureCache,
     ReferenceStats,
@@ -221,10 +222,11 @@ def reference_stats(cfg: Recipe, inception, resolution: int, sink=None):
     batches = _uint8_batches(ds, n, e.batch_size, "evaluate: reference features")
     if sink is not None:
         batches = (sink(b) or b for b in batches)
-    feats = extract_features(batches, inception, batch_size=e.batch_size, keep=("pool",), rows_dtype=np.float32)
+    keep = ("pool", "spatial") if n <= SPATIAL_ROWS_MAX else ("pool",)
+    feats = extract_features(batches, inception, batch_size=e.batch_size, keep=keep, rows_dtype=np.float32)
     return ReferenceStats(mu=feats["mu"], sigma=feats["sigma"], mu_s=feats["mu_s"], sigma_s=feats["sigma_s"],
                           pool=feats["pool"], num_images=n, source=e.reference or f"[data] {cfg.data.source}",
-                          subset=subset)
+                          subset=subset, spatial=feats.get("spatial"))
 
 
 SAMPLES_SIDECAR = "samples.json"
@@ -266,9 +268,11 @@ def generation(cfg: Recipe, rt: Runtime, samples: Path, inception=None) -> dict:
             labels = f["arr_1"]
     bs = cfg.eval.batch_size
     ref = reference_stats(cfg, inception, resolution=shape[1])  # first: a bad reference fails before the samples' pass
-    # Rows kept: pool (precision/recall, KID) and logits (IS), float32 (lossless); spatial only as running stats.
+    # Rows kept: pool (precision/recall, KID) and logits (IS), float32 (lossless); spatial as running stats, and
+    # as rows too for a small set (its sFID against a small reference then skips the 2023² eigendecompositions).
+    keep = ("pool", "logits", "spatial") if shape[0] <= SPATIAL_ROWS_MAX else ("pool", "logits")
     fake = extract_features(_npz_batches(samples, bs, "evaluate: sample features"), inception, batch_size=bs,
-                            keep=("pool", "logits"), rows_dtype=np.float32)
+                            keep=keep, rows_dtype=np.float32)
     m = compute_generation_metrics(fake, ref, inception.fc_is_zero, kid_subsets=cfg.eval.kid_subsets,
                                    kid_subset_size=cfg.eval.kid_subset_size, seed=cfg.run.seed)
     m["samples"] = str(samples)
@@ -287,7 +291,8 @@ def generation(cfg: Recipe, rt: Runtime, samples: Path, inception=None) -> dict:
 def make_reference(cfg: Recipe, rt: Runtime, out: Path) -> Path:
     """Reference batch for later ``eval.reference = <out>``, in ADM's layout: ``arr_0`` (the reference images,
     uint8 NHWC, rounding quantisation), ``mu``/``sigma``/``mu_s``/``sigma_s`` (float64) — what ADM's evaluator
-    reads — plus ours: ``pool`` rows (float32, precision/recall/KID), ``num_images``, ``format``, ``subset``."""
+    reads — plus ours: ``pool`` rows (float32, precision/recall/KID), ``spatial`` rows for at most
+    :data:`SPATIAL_ROWS_MAX` images (float32, a cheaper sFID), ``num_images``, ``format``, ``subset``."""
     inception, note = load_inception(cfg, rt.device)
     if inception is None:
         raise UserFileNotFoundError(f"--make-ref needs Inception weights: {note}")
@@ -304,6 +309,8 @@ def make_reference(cfg: Recipe, rt: Runtime, out: Path) -> Path:
         for key in ("mu", "sigma", "mu_s", "sigma_s"):
             writer.add(key, np.asarray(getattr(ref, key), dtype=np.float64))
         writer.add("pool", np.asarray(ref.pool, dtype=np.float32))
+        if ref.spatial is not None:
+            writer.add("spatial", np.asarray(ref.spatial, dtype=np.float32))
         writer.add("num_images", np.asarray(n, dtype=np.int64))
         writer.add("format", np.asarray(REFERENCE_FORMAT))
         writer.add("subset", np.asarray(json.dumps({"source": ref.source, "resolution": size, **ref.subset})))

@@ -301,7 +301,18 @@ class Study:
 
 
 def plan(only: list[str] | None, toy: bool, seeds: list[int] | None = None) -> list[tuple[Arm, int]]:
-    arms = [a for a in ARMS if not only or a.group in only or a.name in only]
+    """The runs in order. ``only`` holds groups, arm names or run names (``eq_vae-s0``: that arm at that seed);
+    a name that is none of these is an error, so a typo does not silently plan nothing."""
+    runs = {run_name(a, s) for a in ARMS for s in a.seeds}
+    known = {a.group for a in ARMS} | {a.name for a in ARMS} | runs
+    unknown = [n for n in only or [] if n not in known]
+    if unknown:
+        raise SystemExit(f"study: --only {' '.join(unknown)}: not a group, arm or run; groups: "
+                         f"{' '.join(dict.fromkeys(a.group for a in ARMS))}; arms: {' '.join(a.name for a in ARMS)}; "
+                         "runs are <arm>-s<seed> (see --list)")
+    picked = set(only or [])
+    arms = [a for a in ARMS if not only or a.group in picked or a.name in picked
+            or any(run_name(a, s) in picked for s in a.seeds)]
     if toy:
         arms = [a for a in arms if a.group == "main"]
     order = []
@@ -313,6 +324,8 @@ def plan(only: list[str] | None, toy: bool, seeds: list[int] | None = None) -> l
         order = [(a, s) for a, s in order if s == 0]
     if seeds is not None:
         order = [(a, s) for a, s in order if s in seeds]
+    if only:  # an arm named by run name runs only at that seed
+        order = [(a, s) for a, s in order if a.group in picked or a.name in picked or run_name(a, s) in picked]
     return order
 
 
@@ -342,7 +355,9 @@ def run_study(study: Study, only: list[str] | None, keep_going: bool, seeds: lis
             continue
         ran_any |= ran
         print(f"study: {name}: {'done' if ran else 'finished, skipped'}", flush=True)
-    if not ran_any and not failed:
+    if not order:
+        print("study: no run matches --only/--seeds; nothing to do (see --list)", flush=True)
+    elif not ran_any and not failed:
         print("study: every run is already finished; nothing to do", flush=True)
     return failed
 
@@ -541,7 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="run folders (default studies/cifar10/runs)")
     p.add_argument("--results", type=Path, default=None, help="jsons + report (default studies/cifar10/results; "
                    "with --toy: <out>/results)")
-    p.add_argument("--only", nargs="+", default=None, help="groups (main basis setting taef2) or arm names")
+    p.add_argument("--only", nargs="+", default=None, help="groups (main basis setting taef2), arm names (eq_vae) "
+                   "or run names (eq_vae-s0)")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="only these seeds (default: every arm's)")
     p.add_argument("--shared-only", action="store_true", help="only the shared steps (pretrain, FID reference)")
     p.add_argument("--threads", default="0", help="run.threads for every command (0, auto or N)")
