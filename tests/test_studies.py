@@ -69,6 +69,8 @@ def test_cifar10_study_driver_runs_a_toy_chain_reports_and_then_does_nothing(tmp
     out = capsys.readouterr().out
     assert "pretrain: the committed copy" in out and "$ ssr finetune" not in out
     assert "none-s0: finished in an earlier session" in out and "$ ssr pipeline" not in out
+    # nor is the FID reference remade: no run still to do measures gFID
+    assert "--make-ref" not in out and not (tmp_path / "runs" / "ref_test.npz").exists()
     assert (tmp_path / "runs" / "pretrain" / "tokenizer.safetensors").read_bytes() == kept.read_bytes()
     assert not (tmp_path / "runs" / "none-s0").exists()
     # a changed arm (another seed's overrides are a different run) is not mistaken for the finished one
@@ -90,6 +92,8 @@ def test_cifar10_study_driver_skips_a_run_another_driver_holds(tmp_path, capsys,
     ran = []
     monkeypatch.setattr(study.Study, "shared", lambda self, need_reference=True: (out / "p.safetensors", out / "ref.npz"))
     monkeypatch.setattr(study.Study, "run", lambda self, arm, seed, p, r: ran.append(f"{arm.name}-s{seed}") or True)
+    monkeypatch.setattr(study.Study, "finished", lambda self, spec: False)
+    monkeypatch.setattr(study, "sha256", lambda path: "0" * 64)
     with exclusive(out / ".none-s0.lock", blocking=False) as held:  # "the other driver" holds none-s0
         assert held
         failed = study.run_study(study.Study(out=out, results=tmp_path / "results"), ["main"], False, [0])

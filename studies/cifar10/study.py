@@ -111,6 +111,32 @@ def run_name(arm: Arm, seed: int) -> str:
     return f"{arm.name}-s{seed}"
 
 
+@dataclass
+class RunSpec:
+    """One run's commands and fingerprints (:meth:`Study.spec`)."""
+
+    name: str
+    run_dir: Path
+    sets: list[str]
+    only: list[str]
+    inputs: dict[str, str]
+    pipeline_fp: str
+    tokenizer: Path | None
+    kodak_sets: list[str]
+
+    @property
+    def kodak_out(self) -> Path:
+        return self.run_dir / "kodak_eval.json"
+
+    @property
+    def dfz_out(self) -> Path:
+        return self.run_dir / "diffusability"
+
+    @property
+    def dfz_args(self) -> list[str]:
+        return ["--out", str(self.dfz_out)] + (["--weights", str(self.tokenizer)] if self.tokenizer else [])
+
+
 # ------------------------------------------------------------------------------------------ running
 
 def sha256(path: Path) -> str:
@@ -195,8 +221,8 @@ class Study:
         ``need_reference`` (no planned run measures gFID) the reference is not made; only its fingerprint, which
         every run's fingerprint includes, is computed."""
         makers = {"pretrain": self.pretrained, "reference": self.reference}
+        self.reference_fp = self.fingerprint(["make-ref"], {}, sections=REFERENCE_SECTIONS)
         if not need_reference:
-            self.reference_fp = self.fingerprint(["make-ref"], {}, sections=REFERENCE_SECTIONS)
             makers = {"pretrain": self.pretrained}
         made: dict[str, Path] = {}
         for blocking in (False, True):
@@ -236,13 +262,10 @@ class Study:
         return ref
 
     # -- one run -------------------------------------------------------------------------------------------
-    def run(self, arm: Arm, seed: int, pretrained: Path, reference: Path) -> bool:
-        """One arm at one seed. Skipped when its committed record (``results/runs/<run>/steps.json``) has this
-        run's fingerprints, so a fresh checkout does not redo what an earlier session finished. The reference
-        enters the fingerprints as the fingerprint of the step that makes it (a remade reference can differ in
-        the last bits; its SHA-256 is in each eval.json's protocol record)."""
+    def spec(self, arm: Arm, seed: int, pretrained: Path, reference: Path) -> RunSpec:
+        """What one arm at one seed runs, and the fingerprints of its three steps (the pipeline, Kodak, the
+        diffusability suite). Needs ``reference_fp`` (set by :meth:`shared`), not the reference file."""
         name = run_name(arm, seed)
-        run_dir = self.out / name
         sets = [f'run.name="{name}"', f"run.seed={seed}", *arm.sets]
         inputs = {"reference": self.reference_fp}
         if arm.base == "pretrain":
@@ -255,37 +278,63 @@ class Study:
         if not arm.finetune:
             stages = [s for s in stages if s != "finetune"]
         only = sum((["--only", s] for s in stages), [])
-        pipeline_fp = self.fingerprint(sets + only, inputs)
-        committed = _load(self.results / "runs" / name / "steps.json") or {}
-        tokenizer = run_dir / "tokenizer.safetensors" if arm.finetune else None
-        kodak_sets = sets + KODAK + (TOY_KODAK if self.toy else [])
-        kodak_out = run_dir / "kodak_eval.json"
-        dfz_out = run_dir / "diffusability"
-        dfz_args = ["--out", str(dfz_out)] + (["--weights", str(tokenizer)] if tokenizer else [])
+        run_dir = self.out / name
+        return RunSpec(name=name, run_dir=run_dir, sets=sets, only=only, inputs=inputs,
+                       pipeline_fp=self.fingerprint(sets + only, inputs),
+                       tokenizer=run_dir / "tokenizer.safetensors" if arm.finetune else None,
+                       kodak_sets=sets + KODAK + (TOY_KODAK if self.toy else []))
 
-        def later_fps(tokenizer_sha: str | None) -> dict[str, str]:
-            weights = {"tokenizer": tokenizer_sha} if tokenizer else {k: v for k, v in inputs.items()
-                                                                       if k != "reference"}
-            return {"kodak": self.fingerprint(kodak_sets, weights),
-                    "diffusability": self.fingerprint(sets + dfz_args, weights)}
+    def later_fps(self, spec: RunSpec, tokenizer_sha: str | None) -> dict[str, str]:
+        """The Kodak and diffusability steps' fingerprints: they read the fine-tuned tokenizer (its SHA-256)."""
+        weights = ({"tokenizer": tokenizer_sha} if spec.tokenizer
+                   else {k: v for k, v in spec.inputs.items() if k != "reference"})
+        return {"kodak": self.fingerprint(spec.kodak_sets, weights),
+                "diffusability": self.fingerprint(spec.sets + spec.dfz_args, weights)}
 
-        if committed.get("pipeline", {}).get("fingerprint") == pipeline_fp and not run_dir.is_dir():
-            expect = {"pipeline": pipeline_fp, **later_fps(committed.get("tokenizer_sha256"))}
-            if all(committed.get(k, {}).get("fingerprint") == v for k, v in expect.items()):
-                print(f"study: {name}: finished in an earlier session (results/runs/{name}, same fingerprints)",
-                      flush=True)
-                return False
-        ran = self.step(run_dir, "pipeline", pipeline_fp, lambda: self.ssr("pipeline", sets, only),
+    def finished_earlier(self, spec: RunSpec) -> bool:
+        """The committed record (``results/runs/<run>/steps.json``) has this run's fingerprints and this
+        checkout has no run folder of it: an earlier session finished it."""
+        committed = _load(self.results / "runs" / spec.name / "steps.json") or {}
+        if committed.get("pipeline", {}).get("fingerprint") != spec.pipeline_fp or spec.run_dir.is_dir():
+            return False
+        expect = {"pipeline": spec.pipeline_fp, **self.later_fps(spec, committed.get("tokenizer_sha256"))}
+        return all(committed.get(k, {}).get("fingerprint") == v for k, v in expect.items())
+
+    def finished(self, spec: RunSpec) -> bool:
+        """Finished in an earlier session, or here: the run folder records all three steps with these
+        fingerprints and their outputs exist."""
+        if self.finished_earlier(spec):
+            return True
+        record = _load(spec.run_dir / "study_steps.json") or {}
+        if record.get("pipeline", {}).get("fingerprint") != spec.pipeline_fp:
+            return False
+        fps = self.later_fps(spec, record.get("tokenizer_sha256"))
+        outputs = [spec.run_dir / "eval.json", spec.kodak_out, spec.dfz_out / "diffusability.json"]
+        return (all(record.get(k, {}).get("fingerprint") == v for k, v in fps.items())
+                and all(p.is_file() for p in outputs))
+
+    def run(self, arm: Arm, seed: int, pretrained: Path, reference: Path) -> bool:
+        """One arm at one seed. Skipped when its committed record (``results/runs/<run>/steps.json``) has this
+        run's fingerprints, so a fresh checkout does not redo what an earlier session finished. The reference
+        enters the fingerprints as the fingerprint of the step that makes it (a remade reference can differ in
+        the last bits; its SHA-256 is in each eval.json's protocol record)."""
+        spec = self.spec(arm, seed, pretrained, reference)
+        name, run_dir, sets, tokenizer = spec.name, spec.run_dir, spec.sets, spec.tokenizer
+        if self.finished_earlier(spec):
+            print(f"study: {name}: finished in an earlier session (results/runs/{name}, same fingerprints)",
+                  flush=True)
+            return False
+        ran = self.step(run_dir, "pipeline", spec.pipeline_fp, lambda: self.ssr("pipeline", sets, spec.only),
                         [run_dir / "eval.json"])
         tokenizer_sha = sha256(tokenizer) if tokenizer else None
         if tokenizer_sha:
             self._record(run_dir / "study_steps.json", "tokenizer_sha256", tokenizer_sha)
-        fps = later_fps(tokenizer_sha)
+        fps = self.later_fps(spec, tokenizer_sha)
         ran |= self.step(run_dir, "kodak", fps["kodak"],
-                         lambda: self.ssr("evaluate", kodak_sets, ["--no-gfid", "--out", str(kodak_out)]),
-                         [kodak_out])
+                         lambda: self.ssr("evaluate", spec.kodak_sets, ["--no-gfid", "--out", str(spec.kodak_out)]),
+                         [spec.kodak_out])
         ran |= self.step(run_dir, "diffusability", fps["diffusability"],
-                         lambda: self.ssr("diffusability", sets, dfz_args), [dfz_out / "diffusability.json"])
+                         lambda: self.ssr("diffusability", sets, spec.dfz_args), [spec.dfz_out / "diffusability.json"])
         self.collect(run_dir, name)
         return ran
 
@@ -333,7 +382,12 @@ def run_study(study: Study, only: list[str] | None, keep_going: bool, seeds: lis
               shared_only: bool = False) -> list[str]:
     study.out.mkdir(parents=True, exist_ok=True)
     order = plan(only, study.toy, seeds)
-    pretrained, reference = study.shared(need_reference=shared_only or any(arm.gfid for arm, _ in order))
+    # The FID reference (about 47 minutes on one core) only when a run still to do measures gFID: re-running
+    # the finished study on a fresh checkout does nothing.
+    pretrained, reference = study.shared(need_reference=False)
+    if shared_only or any(arm.gfid and not study.finished(study.spec(arm, seed, pretrained, reference))
+                          for arm, seed in order):
+        pretrained, reference = study.shared(need_reference=True)
     if (study.out / "study_steps.json").is_file():
         shutil.copyfile(study.out / "study_steps.json", study.results / "runs" / "shared_steps.json")
     if shared_only:
