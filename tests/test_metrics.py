@@ -443,6 +443,7 @@ def real_image_features(inception):
     }
 
 
+@pytest.mark.slow
 def test_committed_real_image_features_match_the_extractor(real_image_features, inception):
     """The committed rows are what the extractor gives today for those images: a spread of rows from every set
     (first, middle, last of each) is extracted again and compared, pool, spatial and logits."""
@@ -486,6 +487,7 @@ def test_fid_cifar_halves_small_and_cifar_vs_kodak_large(generation_results):
     assert same["precision"] > far["precision"] and same["recall"] > far["recall"]
 
 
+@pytest.mark.slow
 def test_small_sets_take_the_sfid_rows_route_with_the_covariance_routes_number(generation_results, real_image_features,
                                                                                tmp_path):
     """A reference of ≤ SPATIAL_ROWS_MAX images keeps its spatial rows through the file round trip, and the sFID
