@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ssr_cli.engine.atomic import atomic_write  # noqa: E402
@@ -206,7 +207,14 @@ def plot_training_curves(records: list[dict], path: str | Path, *, title: str = 
         ax.plot(steps, values, lw=1.2)
         if values.size and np.all(values > 0) and values.max() / max(values.min(), 1e-300) > 20:
             ax.set_yscale("log")
-        ax.set_title(key, fontsize=9)
+            ax.yaxis.set_minor_locator(NullLocator())
+        # a few labelled ticks per axis: each tick is a line and a text laid out at every draw (most of the cost)
+        ax.xaxis.set_major_locator(MaxNLocator(4, integer=True))
+        if ax.get_yscale() == "linear":
+            ax.yaxis.set_major_locator(MaxNLocator(4))
+        # y given: the title stays where it is put, instead of being placed again past the tick labels' bounding
+        # boxes at every draw (none are above the panel here)
+        ax.set_title(key, fontsize=9, y=1.0)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:

@@ -59,3 +59,28 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def ssr_in_process(monkeypatch, one_thread):
+    """A ``run_command(args)`` for the study drivers that runs ``ssr <args>`` in this process, from the repository
+    root as the child process would, raising CalledProcessError (with the command's output) where the child
+    would have exited non-zero. It saves each command a fresh interpreter's imports (torch, torch._dynamo,
+    torchvision: ~5 s on one core); the command line, recipe and outputs are the same."""
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from ssr_cli.cli import app
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+
+    def run_command(args: list[str]) -> None:
+        result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+        print(result.output, end="")
+        if result.exit_code != 0:
+            raise subprocess.CalledProcessError(result.exit_code, [sys.executable, "-m", "ssr_cli", *args],
+                                                output=result.output)
+
+    return run_command

@@ -175,6 +175,16 @@ def test_step_sampler_resume_and_ranks():
         assert next(r0) + next(r1) == next(big)
 
 
+def _spawn(fn, args: tuple, nprocs: int = 2) -> None:
+    """``mp.spawn`` through a fork server that has imported this module, torch._dynamo (which the first optimizer
+    imports) and matplotlib (the training curves) once: each rank is forked from it instead of starting a fresh
+    interpreter that imports them again (~5 s per process on one core). The server forks before any torch op has
+    run, so no thread pool is inherited."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__, "torch._dynamo", "ssr_cli.plots"])
+    mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -204,8 +214,9 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ddp")  # one worker, one fork server for both
 def test_ddp_gloo_two_processes_end_identical(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    _spawn(_ddp_worker, (2, _free_port(), str(tmp_path)))
     s0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     s1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert all(torch.equal(s0[k], s1[k]) for k in s0)
@@ -243,9 +254,10 @@ def _sigterm_worker(rank: int, world: int, port: int, out_dir: str, term_at: int
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ddp")  # one worker, one fork server for both
 def test_sigterm_under_two_gloo_ranks_checkpoints_and_resumes_identically(tmp_path):
     def spawn(out, term_at):
-        mp.spawn(_sigterm_worker, args=(2, _free_port(), str(out), term_at), nprocs=2, join=True)
+        _spawn(_sigterm_worker, (2, _free_port(), str(out), term_at))
         return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
     full = spawn(tmp_path / "full", 0)

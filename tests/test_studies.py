@@ -23,11 +23,12 @@ def _load(path: Path):
     return module
 
 
-@pytest.mark.slow  # four CLI runs in child processes
-def test_quickstart_seed_driver_reports_and_skips_finished_runs(tmp_path, capsys):
+@pytest.mark.slow  # four CLI runs
+def test_quickstart_seed_driver_reports_and_skips_finished_runs(tmp_path, capsys, monkeypatch, ssr_in_process):
     driver = _load(ROOT / "studies" / "quickstart_seeds" / "driver.py")
+    monkeypatch.setattr(driver, "run_command", ssr_in_process)
     argv = ["--seeds", "0", "--steps", "1", "--pretrain-steps", "2", "--out", str(tmp_path / "runs"),
-            "--results", str(tmp_path / "results")]
+            "--results", str(tmp_path / "results"), "--set", "probe.score_images=8"]
     driver.main(argv)
     report = json.loads((tmp_path / "results" / "report.json").read_text())
     assert sorted(r["arm"] for r in report["runs"]) == ["none", "ssr"]
@@ -40,8 +41,10 @@ def test_quickstart_seed_driver_reports_and_skips_finished_runs(tmp_path, capsys
 
 
 @pytest.mark.slow  # pretrain, reference, one whole chain (pipeline, Kodak, diffusability) at toy size
-def test_cifar10_study_driver_runs_a_toy_chain_reports_and_then_does_nothing(tmp_path, capsys):
+def test_cifar10_study_driver_runs_a_toy_chain_reports_and_then_does_nothing(tmp_path, capsys, monkeypatch,
+                                                                            ssr_in_process):
     study = _load(ROOT / "studies" / "cifar10" / "study.py")
+    monkeypatch.setattr(study, "run_command", ssr_in_process)
     results = tmp_path / "results"
     argv = ["--toy", "--only", "none", "--threads", "1", "--out", str(tmp_path / "runs"), "--results", str(results)]
     assert study.main(argv) == 0

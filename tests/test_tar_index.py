@@ -104,3 +104,28 @@ def test_tar_images_reads_the_images_by_offset(tmp_path):
     assert ds.classes == ["blue", "red"]
     x, label = ds[(ds.labels.index(1), None)]
     assert label == 1 and x[0].min() > 0.99 and x[2].max() < -0.99  # red in [-1, 1]
+
+
+def test_the_listing_kept_per_process_follows_the_file(tmp_path):
+    """The listing is kept for the file as it is: a second call gives an equal list (a copy: changing it changes
+    nothing kept), and the file rewritten with other members is listed anew."""
+    path = _write(tmp_path / "t.tar", tarfile.USTAR_FORMAT, PLAIN)
+    first = tar_file_members(path)
+    first.clear()
+    assert tar_file_members(path) == _tarfile_truth(path) != []
+    _write(path, tarfile.USTAR_FORMAT, PLAIN[:4])
+    assert tar_file_members(path) == _tarfile_truth(path) and len(_tarfile_truth(path)) < 20
+
+
+def test_tar_images_names_classes_as_paths_do(tmp_path):
+    """Members named with "./" or doubled slashes get the classes their paths have."""
+    from PIL import Image
+
+    path = tmp_path / "imgs.tar"
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(buf, format="PNG")
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for name in ("./train/cat/0.png", "train//dog/1.png", "train/2.png"):
+            _add_file(tf, name, buf.getvalue())
+    ds = TarImages(path, image_size=8, split="train")
+    assert ds.classes == ["all", "cat", "dog"] and sorted(ds.labels) == [0, 1, 2]

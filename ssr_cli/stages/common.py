@@ -7,7 +7,9 @@ layers below (models, engine, data, metrics), never from each other, except ``pi
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -294,7 +296,16 @@ def load_inception(cfg: Recipe, device: torch.device):
         return None, f"no Inception weights: {INCEPTION_HINT}"
     if not Path(path).is_file():
         raise UserFileNotFoundError(f"eval.inception_weights file not found: {path}; {INCEPTION_HINT}")
-    return InceptionFeatures(path, device=device), None
+    st = os.stat(path)
+    return _inception(os.path.realpath(path), st.st_size, st.st_mtime_ns, str(torch.device(device))), None
+
+
+@functools.lru_cache(maxsize=2)
+def _inception(path: str, size: int, mtime_ns: int, device: str) -> InceptionFeatures:
+    """One extractor per weights file (as it is now) and device in a process: an evaluation's reconstruction
+    and generation parts, and the commands of a pipeline, share it instead of building and loading it each time
+    (~1 s of CPU each). It is frozen and holds no state between calls."""
+    return InceptionFeatures(path, device=device)
 
 
 INCEPTION_HINT = (

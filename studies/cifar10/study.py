@@ -52,6 +52,12 @@ TAEF2 = ['tokenizer.family="taesd"', 'tokenizer.size="taef2"',
          'tokenizer.weights="../shared/data/taesd/taef2_encoder.pth"', 'regularizer.grid="8x4"']
 KODAK = ['eval.images="../shared/data/kodak24"', "eval.image_size=256",
          "eval.num_images=24", "eval.batch_size=4"]
+def run_command(args: list[str]) -> None:
+    """``ssr <args>`` in a child process from the repository root; raises CalledProcessError when it fails. (The
+    tests swap in an in-process call of the same command line: a child process pays ~5 s of imports first.)"""
+    subprocess.run([sys.executable, "-m", "ssr_cli", *args], check=True, cwd=ROOT)
+
+
 # Toy size: every stage runs, on a handful of images, in seconds each.
 TOY = ["train.pretrain_steps=2", "train.steps=2", "train.ckpt_every_steps=1", "train.image_every_steps=1",
        "data.max_images=64", "latents.shard_size=32", "latents.stats_count=32", "latents.batch_size=32",
@@ -168,7 +174,7 @@ class Study:
             cmd += ["--device", self.device]
         print("$ ssr " + " ".join(cmd[3:]), flush=True)
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, cwd=ROOT)
+        run_command(cmd[3:])
         return time.perf_counter() - t0
 
     def fingerprint(self, args: list, inputs: dict[str, str], sections: tuple[str, ...] | None = None) -> str:

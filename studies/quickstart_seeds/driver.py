@@ -36,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--results", type=Path, default=HERE / "results")
     p.add_argument("--steps", type=int, default=None, help="override train.steps (toy runs)")
     p.add_argument("--pretrain-steps", type=int, default=None, help="override train.pretrain_steps (toy runs)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="one more recipe override for every run (toy runs), e.g. probe.score_images=8")
     p.add_argument("--report", action="store_true", help="only write the report from finished runs")
     return p.parse_args(argv)
 
@@ -46,15 +48,21 @@ def _sets(args, seed: int, arm: str) -> list[str]:
         sets.append(f"train.steps={args.steps}")
     if args.pretrain_steps is not None:
         sets.append(f"train.pretrain_steps={args.pretrain_steps}")
-    return sets
+    return sets + list(args.sets)
+
+
+def run_command(args: list[str]) -> None:
+    """``ssr <args>`` in a child process from the repository root; raises CalledProcessError when it fails. (The
+    tests swap in an in-process call of the same command line: a child process pays ~5 s of imports first.)"""
+    subprocess.run([sys.executable, "-m", "ssr_cli", *args], check=True, cwd=ROOT)
 
 
 def _ssr(command: str, sets: list[str]) -> float:
-    cmd = [sys.executable, "-m", "ssr_cli", command, str(RECIPE)]
+    args = [command, str(RECIPE)]
     for s in sets:
-        cmd += ["--set", s]
+        args += ["--set", s]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    run_command(args)
     return time.perf_counter() - t0
 
 
