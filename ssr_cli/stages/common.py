@@ -179,12 +179,27 @@ LPIPS_MIN_SIDE = 32
 """Smallest image side the LPIPS loss sees (AlexNet's and VGG's pooling need it); smaller pairs are upsampled."""
 
 
+def shared_lpips(net: str, path, device: torch.device):
+    """``load_lpips`` once per backbone file (as it is now), net and device in a process: the stages of a pipeline
+    (the fine-tune's loss, the evaluation) share one frozen model instead of building and loading it each time."""
+    path = Path(path) if path else None
+    if path is None or not path.is_file():
+        return load_lpips(net, path, device=device)  # its own error (where to get the weights) or the hub cache
+    st = os.stat(path)
+    return _lpips_model(net, os.path.realpath(path), st.st_size, st.st_mtime_ns, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=2)
+def _lpips_model(net: str, path: str, size: int, mtime_ns: int, device: str):
+    return load_lpips(net, path, device=device)
+
+
 def make_lpips(cfg: Recipe, weight: float, device: torch.device):
     """The LPIPS loss callable, or None when its weight is zero."""
     if weight <= 0:
         return None
     require_lpips_weights(cfg, weight)
-    net = load_lpips(cfg.loss.lpips_net, cfg.loss.lpips_weights, device=device)
+    net = shared_lpips(cfg.loss.lpips_net, cfg.loss.lpips_weights, device)
 
     def lpips_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x, y = x.float(), y.float()

@@ -33,7 +33,6 @@ from ssr_cli.metrics import (
     extract_features,
     frechet_distance,
     frechet_distance_of_rows,
-    load_lpips,
     load_reference,
     reconstruction_metrics,
     to_uint8,
@@ -50,6 +49,7 @@ from ssr_cli.stages.common import (
     load_tokenizer_for_run,
     recorded,
     samples_dir,
+    shared_lpips,
     tokenizer_sha256,
 )
 from ssr_cli.vae_objective import kl_per_dim, nelbo
@@ -61,7 +61,7 @@ def _lpips(cfg: Recipe, device: torch.device):
         return None, "no LPIPS weights: set eval.lpips_weights (e.g. ../shared/data/lpips/alexnet-owt-7be5be79.features-only.pth)"
     if not Path(path).is_file():
         raise UserFileNotFoundError(f"eval.lpips_weights file not found: {path}")
-    return load_lpips(cfg.eval.lpips_net, path, device=device), None
+    return shared_lpips(cfg.eval.lpips_net, path, device), None
 
 
 def image_subset(cfg: Recipe, source: str | None, split: str | None, size: int, limit: int | None):

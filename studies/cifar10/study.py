@@ -62,7 +62,7 @@ def run_command(args: list[str]) -> None:
 TOY = ["train.pretrain_steps=2", "train.steps=2", "train.ckpt_every_steps=1", "train.image_every_steps=1",
        "data.max_images=64", "latents.shard_size=32", "latents.stats_count=32", "latents.batch_size=32",
        "dit.steps=2", "dit.depth=1", "dit.hidden_size=32", "dit.num_heads=2", "dit.batch_size=8",
-       "dit.ckpt_every_steps=1", "sample.num_images=16", "sample.batch_size=8", "sample.steps=2",
+       "dit.ckpt_every_steps=1", "sample.num_images=8", "sample.batch_size=8", "sample.steps=2",
        "eval.num_images=8", "eval.num_reference_images=8", "eval.kid_subset_size=4", "eval.kid_subsets=2",
        "probe.score_images=8", "probe.num_images=2",
        "diffusability.num_images=8", "diffusability.num_latents=48", "diffusability.holdout=16",
