@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+# torch is imported inside the functions: the xdist controller loads this file too and needs no torch (2.5 s before
+# it starts the workers).
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -30,6 +32,8 @@ def _set_up_xdist_worker() -> None:
         return
     share = cpus[index * len(cpus) // count:(index + 1) * len(cpus) // count]
     os.sched_setaffinity(0, share)
+    import torch
+
     torch.set_num_threads(len(share))
 
 
@@ -38,6 +42,8 @@ _set_up_xdist_worker()
 
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
+    import torch
+
     torch.manual_seed(0)
     yield
 
@@ -47,6 +53,8 @@ def one_thread():
     """One intra-op thread for modules of tiny models: on a small shared CPU two threads mostly wait on
     each other (OpenMP barriers), which makes these tiny ops many times slower. Use with
     ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -7,14 +7,19 @@ import json
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers", reason="diffusers is a test extra (pip install -e .[test])")
+from ssr_cli.models.diffusers_vae import export_diffusers, load_diffusers_vae
+from ssr_cli.models.kl_ae import build_kl_ae
+from ssr_cli.models.registry import build_tokenizer
+from ssr_cli.models.weights import WeightsError
 
-from ssr_cli.models.diffusers_vae import export_diffusers, load_diffusers_vae  # noqa: E402
-from ssr_cli.models.kl_ae import build_kl_ae  # noqa: E402
-from ssr_cli.models.registry import build_tokenizer  # noqa: E402
-from ssr_cli.models.weights import WeightsError  # noqa: E402
+# one xdist group: diffusers is imported by one worker only
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("diffusers")]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+
+def _diffusers():
+    """diffusers, imported where a test first needs it rather than at collection (about 3 s with the torch._dynamo
+    it imports, which every xdist worker would pay)."""
+    return pytest.importorskip("diffusers", reason="diffusers is a test extra (pip install -e .[test])")
 
 CONFIGS = [
     # SD-like: quant convs, two res blocks, scale only.
@@ -32,7 +37,7 @@ CONFIGS = [
 def _diffusers_vae(config: dict, seed: int):
     levels = len(config["block_out_channels"])
     torch.manual_seed(seed)
-    vae = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * levels,
+    vae = _diffusers().AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * levels,
                                   up_block_types=("UpDecoderBlock2D",) * levels, **config)
     with torch.no_grad():  # every tensor random, so no zero-initialised layer hides a mis-mapped one
         for name, p in vae.named_parameters():
@@ -76,7 +81,7 @@ def test_export_is_read_by_diffusers_with_the_same_outputs(tmp_path, quant):
         for p in ours.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     export_diffusers(ours, tmp_path / "out", sample_size=32)
-    vae = diffusers.AutoencoderKL.from_pretrained(tmp_path / "out").eval()
+    vae = _diffusers().AutoencoderKL.from_pretrained(tmp_path / "out").eval()
     assert vae.config.scaling_factor == pytest.approx(0.7) and vae.config.shift_factor == pytest.approx(0.05)
     _compare(vae, ours, 16)
     # And back: the exported folder loads into an identical model.

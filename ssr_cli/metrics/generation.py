@@ -64,7 +64,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
             raise ValueError(f"frechet_distance: {name} has non-finite values")
     sigma1 = 0.5 * (sigma1 + sigma1.T)  # remove rounding asymmetry before eigh
     sigma2 = 0.5 * (sigma2 + sigma2.T)
-    f1, f2 = _psd_factor(sigma1), _psd_factor(sigma2)
+    f1 = _psd_factor(sigma1)
+    # a set against itself (a sanity check; the same reference twice): one eigendecomposition, not two
+    f2 = f1 if np.array_equal(sigma1, sigma2) else _psd_factor(sigma2)
     trace_sqrt_product = np.linalg.svd(f1.T @ f2, compute_uv=False).sum() if f1.size and f2.size else 0.0
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product)
