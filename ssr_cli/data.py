@@ -336,9 +336,10 @@ def _tar_file_members_slow(path: str | Path) -> list[tuple[str, int, int]]:
 @functools.lru_cache(maxsize=8)
 def _tar_image_index(path: str, split: str | None, dev: int, ino: int, size: int, mtime_ns: int) -> tuple:
     """(members, labels, classes) of :class:`TarImages`, kept per process for the file as it is now (a pipeline
-    opens the same tar for training, its fixed images, evaluation and the probe)."""
+    opens the same tar for training, its fixed images, evaluation and the probe). Its listing is read afresh, not
+    through :func:`tar_file_members`' cache, so a large tar's members are held once."""
     entries = []
-    for name, offset, size_ in tar_file_members(path):
+    for name, offset, size_ in _read_tar_file_members(path):
         if name.lower().endswith(IMAGE_EXTENSIONS):
             # Path(name).parts for a relative name, without a Path per member (a second for 50,000)
             parts = Path(name).parts if name.startswith("/") else [p for p in name.split("/") if p not in ("", ".")]

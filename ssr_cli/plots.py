@@ -11,7 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullLocator, ScalarFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ssr_cli.engine.atomic import atomic_write  # noqa: E402
@@ -212,8 +212,11 @@ def plot_training_curves(records: list[dict], path: str | Path, *, title: str = 
         ax.xaxis.set_major_locator(MaxNLocator(4, integer=True))
         if ax.get_yscale() == "linear":
             ax.yaxis.set_major_locator(MaxNLocator(4))
+            plain = ScalarFormatter(useOffset=False)  # full numbers on the ticks: nothing drawn above the panel
+            plain.set_scientific(False)
+            ax.yaxis.set_major_formatter(plain)
         # y given: the title stays where it is put, instead of being placed again past the tick labels' bounding
-        # boxes at every draw (none are above the panel here)
+        # boxes at every draw; no offset text (a "1e-5" above a linear axis) for the title to clear
         ax.set_title(key, fontsize=9, y=1.0)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)

@@ -179,7 +179,9 @@ def _spawn(fn, args: tuple, nprocs: int = 2) -> None:
     """``mp.spawn`` through a fork server that has imported this module, torch._dynamo (which the first optimizer
     imports) and matplotlib (the training curves) once: each rank is forked from it instead of starting a fresh
     interpreter that imports them again (~5 s per process on one core). The server forks before any torch op has
-    run, so no thread pool is inherited."""
+    run, so no thread pool is inherited. The ranks inherit the server's working folder and output streams (from the
+    first test that started it: the workers use absolute paths; a rank's traceback still reaches the test), and a
+    preload that fails to import is skipped silently (only slower)."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload([__name__, "torch._dynamo", "ssr_cli.plots"])
     mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")

@@ -80,6 +80,20 @@ def test_cifar10_study_driver_runs_a_toy_chain_reports_and_then_does_nothing(tmp
     assert [f"{a.name}-s{s}" for a, s in study.plan(["none"], False, [1])] == ["none-s1"]
 
 
+def test_drivers_run_commands_in_child_processes(tmp_path, monkeypatch, capfd):
+    """The drivers' own ``run_command`` (which the chain tests above swap for an in-process call) starts
+    ``python -m ssr_cli`` from the repository root, and a failing command raises CalledProcessError."""
+    import subprocess
+
+    monkeypatch.chdir(tmp_path)  # the child runs from the repository root whatever the caller's folder
+    for path in (ROOT / "studies" / "cifar10" / "study.py", ROOT / "studies" / "quickstart_seeds" / "driver.py"):
+        driver = _load(path)
+        driver.run_command(["evaluate", "--help"])
+        assert "Usage" in capfd.readouterr().out
+        with pytest.raises(subprocess.CalledProcessError):
+            driver.run_command(["evaluate", "recipes/no_such_recipe.toml"])
+
+
 def test_study_step_lock_is_exclusive_between_holders(tmp_path):
     lock = tmp_path / ".pretrain.lock"
     with exclusive(lock, blocking=False) as first:

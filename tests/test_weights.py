@@ -135,7 +135,7 @@ def test_shipped_taef2_loads_strictly(shared_data):
 
 @pytest.mark.slow
 def test_taef2_reconstructs_kodak(shared_data):
-    """Encode → decode all 24 Kodak images, centre-cropped to 128² for speed; mean uint8 PSNR ≥ 28.5 dB.
+    """Encode → decode all 24 Kodak images, centre-cropped to 128² for speed; mean uint8 PSNR ≥ 28.75 dB.
 
     Measured: 29.04 dB on these crops, 29.37 dB on 192² crops (2.2× the time), 30.19 dB on the full-size images
     (data/README.md: ≈ 30.2 dB); the untrained model: 7.1 dB on the first 8 crops.
@@ -156,7 +156,7 @@ def test_taef2_reconstructs_kodak(shared_data):
     out = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     mse = ((out.astype(np.float64) - ref.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
     psnr = 10 * np.log10(255.0**2 / mse)
-    assert psnr.mean() >= 28.5, psnr
+    assert psnr.mean() >= 28.75, psnr
 
 
 def test_cosmos_autoencoder_jit_loads_strictly_and_reports_missing_keys(tmp_path):

@@ -186,11 +186,12 @@ def shared_lpips(net: str, path, device: torch.device):
     if path is None or not path.is_file():
         return load_lpips(net, path, device=device)  # its own error (where to get the weights) or the hub cache
     st = os.stat(path)
-    return _lpips_model(net, os.path.realpath(path), st.st_size, st.st_mtime_ns, str(torch.device(device)))
+    return _lpips_model(net, os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                        str(torch.device(device)))
 
 
 @functools.lru_cache(maxsize=2)
-def _lpips_model(net: str, path: str, size: int, mtime_ns: int, device: str):
+def _lpips_model(net: str, path: str, dev: int, ino: int, size: int, mtime_ns: int, device: str):
     return load_lpips(net, path, device=device)
 
 
@@ -312,11 +313,12 @@ def load_inception(cfg: Recipe, device: torch.device):
     if not Path(path).is_file():
         raise UserFileNotFoundError(f"eval.inception_weights file not found: {path}; {INCEPTION_HINT}")
     st = os.stat(path)
-    return _inception(os.path.realpath(path), st.st_size, st.st_mtime_ns, str(torch.device(device))), None
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return _inception(*key, str(torch.device(device))), None
 
 
 @functools.lru_cache(maxsize=2)
-def _inception(path: str, size: int, mtime_ns: int, device: str) -> InceptionFeatures:
+def _inception(path: str, dev: int, ino: int, size: int, mtime_ns: int, device: str) -> InceptionFeatures:
     """One extractor per weights file (as it is now) and device in a process: an evaluation's reconstruction
     and generation parts, and the commands of a pipeline, share it instead of building and loading it each time
     (~1 s of CPU each). It is frozen and holds no state between calls."""

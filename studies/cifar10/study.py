@@ -52,11 +52,6 @@ TAEF2 = ['tokenizer.family="taesd"', 'tokenizer.size="taef2"',
          'tokenizer.weights="../shared/data/taesd/taef2_encoder.pth"', 'regularizer.grid="8x4"']
 KODAK = ['eval.images="../shared/data/kodak24"', "eval.image_size=256",
          "eval.num_images=24", "eval.batch_size=4"]
-def run_command(args: list[str]) -> None:
-    """``ssr <args>`` in a child process from the repository root; raises CalledProcessError when it fails. (The
-    tests swap in an in-process call of the same command line: a child process pays ~5 s of imports first.)"""
-    subprocess.run([sys.executable, "-m", "ssr_cli", *args], check=True, cwd=ROOT)
-
 
 # Toy size: every stage runs, on a handful of images, in seconds each.
 TOY = ["train.pretrain_steps=2", "train.steps=2", "train.ckpt_every_steps=1", "train.image_every_steps=1",
@@ -76,6 +71,12 @@ REFERENCE_SECTIONS = ("data", "eval")
 """What the FID reference batch reads."""
 GENERATION_STAGES = ["finetune", "encode-latents", "train-dit", "sample", "evaluate", "probe-channels"]
 RECON_STAGES = ["finetune", "evaluate", "probe-channels"]
+
+
+def run_command(args: list[str]) -> None:
+    """``ssr <args>`` in a child process from the repository root; raises CalledProcessError when it fails. (The
+    tests swap in an in-process call of the same command line: a child process pays ~5 s of imports first.)"""
+    subprocess.run([sys.executable, "-m", "ssr_cli", *args], check=True, cwd=ROOT)
 
 
 @dataclass(frozen=True)
