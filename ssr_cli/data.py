@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ssr_cli.engine.runtime import step_seed
 from ssr_cli.errors import UserError, UserFileNotFoundError, UserValueError
+from ssr_cli.inputs import file_identity
 
 log = logging.getLogger("ssr.data")
 
@@ -253,8 +254,7 @@ def tar_file_members(path: str | Path) -> list[tuple[str, int, int]]:
     Kept per process for the file as it is now (its device, inode, size and modification time): a pipeline builds
     the same data set several times (training, fixed images, evaluation, the probe), each a second for CIFAR-10.
     """
-    st = os.stat(path)
-    return list(_tar_file_members_cached(os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return list(_tar_file_members_cached(*file_identity(path)))
 
 
 @functools.lru_cache(maxsize=8)
@@ -334,7 +334,7 @@ def _tar_file_members_slow(path: str | Path) -> list[tuple[str, int, int]]:
 
 
 @functools.lru_cache(maxsize=8)
-def _tar_image_index(path: str, split: str | None, dev: int, ino: int, size: int, mtime_ns: int) -> tuple:
+def _tar_image_index(split: str | None, path: str, dev: int, ino: int, size: int, mtime_ns: int) -> tuple:
     """(members, labels, classes) of :class:`TarImages`, kept per process for the file as it is now (a pipeline
     opens the same tar for training, its fixed images, evaluation and the probe). Its listing is read afresh, not
     through :func:`tar_file_members`' cache, so a large tar's members are held once."""
@@ -364,9 +364,7 @@ class TarImages(_ArchiveImages):
         self.path = Path(path)
         if not self.path.is_file():
             raise UserFileNotFoundError(f"tar file not found: {self.path} (set data.path)")
-        st = os.stat(self.path)
-        members, labels, classes = _tar_image_index(os.path.realpath(self.path), split, st.st_dev, st.st_ino,
-                                                    st.st_size, st.st_mtime_ns)
+        members, labels, classes = _tar_image_index(split, *file_identity(self.path))
         if not members:
             raise UserFileNotFoundError(f"no images in {self.path}" + (f" under '{split}/'" if split else ""))
         self.classes, self.members, self.labels = list(classes), list(members), list(labels)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,6 +17,13 @@ from pathlib import Path
 from ssr_cli.engine.atomic import write_json_atomic
 
 _HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_identity(path: str | Path) -> tuple[str, int, int, int, int]:
+    """(real path, device, inode, size, modification time in ns) of a file as it is now: the key of the per-process
+    caches of what is read from it (a tar's index, the Inception and LPIPS models)."""
+    st = os.stat(path)
+    return os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def file_sha256(path: str | Path | None) -> str | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +24,7 @@ from ssr_cli.engine.optim import ParamGroup
 from ssr_cli.engine.progress import console
 from ssr_cli.engine.runtime import Runtime, step_seed
 from ssr_cli.errors import UserError, UserFileNotFoundError, UserValueError
-from ssr_cli.inputs import file_sha256
+from ssr_cli.inputs import file_identity, file_sha256
 from ssr_cli.latent_cache import latents_dir, load_stats
 from ssr_cli.metrics import (
     InceptionFeatures,
@@ -185,9 +184,7 @@ def shared_lpips(net: str, path, device: torch.device):
     path = Path(path) if path else None
     if path is None or not path.is_file():
         return load_lpips(net, path, device=device)  # its own error (where to get the weights) or the hub cache
-    st = os.stat(path)
-    return _lpips_model(net, os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
-                        str(torch.device(device)))
+    return _lpips_model(net, *file_identity(path), str(torch.device(device)))
 
 
 @functools.lru_cache(maxsize=2)
@@ -312,9 +309,7 @@ def load_inception(cfg: Recipe, device: torch.device):
         return None, f"no Inception weights: {INCEPTION_HINT}"
     if not Path(path).is_file():
         raise UserFileNotFoundError(f"eval.inception_weights file not found: {path}; {INCEPTION_HINT}")
-    st = os.stat(path)
-    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    return _inception(*key, str(torch.device(device))), None
+    return _inception(*file_identity(path), str(torch.device(device))), None
 
 
 @functools.lru_cache(maxsize=2)
