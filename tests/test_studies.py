@@ -145,3 +145,36 @@ def test_diffusability_report_ranks_proxies_against_the_cifar10_gfid(tmp_path):
     for name in ("c-s0", "d-s0"):
         shutil.rmtree(tmp_path / name)
     assert study.finetune_agreement(tmp_path) is None
+
+
+def test_cifar10_report_calls_a_difference_only_when_its_t_interval_excludes_zero():
+    """The verdicts use a two-sided 95 % Student-t interval over the seeds. With 2 seeds (1 degree of freedom) the
+    t distribution is the Cauchy one, whose 0.975 quantile is tan(0.475 π) ≈ 12.706: two consistent seeds whose
+    mean is 8.5 standard errors from zero are not yet a result; with 3 seeds the quantile is 4.303."""
+    import math
+
+    study = _load(ROOT / "studies" / "cifar10" / "study.py")
+    diffs = [1.0, 3.0]  # mean 2, sample std √2, standard error 1
+    lo, hi = study._t_interval(diffs)
+    q = math.tan(0.475 * math.pi)
+    assert lo == pytest.approx(2.0 - q, rel=1e-9) and hi == pytest.approx(2.0 + q, rel=1e-9)
+    assert "includes 0" in study._verdict("x", diffs, lower=True)
+    tight = [1.0, 1.1]  # mean 1.05, standard error 0.05: 1.05 ± 0.635 excludes zero
+    assert "worse, the interval excludes 0" in study._verdict("x", tight, lower=True)
+    assert "better, the interval excludes 0" in study._verdict("x", tight, lower=False)
+    assert "same sign in 2 of 2" in study._verdict("x", tight, lower=True)
+    three = [1.0, 2.0, 3.0]  # mean 2, standard error 1/√3, quantile 4.3027 (tables)
+    lo3, hi3 = study._t_interval(three)
+    assert hi3 - 2.0 == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    assert "one seed" in study._verdict("x", [0.5], lower=True)
+    assert all(math.isnan(v) for v in study._t_interval([0.5]))
+
+
+def test_cifar10_report_draws_the_gfid_figure_from_the_rows(tmp_path):
+    study = _load(ROOT / "studies" / "cifar10" / "study.py")
+    assert study.plot_gfid({}, tmp_path / "g.png") is None  # no gFID yet: no figure
+    rows = {("none", 0): {"gfid": 110.0}, ("none", 1): {"gfid": 109.0}, ("ssr", 0): {"gfid": 111.0},
+            ("ssr", 1): {"gfid": 112.0}, ("eq_vae", 0): {"gfid": 101.0}}
+    path = study.plot_gfid(rows, tmp_path / "g.png")
+    assert path == tmp_path / "g.png" and path.stat().st_size > 5000
+    assert not list(tmp_path.glob("*.tmp.png"))

@@ -95,10 +95,10 @@ class Arm:
 
 
 ARMS: tuple[Arm, ...] = (
-    Arm("none", "main", ('regularizer.kind="none"',), (0, 1), True, label="recon only"),
-    Arm("ssr", "main", ('regularizer.kind="ssr"',), (0, 1), True, label="SSR (Fourier)"),
-    Arm("eq_vae", "main", ('regularizer.kind="eq_vae"',), (0, 1), True, label="EQ-VAE"),
-    Arm("scale", "main", ('regularizer.kind="scale"',), (0, 1), True, label="FT-SE"),
+    Arm("none", "main", ('regularizer.kind="none"',), (0, 1, 2), True, label="recon only"),
+    Arm("ssr", "main", ('regularizer.kind="ssr"',), (0, 1, 2), True, label="SSR (Fourier)"),
+    Arm("eq_vae", "main", ('regularizer.kind="eq_vae"',), (0, 1, 2), True, label="EQ-VAE"),
+    Arm("scale", "main", ('regularizer.kind="scale"',), (0, 1, 2), True, label="FT-SE"),
     Arm("pretrained", "main", (), (0,), False, finetune=False, label="pretrained, not fine-tuned"),
     Arm("ssr-legendre", "basis", ('regularizer.basis="legendre"',), label="Legendre"),
     Arm("ssr-chebyshev", "basis", ('regularizer.basis="chebyshev"',), label="Chebyshev"),
@@ -491,6 +491,34 @@ def _fmt(mean: float, std: float, n: int, digits: int = 3) -> str:
     return text + (f" ± {std:.{digits}f}" if n > 1 else "") + (f" ({n})" if n > 1 else "")
 
 
+def _t_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Two-sided Student-t interval for the mean of ``values`` (n − 1 degrees of freedom); NaNs below 2 values."""
+    from scipy import stats
+
+    m, sd, n = _mean_std(values)
+    if n < 2:
+        return math.nan, math.nan
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    return m - half, m + half
+
+
+def _verdict(what: str, diffs: list[float], lower: bool) -> str:
+    """One paired comparison in words: the mean difference, each seed's, and a two-sided 95 % Student-t interval
+    over the seeds (n − 1 degrees of freedom: with 2 seeds the interval is ±12.7 standard errors, with 3 ±4.3), so
+    that a difference is called only when that interval excludes zero."""
+    m, _, n = _mean_std(diffs)
+    each = ", ".join(f"{d:+.3g}" for d in diffs)
+    if n < 2:
+        return f"{what}: {m:+.3g} (one seed: no interval; not a result on its own)."
+    lo, hi = _t_interval(diffs)
+    agree = sum((d > 0) == (m > 0) for d in diffs)
+    text = (f"{what}: {m:+.3g} (seeds: {each}; same sign in {agree} of {n}), 95 % t-interval "
+            f"[{lo:+.3g}, {hi:+.3g}] over {n} seeds")
+    if lo > 0 or hi < 0:
+        return text + f": {'better' if (m < 0) == lower else 'worse'}, the interval excludes 0."
+    return text + ": the interval includes 0, not distinguishable from no difference at this number of seeds."
+
+
 def _digits(key: str) -> int:
     return 2 if key in ("psnr", "kodak_psnr", "psnr_half", "gfid", "rfid", "flow_fid", "ifid") else 3
 
@@ -533,14 +561,7 @@ def write_report(results: Path, toy: bool = False) -> Path:
             m, sd, n = _mean_std(diffs)
             cells.append(_fmt(m, sd, n, _digits(key)))
             if key in ("gfid", "flow_loss", "dyn_err", "psnr") and n:
-                better = (m < 0) == lower
-                if n > 1 and not math.isnan(sd) and abs(m) > 2 * sd / math.sqrt(n):
-                    verdicts.append(f"{arm.label} vs recon only, {label}: {m:+.3g} ± {sd:.2g} over {n} seeds, "
-                                    f"{'better' if better else 'worse'} beyond 2 standard errors.")
-                else:
-                    verdicts.append(f"{arm.label} vs recon only, {label}: {m:+.3g}"
-                                    f"{f' ± {sd:.2g}' if n > 1 else ''} over {n} seed{'s' if n > 1 else ''}: "
-                                    "not distinguishable from no difference at this number of seeds.")
+                verdicts.append(_verdict(f"{arm.label} vs recon only, {label}", diffs, lower))
         lines.append(f"| {arm.label} | " + " | ".join(cells) + " |")
     # ablations
     for group, title in (("basis", "Basis (Table 4 at CIFAR-10 scale; seed 0, Fourier = the ssr arm)"),
@@ -574,6 +595,9 @@ def write_report(results: Path, toy: bool = False) -> Path:
     figure = plot_psnr_vs_k(rows, results / "psnr_vs_k.png")
     if figure:
         lines += ["", "![PSNR vs number of channels kept (unmasking curve), seed 0](psnr_vs_k.png)"]
+    if plot_gfid(rows, results / "gfid.png"):
+        lines += ["", "![gFID-2K of the main arms, each seed, and the paired difference against recon-only with its "
+                  "95 % t-interval](gfid.png)"]
     lines += ["", "## What the data show", ""]
     lines += [f"- {v}" for v in verdicts] or ["- Nothing yet: no main-arm pair has finished."]
     if not any(rows.get((a, s), {}).get("gfid") is not None for a in ("none", "ssr") for s in (0, 1)):
@@ -586,6 +610,54 @@ def write_report(results: Path, toy: bool = False) -> Path:
         indent=2, default=lambda x: None))
     path = results / "report.md"
     path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def plot_gfid(rows: dict, path: Path) -> Path | None:
+    """Left: gFID-2K of each main arm, one dot per seed and a bar at the mean. Right: the paired difference
+    against recon-only (same seed), one dot per seed, the mean and its 95 % t-interval."""
+    arms = [a for a in ARMS if a.group == "main" and a.gfid]
+    per_arm = {a.name: {s: rows.get((a.name, s), {}).get("gfid") for s in a.seeds} for a in arms}
+    if not any(v is not None for seeds in per_arm.values() for v in seeds.values()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for i, arm in enumerate(arms):
+        vals = [v for v in per_arm[arm.name].values() if v is not None]
+        if vals:
+            left.bar(i, statistics.mean(vals), color="C%d" % i, alpha=0.35, width=0.6)
+            left.plot([i] * len(vals), vals, "o", color="C%d" % i, ms=4)
+    left.set_xticks(range(len(arms)), [a.label for a in arms], rotation=15, fontsize=8)
+    left.set_ylabel("gFID-2K (lower is better)")
+    low = min(v for s in per_arm.values() for v in s.values() if v is not None)
+    left.set_ylim(bottom=max(0.0, low - 10))
+    left.grid(axis="y", alpha=0.3)
+    others = [a for a in arms if a.name != "none"]
+    for i, arm in enumerate(others, start=1):
+        diffs = [per_arm[arm.name][s] - per_arm["none"][s] for s in arm.seeds
+                 if per_arm[arm.name].get(s) is not None and per_arm["none"].get(s) is not None]
+        if not diffs:
+            continue
+        right.plot([i] * len(diffs), diffs, "o", color="C%d" % i, ms=4, alpha=0.6)
+        m = statistics.mean(diffs)
+        lo, hi = _t_interval(diffs)
+        if not math.isnan(lo):
+            right.errorbar(i + 0.15, m, yerr=[[m - lo], [hi - m]], fmt="s", color="C%d" % i, capsize=4, ms=5)
+        else:
+            right.plot(i + 0.15, m, "s", color="C%d" % i, ms=5)
+    right.axhline(0.0, color="k", lw=0.8)
+    right.set_xticks(range(1, len(others) + 1), [a.label for a in others], rotation=15, fontsize=8)
+    right.set_ylabel("Δ gFID-2K vs recon only (same seed)")
+    right.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
     return path
 
 
