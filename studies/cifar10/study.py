@@ -447,6 +447,7 @@ MEASURES = (  # key, label, lower is better, where
     ("psnr_half", "PSNR, ½ of the channels (dB)", False, ("probe", "psnr_half")),
     ("freq_rho", "freq.-order ρ", False, ("probe", "frequency_order_spearman")),
     ("dyn_err", "Ā error", True, ("probe", "dynamics_error")),
+    ("dyn_ratio", "Ā error ÷ no change", True, ("probe", "dynamics_error_ratio")),
     ("flow_loss", "flow-probe loss", True, ("dfz", "flow_loss_mean")),
     ("flow_fid", "flow-probe FID", True, ("dfz", "flow_fid")),
     ("ifid", "iFID", True, ("dfz", "ifid")),
@@ -470,6 +471,10 @@ def measures(results: Path, name: str) -> dict:
             if isinstance(value, dict):
                 flat.update(value)
         files["dfz"] = flat
+    probe = files["probe"]
+    if probe is not None:  # the learned Ā against predicting "the blurred latent is the latent" (below 1: better)
+        err, still = _get(probe, "dynamics_error"), _get(probe, "dynamics_error_no_change")
+        probe["dynamics_error_ratio"] = err / still if err is not None and still else None
     out = {key: _get(files[where[0]], *where[1:]) for key, _, _, where in MEASURES}
     out["psnr_vs_k"] = (files["probe"] or {}).get("psnr_vs_k")
     steps = _load(base / "steps.json") or {}
@@ -560,7 +565,7 @@ def write_report(results: Path, toy: bool = False) -> Path:
                      and rows.get(("none", s), {}).get(key) is not None]
             m, sd, n = _mean_std(diffs)
             cells.append(_fmt(m, sd, n, _digits(key)))
-            if key in ("gfid", "flow_loss", "dyn_err", "psnr") and n:
+            if key in ("gfid", "flow_loss", "dyn_err", "dyn_ratio", "psnr") and n:
                 verdicts.append(_verdict(f"{arm.label} vs recon only, {label}", diffs, lower))
         lines.append(f"| {arm.label} | " + " | ".join(cells) + " |")
     # ablations
