@@ -479,6 +479,9 @@ def measures(results: Path, name: str) -> dict:
     out["psnr_vs_k"] = (files["probe"] or {}).get("psnr_vs_k")
     steps = _load(base / "steps.json") or {}
     out["seconds"] = {k: v.get("seconds") for k, v in steps.items() if isinstance(v, dict)}
+    stages = (_load(base / "summary.json") or {}).get("stages") or {}
+    out["stage_seconds"] = {k: float(v.split()[0]) for k, v in stages.items()
+                            if isinstance(v, str) and v.endswith(" s") and v.split()[0].replace(".", "", 1).isdigit()}
     return out
 
 
@@ -597,6 +600,23 @@ def write_report(results: Path, toy: bool = False) -> Path:
               **(_load(results / "runs" / "shared_steps.json") or {})}
     for k, v in shared.items():
         lines.append(f"| {k} (shared, once) | 1 | {v.get('seconds') or 0:.0f} |")
+    # the pipeline's stages, per tokenizer (each run's summary.json; a stage finished in an earlier attempt is
+    # "skipped" there and left out, a resumed one counts only its remainder: the median is the typical whole stage)
+    per_stage: dict[tuple[str, str], list[float]] = {}
+    gfid_arms = {a.name for a in ARMS if a.gfid}
+    for (arm_name, _), r in rows.items():
+        family = ("TAEF2" if arm_name.startswith("taef2") else
+                  "KL-AE, main arms (evaluate includes gFID)" if arm_name in gfid_arms else "KL-AE, no DiT")
+        for stage, sec in (r.get("stage_seconds") or {}).items():
+            per_stage.setdefault((family, stage), []).append(sec)
+    if per_stage:
+        lines += ["", "Within the pipeline step, per stage (seconds; median and range over the runs whose "
+                  "`summary.json` records the stage as run; one core each, two runs side by side at times):", "",
+                  "| tokenizer | stage | runs | median s | range s |", "|---|---|---|---|---|"]
+        order = {stage: i for i, stage in enumerate(GENERATION_STAGES)}
+        for (family, stage), v in sorted(per_stage.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99))):
+            lines.append(f"| {family} | {stage} | {len(v)} | {statistics.median(v):.0f} | "
+                         f"{min(v):.0f}–{max(v):.0f} |")
     figure = plot_psnr_vs_k(rows, results / "psnr_vs_k.png")
     if figure:
         lines += ["", "![PSNR vs number of channels kept (unmasking curve), seed 0](psnr_vs_k.png)"]
