@@ -279,6 +279,19 @@ def finetune_agreement(runs: Path = CIFAR10 / "results" / "runs") -> dict | None
             "proxies": rows}
 
 
+def _seed_counts(runs: dict) -> str:
+    """"the 4 arms have 3 seeds each" (or per arm when they differ), from run names ``<arm>-s<seed>``."""
+    arms: dict[str, int] = {}
+    for name in runs:
+        arm = name.rsplit("-s", 1)[0]
+        arms[arm] = arms.get(arm, 0) + 1
+    counts = set(arms.values())
+    if len(counts) == 1:
+        n = counts.pop()
+        return f"the {len(arms)} arms have {n} seed{'s' if n > 1 else ''} each"
+    return "seeds per arm: " + ", ".join(f"{a} {n}" for a, n in sorted(arms.items()))
+
+
 def agreement(per_seed: dict[int, dict[str, dict | None]], truth: dict[str, float], key: str, lower: bool) -> dict:
     """One proxy against the ground truth: per seed the signed Spearman ρ over the spaces that have the proxy
     and its exact permutation p; their mean ± std over seeds; the number of spaces per seed; a verdict."""
@@ -394,9 +407,10 @@ def write_report(out: Path, names: list[str], seeds: list[int], *, toy: bool,
                   "3000 steps on their latents (against the 10000 test images). These spaces differ little "
                   "(gFID-2K from "
                   f"{min(r['gfid'] for r in runs.values()):.1f} to {max(r['gfid'] for r in runs.values()):.1f}), "
-                  "so this asks whether a proxy resolves small differences. ρ signed as above; p is the exact "
-                  "two-sided permutation p-value of ρ, a guide only (the runs share one pretrained start, and "
-                  "two arms have two seeds).", "",
+                  "so this asks whether a proxy resolves small differences. ρ signed as above; p is the "
+                  f"{'exact two-sided permutation' if len(runs) <= 8 else 'two-sided (scipy, t-approximation)'} "
+                  "p-value of ρ, a guide only (the runs share one pretrained start, and "
+                  f"{_seed_counts(runs)}).", "",
                   "| proxy | ρ with gFID-2K | p | runs |", "|---|---|---|---|"]
         for row in finetunes["proxies"].values():
             lines.append(f"| {row['label']} | {_num(row['rho'])} | {_pval(row['p'])} | {row['runs']} |")
