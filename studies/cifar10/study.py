@@ -95,7 +95,7 @@ class Arm:
 
 
 # Seeds: recon-only and SSR (the comparison the study asks about) 3, EQ-VAE and FT-SE 2; a main arm's whole chain
-# takes 55–80 minutes on one core here. A seed added to a tuple is a new run; the finished ones are kept.
+# takes 50–120 minutes on one core here. A seed added to a tuple is a new run; the finished ones are kept.
 ARMS: tuple[Arm, ...] = (
     Arm("none", "main", ('regularizer.kind="none"',), (0, 1, 2), True, label="recon only"),
     Arm("ssr", "main", ('regularizer.kind="ssr"',), (0, 1, 2), True, label="SSR (Fourier)"),
