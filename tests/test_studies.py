@@ -177,4 +177,4 @@ def test_cifar10_report_draws_the_gfid_figure_from_the_rows(tmp_path):
             ("ssr", 1): {"gfid": 112.0}, ("eq_vae", 0): {"gfid": 101.0}}
     path = study.plot_gfid(rows, tmp_path / "g.png")
     assert path == tmp_path / "g.png" and path.stat().st_size > 5000
-    assert not list(tmp_path.glob("*.tmp.png"))
+    assert [f.name for f in tmp_path.iterdir()] == ["g.png"]  # written atomically: no temporary file left

@@ -43,6 +43,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ssr_cli.engine.atomic import atomic_write
 from ssr_cli.engine.lock import exclusive
 
 HERE = Path(__file__).resolve().parent
@@ -482,9 +483,18 @@ def measures(results: Path, name: str) -> dict:
     steps = _load(base / "steps.json") or {}
     out["seconds"] = {k: v.get("seconds") for k, v in steps.items() if isinstance(v, dict)}
     stages = (_load(base / "summary.json") or {}).get("stages") or {}
-    out["stage_seconds"] = {k: float(v.split()[0]) for k, v in stages.items()
-                            if isinstance(v, str) and v.endswith(" s") and v.split()[0].replace(".", "", 1).isdigit()}
+    out["stage_seconds"] = {k: sec for k, v in stages.items() if (sec := _stage_seconds(v)) is not None}
     return out
+
+
+def _stage_seconds(text) -> float | None:
+    """Seconds of a stage as ``ssr pipeline``'s summary records it ("638.6 s"); None for "skipped (complete)"."""
+    if not isinstance(text, str) or not text.endswith(" s"):
+        return None
+    try:
+        return float(text.removesuffix(" s"))
+    except ValueError:
+        return None
 
 
 def _mean_std(values: list[float]) -> tuple[float, float, int]:
@@ -499,6 +509,12 @@ def _fmt(mean: float, std: float, n: int, digits: int = 3) -> str:
         return "—"
     text = f"{mean:.{digits}f}"
     return text + (f" ± {std:.{digits}f}" if n > 1 else "") + (f" ({n})" if n > 1 else "")
+
+
+def _paired(rows: dict, arm: Arm, key: str) -> list[float]:
+    """``arm`` − recon-only in ``key``, one value per seed where both runs have it (same seed, same start)."""
+    pairs = [(rows.get((arm.name, s), {}).get(key), rows.get(("none", s), {}).get(key)) for s in arm.seeds]
+    return [a - b for a, b in pairs if a is not None and b is not None]
 
 
 def _t_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
@@ -565,9 +581,7 @@ def write_report(results: Path, toy: bool = False) -> Path:
     for arm in (a for a in ARMS if a.group == "main" and a.name not in ("none", "pretrained")):
         cells = []
         for key, label, lower, _ in keys:
-            diffs = [rows[(arm.name, s)][key] - rows[("none", s)][key] for s in arm.seeds
-                     if rows.get((arm.name, s), {}).get(key) is not None
-                     and rows.get(("none", s), {}).get(key) is not None]
+            diffs = _paired(rows, arm, key)
             m, sd, n = _mean_std(diffs)
             cells.append(_fmt(m, sd, n, _digits(key)))
             if key in ("gfid", "flow_loss", "dyn_err", "dyn_ratio", "psnr") and n:
@@ -665,8 +679,7 @@ def plot_gfid(rows: dict, path: Path) -> Path | None:
     left.grid(axis="y", alpha=0.3)
     others = [a for a in arms if a.name != "none"]
     for i, arm in enumerate(others, start=1):
-        diffs = [per_arm[arm.name][s] - per_arm["none"][s] for s in arm.seeds
-                 if per_arm[arm.name].get(s) is not None and per_arm["none"].get(s) is not None]
+        diffs = _paired(rows, arm, "gfid")
         if not diffs:
             continue
         right.plot([i] * len(diffs), diffs, "o", color="C%d" % i, ms=4, alpha=0.6)
@@ -681,10 +694,8 @@ def plot_gfid(rows: dict, path: Path) -> Path | None:
     right.set_ylabel("Δ gFID-2K vs recon only (same seed)")
     right.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
@@ -706,7 +717,7 @@ def plot_psnr_vs_k(rows: dict, path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return path
 
